@@ -1,0 +1,21 @@
+"""fastlm's fused Triton kernels, each with a pure-PyTorch reference of the same signature.
+
+Which implementation runs is decided in one place, :mod:`kernels._backend`:
+CUDA tensors run the compiled Triton kernels, CPU tensors the reference (or the
+kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
+``FASTLM_BACKEND=triton|reference`` or :func:`use_backend` forces one.
+"""
+
+from . import nn, reference
+from ._backend import use_backend
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "use_backend",
+    "nn",
+    "reference",
+]

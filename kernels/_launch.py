@@ -1,0 +1,67 @@
+"""Small helpers shared by the launchers, and the record of every launch configuration.
+
+Each op module exposes ``compile_specs()``: the kernels it ships with every
+configuration its launchers can choose, built by the same functions the
+launchers call. ``python -m bench.compile`` compiles them all for real GPU
+targets without a GPU, so a configuration that fails to build or spills is
+caught on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel at one launch configuration, as ``triton.compile`` needs it."""
+
+    kernel: Any  # triton.JITFunction
+    signature: dict[str, str]  # argument -> "*fp32", "i32", "i64", "fp32" or "constexpr"
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int = 1
+    hot: bool = True  # spills in a hot kernel fail the compile check
+    label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+    def describe(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if not k.startswith("_"))
+        return f"{self.label or ''}[{consts}] w{self.num_warps} s{self.num_stages}"
+
+
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def parallel_programs(device: torch.device) -> int:
+    """How many programs keep the device busy in a persistent-style grid.
+
+    On a GPU, two per SM. Under the interpreter (CPU) programs run one after
+    another, so a handful is enough to exercise the multi-program path.
+    """
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)

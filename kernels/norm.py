@@ -1,0 +1,529 @@
+"""LayerNorm and RMSNorm, with optional fused residual add: Triton kernels, forward and backward.
+
+Layout of this module: the kernels, their launchers, the autograd Function, the
+public functions. The math (per row of N features, statistics in fp32):
+
+    LayerNorm:  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps),  y = xhat * w + b
+    RMSNorm:    xhat = x * rstd,           rstd = 1 / sqrt(mean(x^2) + eps),  y = xhat * w
+
+    backward, with g = dy * w:
+    LayerNorm:  dx = rstd * (g - xhat * mean(g * xhat) - mean(g))
+    RMSNorm:    dx = rstd * (g - xhat * mean(g * xhat))
+    dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+
+With a residual (``add_layer_norm``/``add_rms_norm``) the forward first forms
+``s = input + residual``, stores it (the pre-norm transformer's running
+residual stream) and normalizes ``s``; the backward adds the gradient flowing
+into ``s`` from later layers to ``dx``, and that is the gradient of both inputs.
+
+dW/dB are a two-stage reduction in fp32: each backward program sums its rows
+into a private partial row (no atomics, deterministic), then a second kernel
+sums the partial rows. Row offsets are int64 so tensors past 2^31 elements work.
+
+Rows up to ``_ONE_PASS_MAX_*`` features are held in registers (one read of each
+input); wider rows are streamed in ``_LOOP_BLOCK_N`` chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import use_triton
+from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2, parallel_programs
+from ._validate import check_float, check_positive, check_same_device, check_same_dtype
+from . import reference
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
+    M, N,
+    stride_x, stride_res, stride_y, stride_res_out,
+    eps,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    x_row = X + rows[:, None] * stride_x
+    y_row = Y + rows[:, None] * stride_y
+    r_row = RES + rows[:, None] * stride_res
+    s_row = RES_OUT + rows[:, None] * stride_res_out
+
+    if ONE_PASS:
+        # The whole row lives in registers: one read of every input.
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(r_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = x.to(RES_OUT.dtype.element_ty)
+            tl.store(s_row + cols[None, :], s, mask=mask)
+            x = s.to(tl.float32)  # normalize exactly what the residual stream holds
+        if IS_RMS:
+            xc = x
+        else:
+            mean = tl.sum(x, axis=1) / N
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            tl.store(MEAN + rows, mean, mask=row_mask)
+        var = tl.sum(xc * xc, axis=1) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Wide rows (BLOCK_M == 1): stream the row in chunks, two-pass statistics.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            c = off + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            x = tl.load(x_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                x += tl.load(r_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                s = x.to(RES_OUT.dtype.element_ty)
+                tl.store(s_row + c[None, :], s, mask=mask)
+                x = s.to(tl.float32)
+            if IS_RMS:
+                acc += x * x
+            else:
+                acc += x
+        if HAS_RES:
+            # Later passes read the sum back from RES_OUT: make this program's stores visible.
+            tl.debug_barrier()
+            x_row = s_row
+        if IS_RMS:
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            var = tl.sum(acc, axis=1) / N
+        else:
+            mean = tl.sum(acc, axis=1) / N
+            tl.store(MEAN + rows, mean, mask=row_mask)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for off in range(0, N, BLOCK_N):
+                c = off + cols
+                mask = row_mask[:, None] & (c < N)[None, :]
+                x = tl.load(x_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                xc = tl.where(mask, x - mean[:, None], 0.0)
+                acc += xc * xc
+            var = tl.sum(acc, axis=1) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+        for off in range(0, N, BLOCK_N):
+            c = off + cols
+            col_mask = c < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                y = y + tl.load(B + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_row + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    X, W, DY, DX, DRES, MEAN, RSTD, DW_PART, DB_PART,
+    M, N,
+    stride_x, stride_dy, stride_dx, stride_dres,
+    rows_per_program,
+    IS_RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    # Each program owns a contiguous run of rows and one private row of the dW/dB
+    # partial buffers: the reduction over rows needs no atomics and is deterministic.
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    part = pid.to(tl.int64) * N
+
+    if ONE_PASS:
+        col_mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_start, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows = rows.to(tl.int64)
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            if IS_RMS:
+                xhat = x * rstd[:, None]
+            else:
+                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_W:
+                g = dy * w
+            else:
+                g = dy
+            c1 = tl.sum(g * xhat, axis=1) / N
+            if IS_RMS:
+                dx = (g - xhat * c1[:, None]) * rstd[:, None]
+            else:
+                c2 = tl.sum(g, axis=1) / N
+                dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_DRES:
+                dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                dw_acc += dy * xhat
+            if HAS_B:
+                db_acc += dy
+        if HAS_W:
+            tl.store(DW_PART + part + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        if HAS_B:
+            tl.store(DB_PART + part + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    else:
+        # Wide rows, one at a time: pass 1 reduces c1 (and c2), pass 2 writes dx and
+        # adds into this program's partial rows (zero-initialised by the launcher).
+        for row64 in range(row_start.to(tl.int64), row_end.to(tl.int64)):
+            x_row = X + row64 * stride_x
+            dy_row = DY + row64 * stride_dy
+            rstd = tl.load(RSTD + row64)
+            if IS_RMS:
+                mean = 0.0
+            else:
+                mean = tl.load(MEAN + row64)
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for off in range(0, N, BLOCK_N):
+                c = off + cols
+                mask = c < N
+                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
+                if HAS_W:
+                    g = g * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                acc1 += g * xhat
+                acc2 += g
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = tl.sum(acc2, axis=0) / N
+            for off in range(0, N, BLOCK_N):
+                c = off + cols
+                mask = c < N
+                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
+                if HAS_W:
+                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    g = dy
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                if IS_RMS:
+                    dx = (g - xhat * c1) * rstd
+                else:
+                    dx = (g - xhat * c1 - c2) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + row64 * stride_dres + c, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row64 * stride_dx + c, dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_W:
+                    dw = tl.load(DW_PART + part + c, mask=mask, other=0.0)
+                    tl.store(DW_PART + part + c, dw + dy * xhat, mask=mask)
+                if HAS_B:
+                    db = tl.load(DB_PART + part + c, mask=mask, other=0.0)
+                    tl.store(DB_PART + part + c, db + dy, mask=mask)
+
+
+@triton.jit
+def _column_sum_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Second stage of the dW/dB reduction: OUT[n] = sum_g PART[g, n], in fp32.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        mask = (g < G)[:, None] & col_mask[None, :]
+        acc += tl.load(PART + g.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_ONE_PASS_MAX_FWD = 16384  # widest row kept in registers by the forward
+_ONE_PASS_MAX_BWD = 8192  # the backward holds ~3x more live values per element
+_LOOP_BLOCK_N = 4096
+_TILE = 4096  # elements per tile when several short rows share a program
+_SUM_BLOCK_G, _SUM_BLOCK_N = 32, 128
+
+
+def _row_config(n: int, one_pass_max: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, ONE_PASS, num_warps) for rows of ``n`` features."""
+    block_n = max(16, next_power_of_2(n))
+    if block_n <= one_pass_max:
+        block_m = max(1, min(128, _TILE // block_n))
+        one_pass = True
+    else:
+        block_n, block_m, one_pass = _LOOP_BLOCK_N, 1, False
+    tile = block_m * block_n
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    return block_m, block_n, one_pass, num_warps
+
+
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """View ``t`` as (rows, n) with unit stride along features, copying only if it must."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1 and n > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _norm_forward(x, residual, weight, bias, eps, is_rms):
+    """Launch the forward on (M, N) views. Returns y, s (or None), mean, rstd."""
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    s = torch.empty((M, N), dtype=x.dtype, device=x.device) if residual is not None else None
+    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, s, mean, rstd
+    block_m, block_n, one_pass, num_warps = _row_config(N, _ONE_PASS_MAX_FWD)
+    _norm_fwd_kernel[(cdiv(M, block_m),)](
+        x, residual if residual is not None else x, weight if weight is not None else x,
+        bias if bias is not None else x, y, s if s is not None else y, mean, rstd,
+        M, N,
+        _row_stride(x), _row_stride(residual) if residual is not None else 0, N, N,
+        eps,
+        IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=one_pass, num_warps=num_warps,
+    )
+    return y, s, mean, rstd
+
+
+def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    G, N = part.shape
+    out = torch.empty((N,), dtype=dtype, device=part.device)
+    _column_sum_kernel[(cdiv(N, _SUM_BLOCK_N),)](part, out, G, N, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=4)
+    return out
+
+
+def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
+    """Launch the backward on (M, N) views. Returns dx, dw (or None), db (or None)."""
+    M, N = x.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    has_w = weight is not None
+    if M == 0:
+        dw = torch.zeros_like(weight) if has_w else None
+        db = torch.zeros((N,), dtype=weight.dtype if has_w else x.dtype, device=x.device) if has_bias else None
+        return dx, dw, db
+    block_m, block_n, one_pass, num_warps = _row_config(N, _ONE_PASS_MAX_BWD)
+    rows_per_program = cdiv(cdiv(M, parallel_programs(x.device)), block_m) * block_m
+    grid = cdiv(M, rows_per_program)
+    alloc = torch.empty if one_pass else torch.zeros  # the streaming path accumulates in place
+    dw_part = alloc((grid, N), dtype=torch.float32, device=x.device) if has_w else None
+    db_part = alloc((grid, N), dtype=torch.float32, device=x.device) if has_bias else None
+    _norm_bwd_kernel[(grid,)](
+        x, weight if has_w else x, dy, dx, dres if dres is not None else dy, mean, rstd,
+        dw_part if has_w else mean, db_part if has_bias else mean,
+        M, N,
+        _row_stride(x), _row_stride(dy), N, _row_stride(dres) if dres is not None else 0,
+        rows_per_program,
+        IS_RMS=is_rms, HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=one_pass, num_warps=num_warps,
+    )
+    param_dtype = weight.dtype if has_w else x.dtype
+    dw = _column_sum(dw_part, weight.dtype) if has_w else None
+    db = _column_sum(db_part, param_dtype) if has_bias else None
+    return dx, dw, db
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every configuration the launchers above can pick, for the static compile check."""
+    specs = []
+    widths = sorted({16, 128, 1000, 4096, 8192, 16384, 65536})
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = "*" + TRITON_DTYPE[dtype]
+        for n in widths:
+            for is_rms in (False, True):
+                fl = {"IS_RMS": is_rms, "HAS_W": True, "HAS_B": not is_rms}
+                bm, bn, op, nw = _row_config(n, _ONE_PASS_MAX_FWD)
+                sig = {k: t for k in ("X", "RES", "W", "B", "Y", "RES_OUT")}
+                sig |= {"MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32"}
+                sig |= {k: "i64" for k in ("stride_x", "stride_res", "stride_y", "stride_res_out")}
+                sig |= {"eps": "fp32"}
+                for has_res in (False, True):
+                    c = fl | {"HAS_RES": has_res, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
+                    specs.append(KernelSpec(_norm_fwd_kernel, sig | {k: "constexpr" for k in c}, c, nw,
+                                            label=f"{'rms' if is_rms else 'ln'} N={n} {dtype}"))
+                bm, bn, op, nw = _row_config(n, _ONE_PASS_MAX_BWD)
+                sig = {k: t for k in ("X", "W", "DY", "DX", "DRES")}
+                sig |= {k: "*fp32" for k in ("MEAN", "RSTD", "DW_PART", "DB_PART")}
+                sig |= {"M": "i32", "N": "i32"}
+                sig |= {k: "i64" for k in ("stride_x", "stride_dy", "stride_dx", "stride_dres")}
+                sig |= {"rows_per_program": "i32"}
+                for has_dres in (False, True):
+                    c = fl | {"HAS_DRES": has_dres, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
+                    specs.append(KernelSpec(_norm_bwd_kernel, sig | {k: "constexpr" for k in c}, c, nw,
+                                            label=f"{'rms' if is_rms else 'ln'} N={n} {dtype}"))
+        c = {"BLOCK_G": _SUM_BLOCK_G, "BLOCK_N": _SUM_BLOCK_N}
+        sig = {"PART": "*fp32", "OUT": t, "G": "i32", "N": "i32"} | {k: "constexpr" for k in c}
+        specs.append(KernelSpec(_column_sum_kernel, sig, c, 4, label=str(dtype)))
+    # Deduplicate configurations that differ only in the label.
+    seen, unique = set(), []
+    for s in specs:
+        key = (s.name, tuple(sorted(s.signature.items())), tuple(sorted(s.constexprs.items())), s.num_warps)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, normalized_shape, eps, is_rms):
+        shape = x.shape
+        n = math.prod(normalized_shape)
+        x2 = _as_rows(x, n)
+        r2 = _as_rows(residual, n) if residual is not None else None
+        w = weight.contiguous() if weight is not None else None
+        b = bias.contiguous() if bias is not None else None
+        y, s, mean, rstd = _norm_forward(x2, r2, w, b, eps, is_rms)
+        ctx.save_for_backward(s if s is not None else x2, w, mean, rstd)
+        ctx.is_rms, ctx.has_bias, ctx.has_res, ctx.n, ctx.shape = is_rms, b is not None, r2 is not None, n, shape
+        ctx.normalized_dims = len(normalized_shape)
+        if s is not None:
+            return y.view(shape), s.view(shape)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, *maybe_ds):
+        x2, w, mean, rstd = ctx.saved_tensors
+        n = ctx.n
+        dy2 = _as_rows(dy, n)
+        ds = maybe_ds[0] if ctx.has_res else None
+        ds2 = _as_rows(ds, n) if ds is not None else None
+        dx, dw, db = _norm_backward(dy2, x2, w, ctx.has_bias, mean, rstd, ds2, ctx.is_rms)
+        dx = dx.view(ctx.shape)
+        dres = dx if ctx.has_res else None
+        feature_shape = ctx.shape[len(ctx.shape) - ctx.normalized_dims:]
+        dw = dw.view(feature_shape) if dw is not None else None
+        db = db.view(feature_shape) if db is not None else None
+        return dx, dres, dw, db, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _normalized_shape(input: torch.Tensor, normalized_shape, weight, bias) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        shape = tuple(int(d) for d in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
+    if len(shape) == 0 or any(d <= 0 for d in shape):
+        raise ValueError(f"normalized_shape must be non-empty with positive sizes, got {shape}")
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"input of shape {tuple(input.shape)} does not end with normalized_shape {shape}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"{name} must have shape normalized_shape={shape}, got {tuple(p.shape)}")
+    return shape
+
+
+def _check(input, residual, normalized_shape, weight, bias, eps):
+    check_float("input", input)
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_dtype(input=input, residual=residual)
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have the shape of input {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if weight is not None:
+        check_float("weight", weight)
+    if bias is not None:
+        check_float("bias", bias)
+    check_same_device(input=input, residual=residual, weight=weight, bias=bias)
+    check_positive("eps", eps)
+    return _normalized_shape(input, normalized_shape, weight, bias)
+
+
+def _rms_eps(input: torch.Tensor, eps: float | None) -> float:
+    # torch.nn.functional.rms_norm's default: the machine epsilon of the input dtype.
+    return torch.finfo(input.dtype).eps if eps is None else eps
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.layer_norm` (fp32 statistics, any leading shape)."""
+    shape = _check(input, None, normalized_shape, weight, bias, eps)
+    if not use_triton(input.device):
+        return reference.layer_norm(input, shape, weight, bias, eps)
+    return _NormFunction.apply(input, None, weight, bias, shape, float(eps), False)
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.rms_norm`; ``eps=None`` means ``finfo(input.dtype).eps``."""
+    if isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = _rms_eps(input, eps)
+    shape = _check(input, None, normalized_shape, weight, None, eps)
+    if not use_triton(input.device):
+        return reference.rms_norm(input, shape, weight, eps)
+    return _NormFunction.apply(input, None, weight, None, shape, float(eps), True)
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer_norm(input + residual), input + residual)`` in one pass over memory."""
+    shape = _check(input, residual, normalized_shape, weight, bias, eps)
+    if not use_triton(input.device):
+        return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
+    return _NormFunction.apply(input, residual, weight, bias, shape, float(eps), False)
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(input + residual), input + residual)`` in one pass over memory."""
+    if isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = _rms_eps(input, eps)
+    shape = _check(input, residual, normalized_shape, weight, None, eps)
+    if not use_triton(input.device):
+        return reference.add_rms_norm(input, residual, shape, weight, eps)
+    return _NormFunction.apply(input, residual, weight, None, shape, float(eps), True)

@@ -20,8 +20,8 @@ dW/dB are a two-stage reduction in fp32: each backward program sums its rows
 into a private partial row (no atomics, deterministic), then a second kernel
 sums the partial rows. Row offsets are int64 so tensors past 2^31 elements work.
 
-Rows up to ``_ONE_PASS_MAX_*`` features are held in registers (one read of each
-input); wider rows are streamed in ``_LOOP_BLOCK_N`` chunks.
+Rows up to 8192 features (forward) / 4096 (backward) are held in registers (one
+read of each input); wider rows are streamed in ``_LOOP_BLOCK_N`` chunks.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def _norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    inv_n = 1.0 / N
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows = rows.to(tl.int64)
@@ -74,11 +75,11 @@ def _norm_fwd_kernel(
         if IS_RMS:
             xc = x
         else:
-            mean = tl.sum(x, axis=1) / N
+            mean = tl.sum(x, axis=1) * inv_n
             xc = tl.where(mask, x - mean[:, None], 0.0)
             tl.store(MEAN + rows, mean, mask=row_mask)
-        var = tl.sum(xc * xc, axis=1) / N
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = tl.sum(xc * xc, axis=1) * inv_n
+        rstd = tl.rsqrt(var + eps)
         tl.store(RSTD + rows, rstd, mask=row_mask)
         y = xc * rstd[:, None]
         if HAS_W:
@@ -108,9 +109,9 @@ def _norm_fwd_kernel(
             x_row = s_row
         if IS_RMS:
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-            var = tl.sum(acc, axis=1) / N
+            var = tl.sum(acc, axis=1) * inv_n
         else:
-            mean = tl.sum(acc, axis=1) / N
+            mean = tl.sum(acc, axis=1) * inv_n
             tl.store(MEAN + rows, mean, mask=row_mask)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for off in range(0, N, BLOCK_N):
@@ -119,8 +120,8 @@ def _norm_fwd_kernel(
                 x = tl.load(x_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 xc = tl.where(mask, x - mean[:, None], 0.0)
                 acc += xc * xc
-            var = tl.sum(acc, axis=1) / N
-        rstd = 1.0 / tl.sqrt(var + eps)
+            var = tl.sum(acc, axis=1) * inv_n
+        rstd = tl.rsqrt(var + eps)
         tl.store(RSTD + rows, rstd, mask=row_mask)
         for off in range(0, N, BLOCK_N):
             c = off + cols
@@ -147,6 +148,7 @@ def _norm_bwd_kernel(
     # Each program owns a contiguous run of rows and one private row of the dW/dB
     # partial buffers: the reduction over rows needs no atomics and is deterministic.
     pid = tl.program_id(0)
+    inv_n = 1.0 / N
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
@@ -156,8 +158,8 @@ def _norm_bwd_kernel(
         col_mask = cols < N
         if HAS_W:
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for r0 in range(row_start, row_end, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -175,23 +177,23 @@ def _norm_bwd_kernel(
                 g = dy * w
             else:
                 g = dy
-            c1 = tl.sum(g * xhat, axis=1) / N
+            c1 = tl.sum(g * xhat, axis=1) * inv_n
             if IS_RMS:
                 dx = (g - xhat * c1[:, None]) * rstd[:, None]
             else:
-                c2 = tl.sum(g, axis=1) / N
+                c2 = tl.sum(g, axis=1) * inv_n
                 dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_DRES:
                 dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_W:
-                dw_acc += dy * xhat
+                dw_acc += tl.sum(dy * xhat, axis=0)
             if HAS_B:
-                db_acc += dy
+                db_acc += tl.sum(dy, axis=0)
         if HAS_W:
-            tl.store(DW_PART + part + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+            tl.store(DW_PART + part + cols, dw_acc, mask=col_mask)
         if HAS_B:
-            tl.store(DB_PART + part + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+            tl.store(DB_PART + part + cols, db_acc, mask=col_mask)
     else:
         # Wide rows, one at a time: pass 1 reduces c1 (and c2), pass 2 writes dx and
         # adds into this program's partial rows (zero-initialised by the launcher).
@@ -215,8 +217,8 @@ def _norm_bwd_kernel(
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
                 acc1 += g * xhat
                 acc2 += g
-            c1 = tl.sum(acc1, axis=0) / N
-            c2 = tl.sum(acc2, axis=0) / N
+            c1 = tl.sum(acc1, axis=0) * inv_n
+            c2 = tl.sum(acc2, axis=0) * inv_n
             for off in range(0, N, BLOCK_N):
                 c = off + cols
                 mask = c < N
@@ -258,24 +260,35 @@ def _column_sum_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.const
 
 # ----------------------------------------------------------------------------- launchers
 
-_ONE_PASS_MAX_FWD = 16384  # widest row kept in registers by the forward
-_ONE_PASS_MAX_BWD = 8192  # the backward holds ~3x more live values per element
+# Launch shapes, kept spill-free on sm_80/sm_90 by `python -m bench.compile`. Rows
+# up to ONE_PASS_MAX features live in registers (one read of each input); wider
+# rows are streamed in _LOOP_BLOCK_N chunks. Short rows share a program in tiles
+# of TILE elements. ELEMS_PER_THREAD sets the warps per tile: the backward keeps
+# several times more values alive per element than the forward.
+_FWD = dict(one_pass_max=8192, tile=4096, elems_per_thread=16)
+_BWD = dict(one_pass_max=4096, tile=1024, elems_per_thread=4)
+_BWD_FP32 = dict(_BWD, one_pass_max=2048)  # fp32 rows of 4096 spill on sm_80
+_MAX_WARPS = 16
 _LOOP_BLOCK_N = 4096
-_TILE = 4096  # elements per tile when several short rows share a program
 _SUM_BLOCK_G, _SUM_BLOCK_N = 32, 128
 
 
-def _row_config(n: int, one_pass_max: int) -> tuple[int, int, bool, int]:
+def _row_config(n: int, one_pass_max: int, tile: int, elems_per_thread: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, ONE_PASS, num_warps) for rows of ``n`` features."""
     block_n = max(16, next_power_of_2(n))
-    if block_n <= one_pass_max:
-        block_m = max(1, min(128, _TILE // block_n))
-        one_pass = True
-    else:
-        block_n, block_m, one_pass = _LOOP_BLOCK_N, 1, False
-    tile = block_m * block_n
-    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
-    return block_m, block_n, one_pass, num_warps
+    if block_n > one_pass_max:
+        return 1, _LOOP_BLOCK_N, False, _MAX_WARPS
+    block_m = max(1, min(128, tile // block_n))
+    num_warps = max(4, min(_MAX_WARPS, block_m * block_n // (32 * elems_per_thread)))
+    return block_m, block_n, True, num_warps
+
+
+def _fwd_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool, int]:
+    return _row_config(n, **_FWD)
+
+
+def _bwd_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool, int]:
+    return _row_config(n, **(_BWD_FP32 if dtype == torch.float32 else _BWD))
 
 
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -299,7 +312,7 @@ def _norm_forward(x, residual, weight, bias, eps, is_rms):
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, s, mean, rstd
-    block_m, block_n, one_pass, num_warps = _row_config(N, _ONE_PASS_MAX_FWD)
+    block_m, block_n, one_pass, num_warps = _fwd_config(N, x.dtype)
     _norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, s if s is not None else y, mean, rstd,
@@ -328,7 +341,7 @@ def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
         dw = torch.zeros_like(weight) if has_w else None
         db = torch.zeros((N,), dtype=weight.dtype if has_w else x.dtype, device=x.device) if has_bias else None
         return dx, dw, db
-    block_m, block_n, one_pass, num_warps = _row_config(N, _ONE_PASS_MAX_BWD)
+    block_m, block_n, one_pass, num_warps = _bwd_config(N, x.dtype)
     rows_per_program = cdiv(cdiv(M, parallel_programs(x.device)), block_m) * block_m
     grid = cdiv(M, rows_per_program)
     alloc = torch.empty if one_pass else torch.zeros  # the streaming path accumulates in place
@@ -352,13 +365,14 @@ def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
 def compile_specs() -> list[KernelSpec]:
     """Every configuration the launchers above can pick, for the static compile check."""
     specs = []
-    widths = sorted({16, 128, 1000, 4096, 8192, 16384, 65536})
+    # Every power of two a one-pass row can round up to, and one streamed width.
+    widths = [2**k for k in range(4, 14)] + [65536]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = "*" + TRITON_DTYPE[dtype]
         for n in widths:
             for is_rms in (False, True):
                 fl = {"IS_RMS": is_rms, "HAS_W": True, "HAS_B": not is_rms}
-                bm, bn, op, nw = _row_config(n, _ONE_PASS_MAX_FWD)
+                bm, bn, op, nw = _fwd_config(n, dtype)
                 sig = {k: t for k in ("X", "RES", "W", "B", "Y", "RES_OUT")}
                 sig |= {"MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32"}
                 sig |= {k: "i64" for k in ("stride_x", "stride_res", "stride_y", "stride_res_out")}
@@ -367,7 +381,7 @@ def compile_specs() -> list[KernelSpec]:
                     c = fl | {"HAS_RES": has_res, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
                     specs.append(KernelSpec(_norm_fwd_kernel, sig | {k: "constexpr" for k in c}, c, nw,
                                             label=f"{'rms' if is_rms else 'ln'} N={n} {dtype}"))
-                bm, bn, op, nw = _row_config(n, _ONE_PASS_MAX_BWD)
+                bm, bn, op, nw = _bwd_config(n, dtype)
                 sig = {k: t for k in ("X", "W", "DY", "DX", "DRES")}
                 sig |= {k: "*fp32" for k in ("MEAN", "RSTD", "DW_PART", "DB_PART")}
                 sig |= {"M": "i32", "N": "i32"}
@@ -433,6 +447,8 @@ def _normalized_shape(input: torch.Tensor, normalized_shape, weight, bias) -> tu
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (int(normalized_shape),)
     try:
+        if isinstance(normalized_shape, (str, bytes)) or not all(isinstance(d, numbers.Integral) for d in normalized_shape):
+            raise TypeError
         shape = tuple(int(d) for d in normalized_shape)
     except TypeError:
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None

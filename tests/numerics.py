@@ -1,7 +1,8 @@
 """The comparison rule every numerical test uses (see shared/docs/testing-kernels.md).
 
-Three results from the same inputs: the kernel's, a reference computed in fp32,
-and the same reference computed in the kernel's own dtype. The kernel passes
+Three results from the same inputs: the kernel's, a golden reference computed in
+higher precision (fp32, or fp64 when the kernel itself runs in fp32: see
+:func:`golden_dtype`), and the same reference computed in the kernel's own dtype. The kernel passes
 when its error against fp32 is no worse than ``factor`` times the same-dtype
 reference's error, plus a small absolute slack ``atol`` (for outputs where
 torch itself is exact, and for one-ulp rounding differences).
@@ -14,6 +15,11 @@ import torch
 # Slack per dtype: about one ulp of an O(1) value. bf16 also covers the
 # interpreter's truncating fp32->bf16 cast.
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def golden_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the golden reference for a kernel running in ``dtype``."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,1 @@
+"""Benchmarks and static checks: every claim in the README is a command here."""

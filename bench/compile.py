@@ -1,0 +1,159 @@
+"""Compile every shipped Triton kernel configuration for real GPUs, without a GPU.
+
+    python -m bench.compile [--targets 90,80] [--jobs N] [--only SUBSTRING] [--json FILE]
+
+Every op module in ``kernels`` exposes ``compile_specs()``: each kernel at each
+launch configuration its launchers can choose. Each is built by Triton's real
+compiler (TTIR -> PTX -> cubin) for ``GPUTarget("cuda", cc, 32)``, and the
+cubin is read back with the ``cuobjdump`` that ships in the Triton wheel:
+registers, spills (local memory / stack), shared memory, and whether the
+tensor-core instructions are used (HGMMA, the warpgroup MMA, on sm_90; HMMA on
+sm_80). Exit status 1 when a configuration fails to compile or a hot kernel
+spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Kernels decorated under the interpreter cannot be compiled: start again without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    os.execve(sys.executable, [sys.executable, "-m", "bench.compile", *sys.argv[1:]], env)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels  # noqa: E402
+
+_SPECS: list = []  # filled before the worker pool forks
+
+
+def collect_specs(only: str | None = None) -> list:
+    """All KernelSpecs of all op modules in ``kernels``, in module order."""
+    specs = []
+    for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        module = importlib.import_module(f"kernels.{info.name}")
+        for spec in getattr(module, "compile_specs", lambda: [])():
+            if only is None or only in spec.name or only in spec.describe():
+                specs.append(spec)
+    return specs
+
+
+def _cuobjdump() -> str:
+    import triton.backends.nvidia as nvidia
+
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+
+
+def _compile_one(job: tuple[int, int]) -> dict:
+    index, cc = job
+    spec = _SPECS[index]
+    row = {"kernel": spec.name, "config": spec.describe(), "target": f"sm_{cc}", "hot": spec.hot}
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs),
+            target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+    except Exception as e:  # a configuration that does not build is the finding
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        return row
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+        row["regs"] = int(fields.get("REG", -1))
+        row["spill_bytes"] = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
+        mma = ""
+        if "mma" in compiled.asm["ptx"]:
+            sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True).stdout
+            mma = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else ""
+        row["tensor_cores"] = mma
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    return row
+
+
+def run(targets: list[int], jobs: int, only: str | None) -> list[dict]:
+    _SPECS[:] = collect_specs(only)
+    work = [(i, cc) for i in range(len(_SPECS)) for cc in targets]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(jobs) as pool:
+        return pool.map(_compile_one, work, chunksize=4)
+
+
+def failures(rows: list[dict]) -> list[str]:
+    bad = []
+    for r in rows:
+        if "error" in r:
+            bad.append(f"{r['kernel']} {r['config']} {r['target']}: does not compile: {r['error']}")
+        elif r["hot"] and r["spill_bytes"] > 0:
+            bad.append(f"{r['kernel']} {r['config']} {r['target']}: spills {r['spill_bytes']} bytes")
+    return bad
+
+
+def print_table(rows: list[dict]) -> None:
+    targets = sorted({r["target"] for r in rows}, reverse=True)
+    by_config: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        by_config.setdefault((r["kernel"], r["config"]), {})[r["target"]] = r
+    head = f"{'kernel':<28} {'config':<96}" + "".join(f" | {t:>6} regs spill  smem  mma " for t in targets)
+    print(head)
+    print("-" * len(head))
+    for (kernel, config), per_target in by_config.items():
+        line = f"{kernel:<28} {config:<96}"
+        for t in targets:
+            r = per_target.get(t, {})
+            if "error" in r:
+                line += f" | {'FAILED TO COMPILE':>31} "
+            else:
+                line += f" | {'':>6} {r.get('regs', ''):>4} {r.get('spill_bytes', ''):>5} {r.get('shared_bytes', ''):>5} {r.get('tensor_cores', '') or '-':>5}"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--only", default=None, help="only kernels whose name or config contains this")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary and failures")
+    args = parser.parse_args(argv)
+    targets = [int(t) for t in args.targets.split(",") if t.strip()]
+    start = time.perf_counter()
+    rows = run(targets, max(1, args.jobs), args.only)
+    if not args.quiet:
+        print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
+    bad = failures(rows)
+    kernels_n = len({r["kernel"] for r in rows})
+    print(
+        f"\ntriton {triton.__version__}: compiled {len(rows)} kernel configurations ({kernels_n} kernels, "
+        f"targets {', '.join('sm_%d' % t for t in targets)}) in {time.perf_counter() - start:.0f}s; "
+        f"{len(bad)} failure(s)"
+    )
+    for line in bad:
+        print("FAIL", line)
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

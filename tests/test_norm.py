@@ -1,0 +1,244 @@
+"""LayerNorm / RMSNorm (plain and with fused residual add): Triton kernels against the fp32 reference.
+
+Without a GPU these run the real Triton kernels through the interpreter (see
+conftest.py). Each output and gradient must be within the rule of
+tests/numerics.py: no worse than 2x torch's own same-dtype error plus one ulp.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import _backend
+from numerics import assert_close_to_ref, golden_dtype
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (input shape, normalized_shape): ragged, tiny, wide (streaming path), multi-dim.
+SHAPES = [
+    ((1, 1), (1,)),
+    ((3, 123), (123,)),
+    ((2, 5, 1000), (1000,)),
+    ((7, 4096), (4096,)),
+    ((3, 5, 7), (5, 7)),
+    ((2, 20000), (20000,)),  # wider than the one-pass limits: exercises the streaming kernels
+]
+
+
+def _torch_norm(kind, x, ns, w, b, eps):
+    if kind == "layer":
+        return F.layer_norm(x, ns, w, b, eps)
+    return F.rms_norm(x, ns, w, eps)
+
+
+def _run(kind, fused, x, r, ns, w, b, eps):
+    """The op under test; returns the tensors whose values and gradients are compared."""
+    if fused:
+        if kind == "layer":
+            return kernels.add_layer_norm(x, r, ns, w, b, eps)
+        return kernels.add_rms_norm(x, r, ns, w, eps)
+    if kind == "layer":
+        return (kernels.layer_norm(x, ns, w, b, eps),)
+    return (kernels.rms_norm(x, ns, w, eps),)
+
+
+def _torch_reference(kind, fused, x, r, ns, w, b, eps):
+    if fused:
+        s = x + r
+        return _torch_norm(kind, s, ns, w, b, eps), s
+    return (_torch_norm(kind, x, ns, w, b, eps),)
+
+
+def _leaf(t, dtype):
+    return None if t is None else t.detach().to(dtype).requires_grad_()
+
+
+def _compare(kind, fused, shape, ns, dtype, *, affine=True, bias=True, noncontig=False, scale=1.0):
+    torch.manual_seed(0)
+    eps = 1e-5 if kind == "layer" else 1e-6
+    base = torch.randn(shape) * scale + 0.5
+    if noncontig:
+        # Same values, but a transposed layout for both the input and the upstream gradient.
+        base = base.transpose(0, -1).contiguous().transpose(0, -1)
+    res = torch.randn(shape) if fused else None
+    w = torch.randn(ns) if affine else None
+    b = torch.randn(ns) if (affine and bias and kind == "layer") else None
+    grads = [torch.randn(shape) for _ in range(2 if fused else 1)]
+    if noncontig:
+        grads = [g.transpose(0, -1).contiguous().transpose(0, -1) for g in grads]
+
+    def run(fn, dt):
+        leaves = [_leaf(t, dt) for t in (base, res, w, b)]  # .to() keeps a permuted layout
+        outs = fn(kind, fused, leaves[0], leaves[1], ns, leaves[2], leaves[3], eps)
+        torch.autograd.backward(outs, [g.to(dt) for g in grads])
+        return list(outs) + [t.grad for t in leaves if t is not None]
+
+    if noncontig:
+        assert not base.is_contiguous() and not grads[0].is_contiguous()
+    out = run(_run, dtype)
+    ref32 = run(_torch_reference, golden_dtype(dtype))
+    ref_lp = run(_torch_reference, dtype)
+    names = (["y", "s", "dx", "dres"] if fused else ["y", "dx"]) + ["dw", "db"]
+    for o, r32, rlp, name in zip(out, ref32, ref_lp, names):
+        assert o.dtype == rlp.dtype, f"{name}: dtype {o.dtype} != {rlp.dtype}"
+        assert_close_to_ref(o, r32, rlp, name=f"{kind} {name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ns", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_matches_reference(kind, shape, ns, dtype):
+    _compare(kind, False, shape, ns, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,ns", [((3, 123), (123,)), ((2, 3, 1000), (1000,)), ((2, 20000), (20000,))], ids=str)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_add_norm_matches_reference(kind, shape, ns, dtype):
+    _compare(kind, True, shape, ns, dtype)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
+def test_without_weight_or_bias(kind, affine, bias):
+    _compare(kind, False, (5, 300), (300,), torch.float16, affine=affine, bias=bias)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_non_contiguous_input_and_grad(kind):
+    _compare(kind, False, (64, 6, 96), (96,), torch.float32, noncontig=True)
+    _compare(kind, True, (64, 6, 96), (96,), torch.float16, noncontig=True)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_large_offset_input(kind):
+    # Large mean relative to spread: fp32 statistics must stay accurate.
+    _compare(kind, False, (4, 512), (512,), torch.float16, scale=30.0)
+
+
+def test_strided_row_view_is_not_copied_wrongly():
+    # A view with a row stride larger than the row (e.g. a slice of a wider buffer).
+    torch.manual_seed(1)
+    big = torch.randn(6, 200)
+    x = big[:, :150]
+    w = torch.randn(150)
+    out = kernels.rms_norm(x, (150,), w, 1e-6)
+    torch.testing.assert_close(out, F.rms_norm(x, (150,), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_leading_dims():
+    x = torch.randn(0, 3, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    y = kernels.layer_norm(x, (64,), w, b)
+    assert y.shape == (0, 3, 64)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(2)
+    x = torch.randn(37, 300, requires_grad=True)
+    w = torch.randn(300, requires_grad=True)
+    g = torch.randn(37, 300)
+    grads = []
+    for _ in range(2):
+        x.grad = w.grad = None
+        kernels.rms_norm(x, 300, w).backward(g)
+        grads.append((x.grad.clone(), w.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_rms_norm_default_eps_is_dtype_epsilon():
+    x = torch.full((2, 8), 1e-4, dtype=torch.float16)
+    torch.testing.assert_close(kernels.rms_norm(x, 8).float(), F.rms_norm(x.float(), (8,), eps=torch.finfo(torch.float16).eps), atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------ drop-in modules
+
+
+@pytest.mark.parametrize("cls,torch_cls", [(kernels.nn.LayerNorm, torch.nn.LayerNorm), (kernels.nn.RMSNorm, torch.nn.RMSNorm)])
+def test_modules_are_drop_in(cls, torch_cls):
+    torch.manual_seed(3)
+    theirs = torch_cls((4, 32), eps=1e-5)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = cls((4, 32), eps=1e-5)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())  # and back
+    x = torch.randn(3, 4, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_module_without_bias():
+    m = kernels.nn.LayerNorm(48, bias=False)
+    assert m.bias is None
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(m(x), F.layer_norm(x, (48,), m.weight, None, m.eps))
+
+
+# ------------------------------------------------------------------ backend dispatch
+
+
+def test_reference_backend_forced(monkeypatch):
+    x = torch.randn(4, 16)
+    monkeypatch.setenv("FASTLM_BACKEND", "reference")
+    y = kernels.layer_norm(x, 16)
+    assert y.grad_fn is None or "NormFunction" not in type(y.grad_fn).__name__
+    with kernels.use_backend("triton"):
+        x.requires_grad_()
+        y = kernels.layer_norm(x, 16)
+        assert "NormFunction" in type(y.grad_fn).__name__
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setattr(_backend, "INTERPRETER", False)
+    monkeypatch.setenv("FASTLM_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.rms_norm(torch.randn(2, 8), 8)
+    monkeypatch.setenv("FASTLM_BACKEND", "auto")
+    # auto on CPU without the interpreter: the reference, no error
+    kernels.rms_norm(torch.randn(2, 8), 8)
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTLM_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="FASTLM_BACKEND"):
+        kernels.rms_norm(torch.randn(2, 8), 8)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: kernels.layer_norm(torch.randn(2, 8), 8, weight=torch.randn(7)), ValueError, "weight"),
+        (lambda: kernels.layer_norm(torch.randn(2, 8), 8, bias=torch.randn(8, 1)), ValueError, "bias"),
+        (lambda: kernels.rms_norm(torch.randn(2, 8), 7), ValueError, "normalized_shape"),
+        (lambda: kernels.rms_norm(torch.randn(2, 8), (2, 8, 1)), ValueError, "normalized_shape"),
+        (lambda: kernels.layer_norm(torch.ones(2, 8, dtype=torch.int32), 8), TypeError, "input"),
+        (lambda: kernels.layer_norm(torch.randn(2, 8), 8, weight=torch.ones(8, dtype=torch.int64)), TypeError, "weight"),
+        (lambda: kernels.layer_norm(torch.randn(2, 8), 8, eps=0.0), ValueError, "eps"),
+        (lambda: kernels.rms_norm(torch.randn(2, 8), 8, eps=-1.0), ValueError, "eps"),
+        (lambda: kernels.layer_norm(torch.randn(2, 8), 8, weight=torch.randn(8, device="meta")), ValueError, "device"),
+        (lambda: kernels.add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), 8), ValueError, "residual"),
+        (lambda: kernels.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8).half(), 8), TypeError, "residual"),
+        (lambda: kernels.layer_norm([1.0, 2.0], 2), TypeError, "input"),
+        (lambda: kernels.layer_norm(torch.randn(2, 8), "8"), (TypeError, ValueError), "normalized_shape"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_reference_matches_torch():
+    torch.manual_seed(4)
+    x, w, b = torch.randn(3, 7, 33), torch.randn(7, 33), torch.randn(7, 33)
+    ref = kernels.reference
+    torch.testing.assert_close(ref.layer_norm(x, (7, 33), w, b, 1e-5), F.layer_norm(x, (7, 33), w, b, 1e-5))
+    torch.testing.assert_close(ref.rms_norm(x, (7, 33), w, 1e-6), F.rms_norm(x, (7, 33), w, 1e-6))

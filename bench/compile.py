@@ -26,16 +26,11 @@ import sys
 import tempfile
 import time
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Kernels decorated under the interpreter cannot be compiled: start again without it.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    os.execve(sys.executable, [sys.executable, "-m", "bench.compile", *sys.argv[1:]], env)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-import kernels  # noqa: E402
+import kernels
 
 _SPECS: list = []  # filled before the worker pool forks
 
@@ -156,4 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Kernels decorated under the interpreter cannot be compiled: start again without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, "-m", "bench.compile", *sys.argv[1:]], env)
     sys.exit(main())

@@ -1,0 +1,85 @@
+"""Self-check: every op's Triton kernel against its reference, forward and backward.
+
+    python -m kernels.selfcheck
+
+On a GPU the compiled kernels run on CUDA tensors; without one, the same
+kernels run on CPU through Triton's interpreter (this module restarts itself
+with ``TRITON_INTERPRET=1``, which must be set before kernels are decorated).
+Prints a table of max absolute errors against an fp32 (fp64 for fp32 inputs)
+evaluation of the reference, next to the same-dtype reference's own error, and
+exits 1 if a kernel is more than 2x worse than the reference plus one ulp.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    os.execve(sys.executable, [sys.executable, "-m", "kernels.selfcheck", *sys.argv[1:]], dict(os.environ, TRITON_INTERPRET="1"))
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+
+# Slack: about one ulp of an O(1) value (bf16 also covers the interpreter's truncating cast).
+_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _cases(device: str):
+    """(name, dtype, kernel fn, reference fn, input factory); each fn maps inputs to a tuple of outputs."""
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for m, n in ((64, 1000), (8, 4096)):
+
+            def make(m=m, n=n, dtype=dtype):
+                g = torch.Generator().manual_seed(0)
+                return [torch.randn(s, generator=g).to(device, dtype) for s in ((m, n), (m, n), (n,), (n,))]
+
+            cases.append((f"layer_norm {m}x{n}", dtype, lambda x, r, w, b: (kernels.layer_norm(x, x.shape[-1:], w, b),),
+                          lambda x, r, w, b: (reference.layer_norm(x, x.shape[-1:], w, b),), make))
+            cases.append((f"rms_norm {m}x{n}", dtype, lambda x, r, w, b: (kernels.rms_norm(x, x.shape[-1:], w, 1e-6),),
+                          lambda x, r, w, b: (reference.rms_norm(x, x.shape[-1:], w, 1e-6),), make))
+            cases.append((f"add_rms_norm {m}x{n}", dtype, lambda x, r, w, b: kernels.add_rms_norm(x, r, x.shape[-1:], w, 1e-6),
+                          lambda x, r, w, b: reference.add_rms_norm(x, r, x.shape[-1:], w, 1e-6), make))
+    return cases
+
+
+def _outputs_and_grads(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+
+def main() -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = "compiled Triton on " + torch.cuda.get_device_name() if device == "cuda" else "Triton interpreter on CPU"
+    print(f"fastlm kernels self-check ({mode})\n")
+    print(f"{'op':<24} {'dtype':<9} {'max err':>10} {'torch err':>10} {'bound':>10}  {'time':>6}  result")
+    failed = 0
+    for name, dtype, fn, ref, make in _cases(device):
+        inputs = make()
+        start = time.perf_counter()
+        with kernels.use_backend("triton"):
+            got = _outputs_and_grads(fn, inputs)
+        elapsed = time.perf_counter() - start
+        golden = torch.float64 if dtype == torch.float32 else torch.float32
+        want = _outputs_and_grads(ref, [t.to(golden) for t in inputs])
+        same = _outputs_and_grads(ref, inputs)
+        err = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, want))
+        torch_err = max((a.double() - b.double()).abs().max().item() for a, b in zip(same, want))
+        bound = 2 * torch_err + _ATOL[dtype]
+        ok = err <= bound
+        failed += not ok
+        print(f"{name:<24} {str(dtype).replace('torch.', ''):<9} {err:>10.2e} {torch_err:>10.2e} {bound:>10.2e}  {elapsed:>5.2f}s  {'ok' if ok else 'FAIL'}")
+    print(f"\n{'all ops match their references' if not failed else f'{failed} case(s) failed'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

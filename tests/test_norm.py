@@ -1,7 +1,7 @@
 """LayerNorm / RMSNorm (plain and with fused residual add): Triton kernels against the fp32 reference.
 
-Without a GPU these run the real Triton kernels through the interpreter (see
-conftest.py). Each output and gradient must be within the rule of
+On a GPU these run the compiled kernels on CUDA tensors; without one, the same
+kernels through the interpreter on CPU (see conftest.py). Each output and gradient must be within the rule of
 tests/numerics.py: no worse than 2x torch's own same-dtype error plus one ulp.
 """
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _backend
+from conftest import DEVICE
 from numerics import assert_close_to_ref, golden_dtype
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -53,7 +54,11 @@ def _leaf(t, dtype):
     return None if t is None else t.detach().to(dtype).requires_grad_()
 
 
-def _compare(kind, fused, shape, ns, dtype, *, affine=True, bias=True, noncontig=False, scale=1.0):
+def _compare(kind, fused, shape, ns, dtype, **kw):
+    _compare_on(kind, fused, shape, ns, dtype, DEVICE, **kw)
+
+
+def _compare_on(kind, fused, shape, ns, dtype, device, *, affine=True, bias=True, noncontig=False, scale=1.0):
     torch.manual_seed(0)
     eps = 1e-5 if kind == "layer" else 1e-6
     base = torch.randn(shape) * scale + 0.5
@@ -68,9 +73,9 @@ def _compare(kind, fused, shape, ns, dtype, *, affine=True, bias=True, noncontig
         grads = [g.transpose(0, -1).contiguous().transpose(0, -1) for g in grads]
 
     def run(fn, dt):
-        leaves = [_leaf(t, dt) for t in (base, res, w, b)]  # .to() keeps a permuted layout
+        leaves = [_leaf(t.to(device) if t is not None else None, dt) for t in (base, res, w, b)]  # .to() keeps a permuted layout
         outs = fn(kind, fused, leaves[0], leaves[1], ns, leaves[2], leaves[3], eps)
-        torch.autograd.backward(outs, [g.to(dt) for g in grads])
+        torch.autograd.backward(outs, [g.to(device, dt) for g in grads])
         return list(outs) + [t.grad for t in leaves if t is not None]
 
     if noncontig:
@@ -242,3 +247,34 @@ def test_reference_matches_torch():
     ref = kernels.reference
     torch.testing.assert_close(ref.layer_norm(x, (7, 33), w, b, 1e-5), F.layer_norm(x, (7, 33), w, b, 1e-5))
     torch.testing.assert_close(ref.rms_norm(x, (7, 33), w, 1e-6), F.rms_norm(x, (7, 33), w, 1e-6))
+
+
+# ------------------------------------------------------------------ GPU only: compiled kernels, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [4096, 5120, 16384, 65536])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_gpu_norm_matches_reference(kind, n, dtype):
+    m = max(8, (1 << 24) // n)
+    for fused in (False, True):
+        _compare_on(kind, fused, (m, n), (n,), dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_tensor_past_2_31_elements():
+    # int64 offsets: the last rows of a tensor of more than 2^31 elements are normalised correctly.
+    n = 4096
+    m = (1 << 31) // n + 64
+    x = torch.empty(m, n, device="cuda", dtype=torch.bfloat16).normal_()
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = kernels.rms_norm(x, (n,), w, 1e-6)
+    tail = slice(m - 64, m)
+    torch.testing.assert_close(y[tail].float(), F.rms_norm(x[tail].float(), (n,), w.float(), 1e-6), atol=2e-2, rtol=2e-2)
+    del y
+    x.requires_grad_()
+    kernels.rms_norm(x, (n,), w, 1e-6).backward(torch.ones_like(x))
+    xt = x[tail].detach().float().requires_grad_()
+    F.rms_norm(xt, (n,), w.float(), 1e-6).backward(torch.ones_like(xt))
+    torch.testing.assert_close(x.grad[tail].float(), xt.grad, atol=2e-2, rtol=2e-2)

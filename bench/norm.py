@@ -1,0 +1,131 @@
+"""LayerNorm / RMSNorm / add+RMSNorm: fastlm against what a user would otherwise run.
+
+    python -m bench.norm [--rows 16384] [--hidden 1024,2048,4096,8192,16384] [--dtype bf16]
+
+Providers: fastlm's Triton kernels, torch eager (``F.layer_norm``/``F.rms_norm``),
+``torch.compile`` of the same, and Liger-Kernel when installed; on CPU, our
+PyTorch reference against torch eager. Forward, backward and forward+backward
+separately. Each row: median time, achieved GB/s over the bytes the op must
+move, that as a fraction of the device-to-device copy bandwidth measured in the
+same run, and peak memory. Results go to bench/results/<device>/norm.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from bench import common
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _providers(op: str, device: str) -> dict:
+    if op == "layer_norm":
+        torch_fn = lambda x, r, w, b: F.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+        ours = lambda x, r, w, b: kernels.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+        ref = lambda x, r, w, b: kernels.reference.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+    elif op == "rms_norm":
+        torch_fn = lambda x, r, w, b: F.rms_norm(x, x.shape[-1:], w, 1e-6)  # noqa: E731
+        ours = lambda x, r, w, b: kernels.rms_norm(x, x.shape[-1:], w, 1e-6)  # noqa: E731
+        ref = lambda x, r, w, b: kernels.reference.rms_norm(x, x.shape[-1:], w, 1e-6)  # noqa: E731
+    else:  # add_rms_norm: the pre-norm block's residual add + norm
+        def torch_fn(x, r, w, b):
+            s = x + r
+            return F.rms_norm(s, s.shape[-1:], w, 1e-6), s
+
+        ours = lambda x, r, w, b: kernels.add_rms_norm(x, r, x.shape[-1:], w, 1e-6)  # noqa: E731
+        ref = lambda x, r, w, b: kernels.reference.add_rms_norm(x, r, x.shape[-1:], w, 1e-6)  # noqa: E731
+    if device != "cuda":
+        return {"fastlm-reference": ref, "torch": torch_fn}
+    providers = {"fastlm": ours, "torch": torch_fn, "torch.compile": torch.compile(torch_fn, dynamic=False)}
+    if common.installed("liger_kernel"):
+        from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
+
+        if op == "layer_norm":
+            providers["liger"] = lambda x, r, w, b: liger_layer_norm(x, w, b, 1e-5)
+        elif op == "rms_norm":
+            providers["liger"] = lambda x, r, w, b: liger_rms_norm(x, w, 1e-6)
+    return providers
+
+
+def _bytes_moved(op: str, mode: str, m: int, n: int, elem: int) -> int:
+    """Bytes the op must read and write (inputs, outputs, gradients; weights are negligible)."""
+    tensors = {  # (forward, backward) row-sized tensors touched
+        "layer_norm": (2, 3),  # x -> y ; x, dy -> dx
+        "rms_norm": (2, 3),
+        "add_rms_norm": (4, 4),  # x, r -> y, s ; s, dy, ds -> dx
+    }[op]
+    count = {"fwd": tensors[0], "bwd": tensors[1], "fwd+bwd": tensors[0] + tensors[1]}[mode]
+    return count * m * n * elem
+
+
+def bench_op(op: str, m: int, n: int, dtype: torch.dtype, device: str, copy_gbps: float) -> list[dict]:
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, n, device=device, dtype=dtype, generator=g).requires_grad_()
+    r = torch.randn(m, n, device=device, dtype=dtype, generator=g).requires_grad_()
+    w = torch.randn(n, device=device, dtype=dtype, generator=g).requires_grad_()
+    b = torch.randn(n, device=device, dtype=dtype, generator=g).requires_grad_() if op == "layer_norm" else None
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    for name, fn in _providers(op, device).items():
+        try:
+            outs = fn(x, r, w, b)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            grads = [torch.randn_like(o) for o in outs]
+
+            def fwd():
+                return fn(x, r, w, b)
+
+            def bwd():
+                torch.autograd.backward(outs, grads, retain_graph=True, inputs=leaves)
+
+            def fwd_bwd():
+                o = fn(x, r, w, b)
+                torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads, inputs=leaves)
+
+            for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+                ms, lo, hi = common.time_ms(call, device)
+                gbps = _bytes_moved(op, mode, m, n, x.element_size()) / ms / 1e6
+                rows.append({
+                    "op": op, "provider": name, "mode": mode, "rows": m, "hidden": n,
+                    "dtype": str(dtype).replace("torch.", ""), "ms": ms, "ms_p20": lo, "ms_p80": hi,
+                    "GB/s": gbps, "frac_of_copy": gbps / copy_gbps,
+                    "peak_mem_MB": (lambda p: None if p is None else p / 2**20)(common.peak_memory_bytes(call, device)),
+                })
+            for t in leaves:
+                t.grad = None
+        except Exception as e:  # a provider that cannot run this case is reported, not fatal
+            rows.append({"op": op, "provider": name, "mode": "error", "rows": m, "hidden": n, "error": repr(e)[:200]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.norm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=None, help="rows (default 16384 on GPU, 2048 on CPU)")
+    parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--ops", default="layer_norm,rms_norm,add_rms_norm")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = args.rows or (16384 if device == "cuda" else 2048)
+    hidden = [int(h) for h in (args.hidden or ("1024,2048,4096,8192,16384" if device == "cuda" else "1024,4096")).split(",")]
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    copy_gbps = common.copy_bandwidth_gbps(device)
+    rows = []
+    for op in args.ops.split(","):
+        for n in hidden:
+            rows += bench_op(op, m, n, dtype, device, copy_gbps)
+    meta = {"device": common.device_name(device), "copy_GB/s": copy_gbps, "torch": torch.__version__}
+    out = common.write_report("norm", rows, device, meta=meta, x="hidden", y="GB/s", series="provider")
+    print(common.markdown_table(rows, [c for c in rows[0] if c not in ("ms_p20", "ms_p80")], meta))
+    print(f"written to {out}/norm.*")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,8 @@ class KernelSpec:
     num_stages: int = 1
     hot: bool = True  # spills in a hot kernel fail the compile check
     label: str = ""
+    # "divisible_by_16": argument names Triton's launcher marks tt.divisibility=16 for
+    # aligned tensors; "targets": compute capabilities whose launcher can pick this config.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -21,7 +21,7 @@ into a private partial row (no atomics, deterministic), then a second kernel
 sums the partial rows. Row offsets are int64 so tensors past 2^31 elements work.
 
 Rows up to 8192 features (forward) / 4096 (backward) are held in registers (one
-read of each input); wider rows are streamed in ``_LOOP_BLOCK_N`` chunks.
+read of each input); wider rows are streamed in chunks (see ``_FWD``/``_BWD``).
 """
 
 from __future__ import annotations
@@ -261,23 +261,22 @@ def _column_sum_kernel(PART, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.const
 # ----------------------------------------------------------------------------- launchers
 
 # Launch shapes, kept spill-free on sm_80/sm_90 by `python -m bench.compile`. Rows
-# up to ONE_PASS_MAX features live in registers (one read of each input); wider
-# rows are streamed in _LOOP_BLOCK_N chunks. Short rows share a program in tiles
+# up to one_pass_max features live in registers (one read of each input); wider
+# rows are streamed in loop_block_n chunks. Short rows share a program in tiles
 # of TILE elements. ELEMS_PER_THREAD sets the warps per tile: the backward keeps
 # several times more values alive per element than the forward.
-_FWD = dict(one_pass_max=8192, tile=4096, elems_per_thread=16)
-_BWD = dict(one_pass_max=4096, tile=1024, elems_per_thread=4)
-_BWD_FP32 = dict(_BWD, one_pass_max=2048)  # fp32 rows of 4096 spill on sm_80
+_FWD = dict(one_pass_max=8192, tile=4096, elems_per_thread=16, loop_block_n=4096)
+_BWD = dict(one_pass_max=4096, tile=1024, elems_per_thread=4, loop_block_n=2048)
+_BWD_FP32 = dict(_BWD, one_pass_max=2048, tile=512)  # fp32 tiles twice as large spill
 _MAX_WARPS = 16
-_LOOP_BLOCK_N = 4096
 _SUM_BLOCK_G, _SUM_BLOCK_N = 32, 128
 
 
-def _row_config(n: int, one_pass_max: int, tile: int, elems_per_thread: int) -> tuple[int, int, bool, int]:
+def _row_config(n: int, one_pass_max: int, tile: int, elems_per_thread: int, loop_block_n: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, ONE_PASS, num_warps) for rows of ``n`` features."""
     block_n = max(16, next_power_of_2(n))
     if block_n > one_pass_max:
-        return 1, _LOOP_BLOCK_N, False, _MAX_WARPS
+        return 1, loop_block_n, False, _MAX_WARPS
     block_m = max(1, min(128, tile // block_n))
     num_warps = max(4, min(_MAX_WARPS, block_m * block_n // (32 * elems_per_thread)))
     return block_m, block_n, True, num_warps
@@ -363,7 +362,11 @@ def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every configuration the launchers above can pick, for the static compile check."""
+    """Every configuration the launchers above can pick, for the static compile check.
+
+    Sizes are multiples of 16 and tensors 16-byte aligned, as for the hidden sizes
+    models use, so pointers, N and row strides carry Triton's divisibility hint.
+    """
     specs = []
     # Every power of two a one-pass row can round up to, and one streamed width.
     widths = [2**k for k in range(4, 14)] + [65536]
@@ -371,29 +374,28 @@ def compile_specs() -> list[KernelSpec]:
         t = "*" + TRITON_DTYPE[dtype]
         for n in widths:
             for is_rms in (False, True):
-                fl = {"IS_RMS": is_rms, "HAS_W": True, "HAS_B": not is_rms}
+                kind = f"{'rms' if is_rms else 'ln'} N={n} {dtype}"
+                flags = {"IS_RMS": is_rms, "HAS_W": True, "HAS_B": not is_rms}
                 bm, bn, op, nw = _fwd_config(n, dtype)
                 sig = {k: t for k in ("X", "RES", "W", "B", "Y", "RES_OUT")}
                 sig |= {"MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32"}
-                sig |= {k: "i64" for k in ("stride_x", "stride_res", "stride_y", "stride_res_out")}
+                sig |= {k: "i32" for k in ("stride_x", "stride_res", "stride_y", "stride_res_out")}
                 sig |= {"eps": "fp32"}
                 for has_res in (False, True):
-                    c = fl | {"HAS_RES": has_res, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
-                    specs.append(KernelSpec(_norm_fwd_kernel, sig | {k: "constexpr" for k in c}, c, nw,
-                                            label=f"{'rms' if is_rms else 'ln'} N={n} {dtype}"))
+                    c = flags | {"HAS_RES": has_res, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
+                    specs.append(_norm_spec(_norm_fwd_kernel, sig, c, nw, kind))
                 bm, bn, op, nw = _bwd_config(n, dtype)
                 sig = {k: t for k in ("X", "W", "DY", "DX", "DRES")}
                 sig |= {k: "*fp32" for k in ("MEAN", "RSTD", "DW_PART", "DB_PART")}
                 sig |= {"M": "i32", "N": "i32"}
-                sig |= {k: "i64" for k in ("stride_x", "stride_dy", "stride_dx", "stride_dres")}
+                sig |= {k: "i32" for k in ("stride_x", "stride_dy", "stride_dx", "stride_dres")}
                 sig |= {"rows_per_program": "i32"}
                 for has_dres in (False, True):
-                    c = fl | {"HAS_DRES": has_dres, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
-                    specs.append(KernelSpec(_norm_bwd_kernel, sig | {k: "constexpr" for k in c}, c, nw,
-                                            label=f"{'rms' if is_rms else 'ln'} N={n} {dtype}"))
+                    c = flags | {"HAS_DRES": has_dres, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
+                    specs.append(_norm_spec(_norm_bwd_kernel, sig, c, nw, kind))
         c = {"BLOCK_G": _SUM_BLOCK_G, "BLOCK_N": _SUM_BLOCK_N}
-        sig = {"PART": "*fp32", "OUT": t, "G": "i32", "N": "i32"} | {k: "constexpr" for k in c}
-        specs.append(KernelSpec(_column_sum_kernel, sig, c, 4, label=str(dtype)))
+        sig = {"PART": "*fp32", "OUT": t, "G": "i32", "N": "i32"}
+        specs.append(_norm_spec(_column_sum_kernel, sig, c, 4, str(dtype)))
     # Deduplicate configurations that differ only in the label.
     seen, unique = set(), []
     for s in specs:
@@ -402,6 +404,12 @@ def compile_specs() -> list[KernelSpec]:
             seen.add(key)
             unique.append(s)
     return unique
+
+
+def _norm_spec(kernel, sig: dict[str, str], constexprs: dict, num_warps: int, label: str) -> KernelSpec:
+    aligned = tuple(k for k, v in sig.items() if v.startswith("*") or k == "N" or k.startswith("stride_"))
+    return KernelSpec(kernel, sig | {k: "constexpr" for k in constexprs}, constexprs, num_warps,
+                      label=label, extra={"divisible_by_16": aligned})
 
 
 # ----------------------------------------------------------------------------- autograd

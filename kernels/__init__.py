@@ -9,12 +9,18 @@ kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
 from . import nn, reference
 from ._backend import use_backend
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .attention import attention, scaled_dot_product_attention
+from .cross_entropy import cross_entropy, linear_cross_entropy
 
 __all__ = [
+    "attention",
+    "scaled_dot_product_attention",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
     "add_rms_norm",
+    "cross_entropy",
+    "linear_cross_entropy",
     "use_backend",
     "nn",
     "reference",

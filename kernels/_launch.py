@@ -42,6 +42,17 @@ class KernelSpec:
         return f"{self.label or ''}[{consts}] w{self.num_warps} s{self.num_stages}"
 
 
+def unique_specs(specs: list[KernelSpec]) -> list[KernelSpec]:
+    """Drop configurations that differ only in their label (first one kept)."""
+    seen, unique = set(), []
+    for s in specs:
+        key = (s.name, tuple(sorted(s.signature.items())), tuple(sorted(s.constexprs.items())), s.num_warps, s.num_stages)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

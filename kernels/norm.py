@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
-from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2, parallel_programs
+from ._launch import KernelSpec, TRITON_DTYPE, cdiv, next_power_of_2, parallel_programs, unique_specs
 from ._validate import check_float, check_positive, check_same_device, check_same_dtype
 from . import reference
 
@@ -396,14 +396,7 @@ def compile_specs() -> list[KernelSpec]:
         c = {"BLOCK_G": _SUM_BLOCK_G, "BLOCK_N": _SUM_BLOCK_N}
         sig = {"PART": "*fp32", "OUT": t, "G": "i32", "N": "i32"}
         specs.append(_norm_spec(_column_sum_kernel, sig, c, 4, str(dtype)))
-    # Deduplicate configurations that differ only in the label.
-    seen, unique = set(), []
-    for s in specs:
-        key = (s.name, tuple(sorted(s.signature.items())), tuple(sorted(s.constexprs.items())), s.num_warps)
-        if key not in seen:
-            seen.add(key)
-            unique.append(s)
-    return unique
+    return unique_specs(specs)
 
 
 def _norm_spec(kernel, sig: dict[str, str], constexprs: dict, num_warps: int, label: str) -> KernelSpec:

@@ -5,5 +5,7 @@ they are the spec the Triton kernels are tested against. One module per op.
 """
 
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .attention import attention, scaled_dot_product_attention
+from .cross_entropy import cross_entropy, linear_cross_entropy
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]

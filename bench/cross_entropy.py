@@ -1,0 +1,196 @@
+"""Cross-entropy and fused linear cross-entropy: memory and time against what a user would write.
+
+    python -m bench.cross_entropy [--cpu] [--gpu] [--repeat 3] [--n 4096 --h 1024 --c 50257]
+
+CPU (always, unless --gpu only): ``kernels.linear_cross_entropy`` against the naive
+``F.linear`` + ``F.cross_entropy``, forward + backward in fp32 at N x H -> C.
+Each variant runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``)
+is its own: the figure is that peak minus the process's resident memory once the
+inputs exist, i.e. the memory the loss and its gradients cost. The variants
+alternate ``--repeat`` times (load on a shared machine hits both alike); time is
+each one's fastest run, memory its largest peak.
+
+GPU (when CUDA is available): ``kernels.cross_entropy`` forward, backward and
+forward+backward at 16384 x 128256 bf16, timed with ``triton.testing.do_bench``,
+in GB/s (logits read once + gradient written once) against a device-to-device copy
+measured in the same run; and ``linear_cross_entropy`` at N=8192, H=4096, C=128256
+bf16 against the naive version: peak memory above the inputs and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CPU_SHAPE = (4096, 1024, 50257)  # N, H, C
+GPU_CE_SHAPE = (16384, 128256)
+GPU_LINEAR_SHAPE = (8192, 4096, 128256)
+
+
+def _linear_inputs(n, h, c, dtype, device, seed=0):
+    # Filled in place: no input-sized temporary raises the peak before the measurement starts.
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.empty(n, h, dtype=dtype, device=device).normal_(generator=g).requires_grad_()
+    w = torch.empty(c, h, dtype=dtype, device=device).normal_(std=h**-0.5, generator=g).requires_grad_()
+    t = torch.randint(0, c, (n,), generator=g, device=device)
+    return x, w, t
+
+
+def _naive(x, w, t, chunk_size=None):
+    return F.cross_entropy(F.linear(x, w), t)
+
+
+def _fused(x, w, t, chunk_size=None):
+    import kernels
+
+    return kernels.linear_cross_entropy(x, w, t, chunk_size=chunk_size)
+
+
+VARIANTS = {"naive": _naive, "fused": _fused}
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _measure_cpu(variant: str, n: int, h: int, c: int, chunk_size: int | None) -> dict:
+    """Runs in a fresh process: one forward+backward, its peak memory above the inputs and its time."""
+    fn = VARIANTS[variant]
+    small = _linear_inputs(8, 16, 32, torch.float32, "cpu")
+    fn(*small).backward()  # load the code paths and thread pools before the baseline
+    x, w, t = _linear_inputs(n, h, c, torch.float32, "cpu")
+    baseline = _rss_mib()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn(x, w, t, chunk_size).backward()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"variant": variant, "peak_mib": _rss_mib() - baseline, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def run_cpu(n: int, h: int, c: int, repeat: int, chunk_size: int | None) -> list[dict]:
+    """Alternates the variants ``repeat`` times (a shared machine's load hits both alike); keeps each one's best."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU tensors: the default backend
+    best: dict[str, dict] = {}
+    for _ in range(repeat):
+        for variant in VARIANTS:
+            cmd = [sys.executable, "-m", "bench.cross_entropy", "--_measure", variant, "--n", str(n), "--h", str(h),
+                   "--c", str(c)]
+            if chunk_size:
+                cmd += ["--chunk-size", str(chunk_size)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            if variant in best:  # the memory figure is the worst seen, the time the best
+                r = {**r, "peak_mib": max(r["peak_mib"], best[variant]["peak_mib"]),
+                     "seconds": min(r["seconds"], best[variant]["seconds"]),
+                     "cpu_seconds": min(r["cpu_seconds"], best[variant]["cpu_seconds"])}
+            best[variant] = r
+    rows = list(best.values())
+    naive = best["naive"]
+    print(f"\nCPU, fp32, N={n} H={h} C={c}: forward + backward, {torch.get_num_threads()} threads, "
+          f"{repeat} alternating runs each in a fresh process; time = best, memory = worst peak RSS above the inputs")
+    print("(wall seconds is the figure; CPU seconds, the process's own, is less disturbed by other load)")
+    print(f"{'variant':<36} {'peak MiB':>10} {'vs naive':>9} {'wall s':>8} {'vs naive':>9} {'CPU s':>8} {'vs naive':>9}")
+    names = {"naive": "F.linear + F.cross_entropy", "fused": "kernels.linear_cross_entropy"}
+    for r in rows:
+        print(f"{names[r['variant']]:<36} {r['peak_mib']:>10.0f} {r['peak_mib'] / naive['peak_mib']:>8.1%} "
+              f"{r['seconds']:>8.2f} {r['seconds'] / naive['seconds']:>8.2f}x "
+              f"{r['cpu_seconds']:>8.2f} {r['cpu_seconds'] / naive['cpu_seconds']:>8.2f}x")
+    return rows
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def run_gpu() -> None:
+    import triton
+
+    import kernels
+
+    dev = "cuda"
+    print(f"\nGPU: {torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
+
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(big)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(big))
+    copy_gbs = 2 * big.numel() / copy_ms / 1e6
+    del big, dst
+    print(f"device copy: {copy_gbs:.0f} GB/s (read + write)")
+
+    n, c = GPU_CE_SHAPE
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = torch.randn(n, c, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, c, (n,), device=dev, generator=g)
+    bytes_moved = 2 * logits.numel() * logits.element_size()  # read the logits, write their gradient
+    print(f"\ncross_entropy {n} x {c} bf16 (GB/s counts one read of the logits and one write of the gradient)")
+    print(f"{'variant':<28} {'fwd ms':>8} {'bwd ms':>8} {'fwd+bwd ms':>11} {'GB/s':>7} {'of copy':>8}")
+    for name, fn in (("kernels.cross_entropy", kernels.cross_entropy), ("F.cross_entropy", F.cross_entropy)):
+        fwd = triton.testing.do_bench(lambda: fn(logits, t), grad_to_none=[logits])
+        loss = fn(logits, t)
+        bwd = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), grad_to_none=[logits]) \
+            if fn is F.cross_entropy else None
+        both = triton.testing.do_bench(lambda: fn(logits, t).backward(), grad_to_none=[logits])
+        if bwd is None:  # ours hands its gradient over once; the backward is what fwd+bwd adds
+            bwd = max(both - fwd, 0.0)
+        gbs = bytes_moved / both / 1e6
+        print(f"{name:<28} {fwd:>8.3f} {bwd:>8.3f} {both:>11.3f} {gbs:>7.0f} {gbs / copy_gbs:>7.0%}")
+        del loss
+    del logits
+
+    n, h, c = GPU_LINEAR_SHAPE
+    print(f"\nlinear_cross_entropy N={n} H={h} C={c} bf16, forward + backward; memory = peak above the inputs")
+    print(f"{'variant':<36} {'peak GiB':>9} {'vs naive':>9} {'ms':>9} {'vs naive':>9}")
+    results = {}
+    for name, fn in VARIANTS.items():
+        x, w, t = _linear_inputs(n, h, c, torch.bfloat16, dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(x, w, t).backward()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = triton.testing.do_bench(lambda: fn(x, w, t).backward(), grad_to_none=[x, w])
+        results[name] = (peak, ms)
+        del x, w, t
+        torch.cuda.empty_cache()
+    names = {"naive": "F.linear + F.cross_entropy", "fused": "kernels.linear_cross_entropy"}
+    for name, (peak, ms) in results.items():
+        print(f"{names[name]:<36} {peak:>9.2f} {peak / results['naive'][0]:>8.1%} {ms:>9.2f} "
+              f"{ms / results['naive'][1]:>8.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cross_entropy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="only the CPU figure")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU figures")
+    parser.add_argument("--repeat", type=int, default=3, help="CPU runs per variant (alternating, fresh processes)")
+    parser.add_argument("--n", type=int, default=CPU_SHAPE[0])
+    parser.add_argument("--h", type=int, default=CPU_SHAPE[1])
+    parser.add_argument("--c", type=int, default=CPU_SHAPE[2])
+    parser.add_argument("--chunk-size", type=int, default=None, help="linear_cross_entropy's chunk_size")
+    parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._measure:
+        print(json.dumps(_measure_cpu(args._measure, args.n, args.h, args.c, args.chunk_size)))
+        return 0
+    if not args.gpu:
+        run_cpu(args.n, args.h, args.c, args.repeat, args.chunk_size)
+    if not args.cpu:
+        if torch.cuda.is_available():
+            run_gpu()
+        else:
+            print("\nGPU figures: no CUDA device here, not measured.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Cross-entropy and fused linear cross-entropy: Triton kernels, forward and backward.
+
+Layout of this module: the kernels, their launchers, the autograd Function, the
+public functions. The math (per token, in fp32; see :mod:`kernels.reference.cross_entropy`
+for the full statement with class weights ``w``, label smoothing ``eps`` and z-loss ``z``)::
+
+    lse  = logsumexp(x)
+    loss = (1 - eps) * w[y] * (lse - x[y]) + eps / C * sum_c w[c] * (lse - x[c]) + z * lse^2
+    dx   = p * ((1 - eps) * w[y] + eps / C * sum(w) + 2 z lse) - eps / C * w - (1 - eps) * w[y] * onehot(y)
+
+The gradient of the loss is known as soon as ``lse`` is, so the forward kernel
+writes it: one program per row, a first sweep over the vocabulary for ``lse``
+(an online log-sum-exp kept per lane, one exponential per element, reduced across
+lanes once at the end), a second sweep that writes the gradient. Rows of up to
+``_ONE_PASS_MAX`` classes are held in registers and read once. The gradient goes
+to a separate buffer unless ``inplace_backward=True``, which overwrites the
+logits. The backward only multiplies it by the upstream gradient, in place, and
+skips every row whose upstream gradient is exactly 1 (the usual ``loss.backward()``),
+so forward+backward moves the logits about three times (two reads, one write).
+
+``linear_cross_entropy`` computes ``input @ weight.T + bias`` a chunk of tokens at
+a time with cuBLAS and runs the kernel above on each chunk's logits in place: the
+chunk loop is :class:`kernels.reference.cross_entropy.ChunkedLinearCrossEntropy`
+(pure PyTorch apart from the per-chunk loss), shared with the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import use_triton
+from ._launch import KernelSpec, TRITON_DTYPE, next_power_of_2, unique_specs
+from ._validate import check_float, check_integer, check_same_device, check_same_dtype
+from . import reference
+from .reference.cross_entropy import REDUCTIONS, chunked_linear_cross_entropy, mean_scale, reduce_loss
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    LOGITS, GRAD, TARGET, WEIGHT, WEIGHT_SUM, GRAD_SCALE, LOSS,
+    C, stride_logits, stride_grad, stride_scale,
+    ignore_index, label_smoothing, z_loss,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = LOGITS + row * stride_logits
+    g_row = GRAD + row * stride_grad
+    cols = tl.arange(0, BLOCK_C)
+    y = tl.load(TARGET + row)
+    if y == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            zero = tl.zeros([BLOCK_C], dtype=tl.float32).to(GRAD.dtype.element_ty)
+            for off in range(0, C, BLOCK_C):
+                tl.store(g_row + off + cols, zero, mask=off + cols < C)
+    else:
+        # Targets were checked on the host (unless the caller opted out); clamping keeps
+        # an unchecked bad target from reading out of bounds.
+        y = tl.minimum(tl.maximum(y, 0), C - 1)
+        x_y = tl.load(x_row + y).to(tl.float32)
+        if HAS_WEIGHT:
+            w_y = tl.load(WEIGHT + y)
+            w_sum = tl.load(WEIGHT_SUM)
+        else:
+            w_y = 1.0
+            w_sum = C * 1.0
+
+        if ONE_PASS:
+            mask = cols < C
+            x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m = tl.max(x, axis=0)
+            e = tl.exp(x - m)
+            s = tl.sum(e, axis=0)
+            lse = m + tl.log(s)
+            if HAS_SMOOTHING:
+                wx = tl.where(mask, x, 0.0)
+                if HAS_WEIGHT:
+                    wx *= tl.load(WEIGHT + cols, mask=mask, other=0.0)
+                sum_wx = tl.sum(wx, axis=0)
+        else:
+            # Online log-sum-exp per lane: lane j keeps its running max m_j and
+            # s_j = sum exp(x - m_j). One exponential per element: exp(-|x - m_j|) is
+            # either the new term (x <= m_j) or the rescale of the old sum (x > m_j).
+            m_vec = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+            s_vec = tl.zeros([BLOCK_C], dtype=tl.float32)
+            wx_vec = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for off in range(0, C, BLOCK_C):
+                c = off + cols
+                mask = c < C
+                x = tl.load(x_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+                bigger = x > m_vec
+                e = tl.exp(-tl.abs(x - m_vec))
+                e = tl.where(x == float("-inf"), 0.0, e)  # -inf - -inf is NaN; a -inf logit adds 0
+                s_vec = tl.where(bigger, s_vec * e + 1.0, s_vec + e)
+                m_vec = tl.where(bigger, x, m_vec)
+                if HAS_SMOOTHING:
+                    wx = tl.where(mask, x, 0.0)
+                    if HAS_WEIGHT:
+                        wx *= tl.load(WEIGHT + c, mask=mask, other=0.0)
+                    wx_vec += wx
+            m = tl.max(m_vec, axis=0)
+            s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
+            lse = m + tl.log(s)
+            if HAS_SMOOTHING:
+                sum_wx = tl.sum(wx_vec, axis=0)
+
+        loss = (1.0 - label_smoothing) * w_y * (lse - x_y)
+        coef_p = (1.0 - label_smoothing) * w_y
+        if HAS_SMOOTHING:
+            loss += label_smoothing / C * (w_sum * lse - sum_wx)
+            coef_p += label_smoothing / C * w_sum
+        if HAS_Z_LOSS:
+            loss += z_loss * lse * lse
+            coef_p += 2.0 * z_loss * lse
+        tl.store(LOSS + row, loss)
+
+        if COMPUTE_GRAD:
+            scale = tl.load(GRAD_SCALE + row * stride_scale)
+            coef_p *= scale
+            coef_y = (1.0 - label_smoothing) * w_y * scale
+            coef_s = label_smoothing / C * scale
+            if ONE_PASS:
+                g = e * (coef_p / s)  # p = e / s: no second exponential
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        g -= coef_s * tl.load(WEIGHT + cols, mask=mask, other=0.0)
+                    else:
+                        g -= coef_s
+                g = tl.where(cols == y, g - coef_y, g)
+                tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+            else:
+                for off in range(0, C, BLOCK_C):
+                    c = off + cols
+                    mask = c < C
+                    x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                    g = tl.exp(x - lse) * coef_p
+                    if HAS_SMOOTHING:
+                        if HAS_WEIGHT:
+                            g -= coef_s * tl.load(WEIGHT + c, mask=mask, other=0.0)
+                        else:
+                            g -= coef_s
+                    g = tl.where(c == y, g - coef_y, g)
+                    tl.store(g_row + c, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_scale_kernel(GRAD, GRAD_LOSS, C, stride_grad, stride_gl, BLOCK_C: tl.constexpr):
+    # GRAD[row] *= GRAD_LOSS[row]; a row whose factor is exactly 1 is neither read nor written.
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(GRAD_LOSS + row * stride_gl).to(tl.float32)
+    if g != 1.0:
+        cols = tl.arange(0, BLOCK_C)
+        g_row = GRAD + row * stride_grad
+        for off in range(0, C, BLOCK_C):
+            c = off + cols
+            mask = c < C
+            d = tl.load(g_row + c, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + c, (d * g).to(GRAD.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_ONE_PASS_MAX = 8192  # widest row held in registers (8 values a thread at 32 warps)
+_LOOP_BLOCK_C = 2048  # vocabulary chunk per loop step on wider rows (8 values a thread at 8 warps)
+_SCALE_BLOCK_C = 4096
+
+
+def _fwd_config(c: int) -> tuple[int, bool, int, int]:
+    """(BLOCK_C, ONE_PASS, num_warps, num_stages) of the forward for rows of ``c`` classes.
+
+    Chosen by compiling every feature combination for sm_90 and sm_80, with and
+    without the launcher's 16-alignment hints (triton 3.8): at 16 values a thread
+    the loop kernel (8192 x 16 warps, 4096 x 16 warps without alignment) and the
+    8192-wide one-pass kernel spill a few bytes in some combinations; these do not.
+    num_stages is 1: these loops hold no dot for the pipeliner to overlap.
+    """
+    block = max(16, next_power_of_2(c))
+    if block <= _ONE_PASS_MAX:
+        return block, True, 4 if block <= 2048 else 8 if block <= 4096 else 32, 1
+    return _LOOP_BLOCK_C, False, 8, 1
+
+
+def _scale_config(c: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps) of the backward's in-place scaling."""
+    block = min(max(16, next_power_of_2(c)), _SCALE_BLOCK_C)
+    return block, 4 if block <= 2048 else 8
+
+
+def _cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row fp32 loss of ``(n, C)`` logits (unit stride along C), optionally writing the gradient.
+
+    Same contract as :func:`kernels.reference.cross_entropy.cross_entropy_rows`:
+    ``grad_out`` (may be ``logits``) receives ``dloss_i/dlogits_i * grad_scale_i``;
+    ``grad_scale`` is fp32 with 1 element or one per row.
+    """
+    n, C = logits.shape
+    loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return loss
+    target = target if target.dtype == torch.int64 else target.long()
+    if weight is not None:
+        weight = weight.detach().float().contiguous()
+        weight_sum = weight.sum().reshape(1)
+    compute_grad = grad_out is not None
+    if compute_grad:
+        grad_scale = grad_scale.float()
+        stride_scale = grad_scale.stride(0) if grad_scale.numel() > 1 else 0
+    block, one_pass, num_warps, num_stages = _fwd_config(C)
+    _ce_fwd_kernel[(n,)](
+        logits, grad_out if compute_grad else logits, target,
+        weight if weight is not None else loss, weight_sum if weight is not None else loss,
+        grad_scale if compute_grad else loss, loss,
+        C, logits.stride(0), grad_out.stride(0) if compute_grad else 0, stride_scale if compute_grad else 0,
+        ignore_index, float(label_smoothing), float(z_loss),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0,
+        COMPUTE_GRAD=compute_grad, BLOCK_C=block, ONE_PASS=one_pass,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return loss
+
+
+def _scale_rows_(grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    """``grad[i] *= grad_loss[i]`` in place; ``grad_loss`` has 1 element (every row) or one per row."""
+    n, C = grad.shape
+    if n == 0:
+        return
+    grad_loss = grad_loss.float().reshape(-1)
+    block, num_warps = _scale_config(C)
+    _ce_scale_kernel[(n,)](
+        grad, grad_loss, C, grad.stride(0), grad_loss.stride(0) if grad_loss.numel() > 1 else 0,
+        BLOCK_C=block, num_warps=num_warps,
+    )
+
+
+def _aligned(sig: dict[str, str]) -> dict:
+    """The usual launch: pointers, the vocabulary (e.g. 32000, 128256) and row strides are multiples of 16."""
+    return {"divisible_by_16": tuple(k for k in sig if sig[k].startswith("*") or k in ("C", "stride_logits",
+                                                                                      "stride_grad"))}
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every configuration the launchers above can pick, for the static compile check."""
+    specs = []
+    # One vocabulary per configuration _fwd_config/_scale_config can return.
+    vocabs = [1 << k for k in range(4, 14)] + [32000]
+    feature_sets = [
+        {"HAS_WEIGHT": False, "HAS_SMOOTHING": False, "HAS_Z_LOSS": False},  # the common case
+        {"HAS_WEIGHT": True, "HAS_SMOOTHING": True, "HAS_Z_LOSS": True},  # every branch compiled in
+    ]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = "*" + TRITON_DTYPE[dtype]
+        fwd_sig = {"LOGITS": t, "GRAD": t, "TARGET": "*i64"}
+        fwd_sig |= {k: "*fp32" for k in ("WEIGHT", "WEIGHT_SUM", "GRAD_SCALE", "LOSS")}
+        # Python ints reach the kernel as i32 below 2^31; the kernels widen row offsets to int64 themselves.
+        fwd_sig |= {"C": "i32", "stride_logits": "i32", "stride_grad": "i32", "stride_scale": "i32"}
+        fwd_sig |= {"ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32"}
+        scale_sig = {"GRAD": t, "GRAD_LOSS": "*fp32", "C": "i32", "stride_grad": "i32", "stride_gl": "i32"}
+        for c in vocabs:
+            block, one_pass, num_warps, num_stages = _fwd_config(c)
+            for features in feature_sets:
+                for compute_grad in (False, True):
+                    k = features | {"COMPUTE_GRAD": compute_grad, "BLOCK_C": block, "ONE_PASS": one_pass}
+                    specs.append(KernelSpec(_ce_fwd_kernel, fwd_sig | {n: "constexpr" for n in k}, k, num_warps,
+                                            num_stages, label=f"C={c} {dtype}", extra=_aligned(fwd_sig)))
+            block, num_warps = _scale_config(c)
+            k = {"BLOCK_C": block}
+            specs.append(KernelSpec(_ce_scale_kernel, scale_sig | {"BLOCK_C": "constexpr"}, k, num_warps,
+                                    label=f"C={c} {dtype}", extra=_aligned(scale_sig)))
+    return unique_specs(specs)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _as_rows(t: torch.Tensor, c: int) -> torch.Tensor:
+    """View ``t`` as (rows, c) with unit stride along classes, copying only if it must."""
+    t2 = t.reshape(-1, c)
+    if t2.stride(-1) != 1 and c > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace, compute_grad):
+        C = logits.shape[-1]
+        x = _as_rows(logits, C)
+        t = target.reshape(-1)
+        scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+        grad = None
+        if compute_grad:
+            grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if inplace and x.data_ptr() == logits.data_ptr():
+                # The logits are about to hold their gradient: autograd must refuse any
+                # other backward that saved them.
+                torch.autograd.graph.increment_version(logits)
+        loss_rows = _cross_entropy_rows(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
+        ctx.grad, ctx.shape = grad, logits.shape
+        if reduction == "none":
+            return loss_rows.view(target.shape)
+        return reduce_loss(loss_rows, reduction, scale)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grad is None:
+            raise RuntimeError(
+                "cross_entropy computes its gradient in the forward and scales it in place in the first "
+                "backward; backpropagating through it a second time is not supported (run it again)"
+            )
+        grad, ctx.grad = ctx.grad, None
+        _scale_rows_(grad, grad_loss)
+        return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_options(reduction, label_smoothing, z_loss, ignore_index):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+        0.0 <= label_smoothing <= 1.0
+    ):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < math.inf):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str) -> None:
+    check_integer("target", target)
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"target must have the shape of {input_name} without its last dimension, {tuple(batch_shape)}; "
+            f"got {tuple(target.shape)}"
+        )
+
+
+def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raise if a target that is not ``ignore_index`` lies outside [0, n_classes). Synchronises with the device."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        first = target[bad][0].item()
+        raise ValueError(
+            f"target holds class index {first}, outside [0, {n_classes}) and not ignore_index={ignore_index}"
+        )
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    inplace_backward: bool = False,
+    check_targets: bool = True,
+) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.cross_entropy` with class-index targets.
+
+    ``input`` is ``(..., C)`` logits (classes in the *last* dimension, the language
+    model layout; torch puts them in dimension 1 for inputs of more than two
+    dimensions), ``target`` the ``(...)`` class indices. ``weight``,
+    ``ignore_index``, ``reduction`` and ``label_smoothing`` mean what they mean in
+    torch and combine the same way; ``size_average``/``reduce`` are torch's
+    deprecated spellings of ``reduction``.
+
+    Beyond torch:
+
+    - ``z_loss``: adds ``z_loss * logsumexp(logits)^2`` to each non-ignored token's
+      loss, not multiplied by a class weight, before the reduction (so ``'mean'``
+      divides it by the same denominator as the rest).
+    - ``inplace_backward=True`` writes the gradient into ``input``'s memory during
+      the forward, saving one logits-sized buffer. **This destroys the logits**: do
+      not read them after the call. (If ``input`` is not stride-1 along classes, a
+      copy is used and ``input`` is left intact.) By default a separate buffer is
+      used and ``input`` is never written.
+    - ``check_targets=False`` skips the check (a device synchronisation) that every
+      target is ``ignore_index`` or in ``[0, C)``; an unchecked bad target gives
+      an undefined loss (never an out-of-bounds read).
+
+    Deviations from torch: the loss is fp32 whatever the logits dtype (the gradient
+    has the logits dtype); when no target counts (all ignored, or their class
+    weights sum to 0), ``'mean'`` returns 0 with zero gradients instead of NaN; class
+    weights get no gradient. The gradient is computed in the forward and scaled in
+    place by the backward, so a second backward through the same graph
+    (``retain_graph=True``) raises.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    check_float("input", input)
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension, got a 0-d tensor")
+    C = input.shape[-1]
+    if C == 0:
+        raise ValueError("input must have at least one class (last dimension of size 0)")
+    _check_target(target, input.shape[:-1], "input")
+    if weight is not None:
+        check_float("weight", weight)
+        if weight.shape != (C,):
+            raise ValueError(f"weight must have shape ({C},), one weight per class; got {tuple(weight.shape)}")
+    check_same_device(input=input, target=target, weight=weight)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    if check_targets:
+        _check_target_range(target, C, ignore_index)
+    if not use_triton(input.device):
+        return reference.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss,
+        )
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    weight = weight.detach() if weight is not None else None  # a constant, as in torch
+    return _CrossEntropyFunction.apply(
+        input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
+        inplace_backward, compute_grad,
+    )
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without materialising the logits.
+
+    ``input`` is ``(..., H)``, ``weight`` ``(C, H)``, ``bias`` ``(C,)``, ``target``
+    ``(...)``. Tokens are processed ``chunk_size`` at a time (default: a power of
+    two such that a chunk's logits take at most 128 MiB as fp32 on CPU, 512 MiB on
+    a GPU): their logits are computed into one reused buffer, overwritten with their
+    gradient by the cross-entropy kernel, and folded into the gradients of
+    ``input``, ``weight`` and ``bias`` (accumulated in fp32 over chunks), so the
+    extra memory is ``O(chunk_size * C)`` plus an fp32 copy of the weight gradient
+    for fp16/bf16 weights. The loss is summed in fp32 (the total in fp64).
+
+    Semantics as :func:`cross_entropy` (no class weights): 'mean' divides by the
+    number of non-ignored targets in the whole call. For 'mean' and 'sum' the
+    gradients are computed in the forward and scaled by the upstream gradient in
+    the backward, so scaling the loss (gradient accumulation: ``(loss / k).backward()``)
+    scales them exactly; a second backward through the same graph raises. For
+    'none' the backward recomputes the logits with the per-token upstream gradient.
+    Targets are range-checked as in :func:`cross_entropy` (one device synchronisation).
+    """
+    check_float("input", input)
+    check_float("weight", weight)
+    if input.dim() == 0:
+        raise ValueError("input must have a feature dimension, got a 0-d tensor")
+    H = input.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must have shape (num_classes, {H}) to match input's last dimension; got {tuple(weight.shape)}"
+        )
+    C = weight.shape[0]
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.shape != (C,):
+            raise ValueError(f"bias must have shape ({C},), one per row of weight; got {tuple(bias.shape)}")
+    check_same_dtype(input=input, weight=weight, bias=bias)
+    _check_target(target, input.shape[:-1], "input")
+    check_same_device(input=input, weight=weight, target=target, bias=bias)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_target_range(target, C, ignore_index)
+    if not use_triton(input.device):
+        return reference.linear_cross_entropy(
+            input, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size,
+        )
+    return chunked_linear_cross_entropy(
+        _cross_entropy_rows, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+    )

@@ -1,0 +1,354 @@
+"""Pure-PyTorch cross-entropy and fused linear cross-entropy: the spec the Triton kernels are tested against.
+
+For a token with logits ``x`` over ``C`` classes, target ``y`` (not ``ignore_index``),
+class weights ``w`` (all ones when none are given), label smoothing ``eps`` and
+z-loss coefficient ``z``::
+
+    lse  = logsumexp(x)
+    loss = (1 - eps) * w[y] * (lse - x[y])  +  eps / C * sum_c w[c] * (lse - x[c])  +  z * lse^2
+
+The first two terms are :func:`torch.nn.functional.cross_entropy`'s, term for term.
+The z-loss term (PaLM's auxiliary loss) is not multiplied by a class weight.
+Ignored tokens contribute 0. ``'sum'`` adds the per-token losses; ``'mean'``
+divides that sum by ``sum(w[y])`` over the non-ignored tokens (torch's
+denominator: the count of non-ignored tokens when unweighted), z-loss included;
+``'none'`` returns the per-token losses. Deviation from torch: when that
+denominator is 0 (every target ignored), ``'mean'`` is 0 with zero gradients
+instead of NaN. The loss is fp32 whatever the logits dtype.
+
+The gradient, used by the chunked linear version (and computed the same way by
+the Triton kernel), with ``p = softmax(x)``::
+
+    dloss/dx[c] = p[c] * ((1 - eps) * w[y] + eps / C * sum(w) + 2 * z * lse)
+                  - eps / C * w[c]  -  (1 - eps) * w[y] * [c == y]
+
+:func:`linear_cross_entropy` never holds the ``(N, C)`` logits: it walks the
+tokens in chunks, and for each chunk computes the logits, overwrites them with
+their gradient, and folds that into the gradients of input, weight and bias.
+The chunk loop (:class:`ChunkedLinearCrossEntropy`) takes the per-chunk loss
+and gradient as a function, so the Triton path reuses it with its kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    inplace_backward: bool = False,
+    check_targets: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy of ``(..., C)`` logits against ``(...)`` class indices, by autograd through torch ops.
+
+    ``inplace_backward`` and ``check_targets`` have no effect here: this never
+    writes into ``input``, and torch's own indexing rejects out-of-range targets.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    C = input.shape[-1]
+    dtype = torch.promote_types(input.dtype, torch.float32)  # fp32, or fp64 for a float64 truth
+    x = input.reshape(-1, C).to(dtype)
+    t = target.reshape(-1)
+    w = weight.detach().to(dtype) if weight is not None else None
+    loss = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    if z_loss:
+        loss = loss + torch.where(t != ignore_index, z_loss * torch.logsumexp(x, dim=1).square(), 0.0)
+    if reduction == "none":
+        return loss.view(target.shape)
+    return reduce_loss(loss, reduction, mean_scale(t, w, ignore_index, dtype) if reduction == "mean" else None)
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str, scale: torch.Tensor | None) -> torch.Tensor:
+    """'sum', or 'mean' (times ``scale``, from :func:`mean_scale`), of per-token losses.
+
+    Summed in fp64 and rounded once: the total of many tokens keeps the precision
+    of the per-token losses.
+    """
+    total = loss.sum(dtype=torch.float64)
+    if reduction == "mean":
+        total = total * scale.squeeze(0)
+    return total.to(loss.dtype)
+
+
+def mean_scale(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``1 / sum(w[y])`` over the non-ignored targets as a 1-element tensor, or 0 when that sum is 0.
+
+    Computed in ``dtype`` on the targets' device, without a host synchronisation.
+    """
+    valid = target != ignore_index
+    if weight is None:
+        denom = valid.sum().to(dtype)
+    else:
+        denom = torch.where(valid, weight.to(dtype)[torch.where(valid, target, 0)], 0.0).sum()
+    return torch.where(denom > 0, 1.0 / denom, 0.0).reshape(1)
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row loss (fp32, 0 for ignored rows) of ``(n, C)`` logits; optionally their gradient.
+
+    With ``grad_out`` (``(n, C)``, may be ``logits`` itself, which is then
+    overwritten), writes ``dloss_i/dlogits_i * grad_scale_i`` into it;
+    ``grad_scale`` is fp32 with 1 element (every row) or ``n`` (one per row).
+    The Triton launcher :func:`kernels.cross_entropy._cross_entropy_rows` has this
+    signature and contract.
+    """
+    n, C = logits.shape
+    x = logits.float()  # no copy when fp32: every read of x happens before grad_out is written
+    w = weight.float() if weight is not None else None
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    m = x.amax(dim=1)
+    x_t = x.gather(1, t[:, None]).squeeze(1)
+    if label_smoothing:
+        weighted_x = x @ w if w is not None else x.sum(dim=1)
+    # e = exp(x - max), written over the logits when they are to receive the gradient:
+    # no logits-sized temporary, and p = e / sum(e) needs no second exponential.
+    e = grad_out if grad_out is not None and grad_out.dtype == torch.float32 else torch.empty_like(x)
+    torch.sub(x, m[:, None], out=e).exp_()
+    s = e.sum(dim=1)
+    lse = m + s.log()
+    w_t = w[t] if w is not None else torch.ones_like(lse)
+    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    if label_smoothing:
+        w_sum = w.sum() if w is not None else C
+        loss = loss + label_smoothing / C * (w_sum * lse - weighted_x)
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    if grad_out is None:
+        return loss
+
+    scale = torch.where(valid, grad_scale.float().expand(n), 0.0)
+    coef_p = (1.0 - label_smoothing) * w_t + 2.0 * z_loss * lse
+    if label_smoothing:
+        coef_p = coef_p + label_smoothing / C * w_sum
+    g = e.mul_((coef_p * scale / s)[:, None])  # p * coef_p
+    if label_smoothing:
+        if w is not None:
+            g.addr_(scale, w, alpha=-label_smoothing / C)
+        else:
+            g.sub_((label_smoothing / C * scale)[:, None])
+    g.scatter_add_(1, t[:, None], (-(1.0 - label_smoothing) * w_t * scale)[:, None])
+    if g is not grad_out:
+        grad_out.copy_(g)
+    return loss
+
+
+RowsFn = Callable[..., torch.Tensor]
+
+# Default chunk: the logits of one chunk take at most about this many bytes (as
+# fp32). On CPU, 512 rows of a 50k vocabulary keep the GEMMs as fast as one big
+# one (bench/cross_entropy.py) at under a fifth of the naive peak memory; a GPU
+# wants longer GEMMs, since every chunk also reads and writes the whole fp32
+# weight gradient.
+_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 512 << 20}
+
+
+def default_chunk_size(n_rows: int, n_classes: int, device: torch.device) -> int:
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
+    rows = max(1, budget // (4 * max(n_classes, 1)))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two, for tidy GEMM shapes
+    return max(1, min(n_rows, rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_addmm_out_dtype(device: torch.device) -> bool:
+    """Whether this torch has ``addmm(..., out_dtype=float32)`` (cuBLAS low-precision GEMM, fp32 output) here."""
+    acc = torch.zeros(1, 1, device=device)
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return acc.item() == 1.0
+
+
+def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block_bytes: int = 64 << 20) -> None:
+    """``acc += a @ b`` into the fp32 ``acc`` for low-precision ``a``, ``b``: no low-precision partial sums.
+
+    On CUDA, one GEMM accumulating into ``acc`` in fp32 when torch has it. Otherwise
+    in row blocks of ``acc`` (no full-size temporary): on CPU in fp32 (upcast
+    operands), on a GPU from low-precision products, each rounded once and summed in fp32.
+    """
+    if acc.is_cuda and _has_addmm_out_dtype(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    rows = max(1, block_bytes // (6 * acc.shape[1]))
+    b32 = b.float() if not acc.is_cuda else None
+    for r in range(0, acc.shape[0], rows):
+        if b32 is not None:
+            acc[r : r + rows].addmm_(a[r : r + rows].float(), b32)
+        else:
+            acc[r : r + rows] += torch.mm(a[r : r + rows], b).float()
+
+
+def linear_cross_entropy_chunks(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    rows_fn: RowsFn,
+    chunk_size: int,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: torch.Tensor | None,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
+    """The chunk loop: ``(loss_rows, grad_input, grad_weight, grad_bias)`` of ``(N, H)`` input.
+
+    ``grad_scale`` (fp32, 1 element or ``N``) multiplies every gradient; ``None``
+    computes the losses only. Gradients are ``None`` where not asked for.
+    ``grad_weight``/``grad_bias`` are accumulated over chunks in fp32 and returned
+    in the dtype of ``weight``.
+    """
+    N, H = x.shape
+    C = weight.shape[0]
+    with_grad = grad_scale is not None
+    need_input, need_weight, need_bias = (with_grad and f for f in (need_input, need_weight, need_bias))
+    loss_rows = torch.empty((N,), dtype=torch.float32, device=x.device)
+    chunk_buffer = torch.empty((min(chunk_size, N), C), dtype=x.dtype, device=x.device)  # reused by every chunk
+    grad_input = torch.empty((N, H), dtype=x.dtype, device=x.device) if need_input else None
+    grad_weight = torch.zeros((C, H), dtype=torch.float32, device=x.device) if need_weight else None
+    grad_bias = torch.zeros((C,), dtype=torch.float32, device=x.device) if need_bias else None
+    per_row = with_grad and grad_scale.numel() > 1
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        xc = x[start:end]
+        logits = chunk_buffer[: end - start]  # (n, C)
+        if bias is not None:
+            torch.addmm(bias, xc, weight.t(), out=logits)
+        else:
+            torch.mm(xc, weight.t(), out=logits)
+        scale = (grad_scale[start:end] if per_row else grad_scale) if with_grad else None
+        loss_rows[start:end] = rows_fn(
+            logits, target[start:end], None, ignore_index, label_smoothing, z_loss, scale, logits if with_grad else None
+        )
+        if not with_grad:
+            continue
+        dlogits = logits  # now holds the gradient of this chunk's logits
+        if need_input:
+            torch.mm(dlogits, weight, out=grad_input[start:end])
+        if need_weight:
+            if dlogits.dtype == torch.float32:
+                grad_weight.addmm_(dlogits.t(), xc)
+            else:
+                _add_mm_fp32(grad_weight, dlogits.t(), xc)
+        if need_bias:
+            grad_bias += dlogits.sum(dim=0, dtype=torch.float32)
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss_rows, grad_input, grad_weight, grad_bias
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(input @ weight.T + bias, target)`` without the ``(N, C)`` logits.
+
+    'mean'/'sum': the forward computes the loss and all gradients in one sweep
+    over the chunks (gradients of the total, 'mean' normalised over the whole
+    batch); the backward scales them by the scalar upstream gradient, in place,
+    so they can be consumed once (a second backward through the same graph is an
+    error). 'none': the upstream gradient differs per token and is needed inside
+    the sweep, so the forward computes the losses only and the backward sweeps
+    again with it (one extra matmul).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, needs, rows_fn, chunk_size, ignore_index, reduction,
+                label_smoothing, z_loss):
+        x = input.reshape(-1, input.shape[-1])
+        t = target.reshape(-1)
+        scale = mean_scale(t, None, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+        # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
+        grad_scale = scale if any(needs) and reduction != "none" else None
+        options = (rows_fn, chunk_size, ignore_index, label_smoothing, z_loss)
+        loss_rows, *grads = linear_cross_entropy_chunks(x, weight, bias, t, *options, grad_scale, *needs)
+        ctx.shape, ctx.reduction, ctx.options, ctx.needs = input.shape, reduction, options, needs
+        if reduction == "none":
+            ctx.save_for_backward(x, weight, bias, t)
+            return loss_rows.view(target.shape)
+        ctx.grads = grads
+        return reduce_loss(loss_rows, reduction, scale)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == "none":
+            x, weight, bias, t = ctx.saved_tensors
+            grad_rows = grad_loss.reshape(-1).float()
+            _, *grads = linear_cross_entropy_chunks(x, weight, bias, t, *ctx.options, grad_rows, *ctx.needs)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_cross_entropy computes its gradients in the forward and hands them over in the "
+                    "first backward; backpropagating through it a second time is not supported (run it again)"
+                )
+            grads, ctx.grads = ctx.grads, None
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss)
+        grad_input, grad_weight, grad_bias = grads
+        if grad_input is not None:
+            grad_input = grad_input.view(ctx.shape)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(F.linear(input, weight, bias), target, ...)`` in chunks of ``chunk_size`` tokens."""
+    return chunked_linear_cross_entropy(
+        cross_entropy_rows, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+    )
+
+
+def chunked_linear_cross_entropy(
+    rows_fn: RowsFn, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+) -> torch.Tensor:
+    """:class:`ChunkedLinearCrossEntropy` with ``rows_fn`` as the per-chunk loss; the default chunk size filled in."""
+    chunk = chunk_size or default_chunk_size(target.numel(), weight.shape[0], input.device)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, weight, bias))
+    return ChunkedLinearCrossEntropy.apply(
+        input, weight, bias, target, needs, rows_fn, chunk, ignore_index, reduction, float(label_smoothing),
+        float(z_loss),
+    )

@@ -1,0 +1,612 @@
+"""Cross-entropy and fused linear cross-entropy: Triton kernels against torch.
+
+Without a GPU these run the real Triton kernels through the interpreter (see
+conftest.py). The oracle is torch itself (``F.cross_entropy``, plus the z-loss
+term), computed in a golden precision and in the kernel's own dtype; every loss
+and gradient must be within the rule of tests/numerics.py.
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+
+# The modules (``kernels.cross_entropy`` the attribute is the function).
+ce_module = importlib.import_module("kernels.cross_entropy")
+ce_reference = importlib.import_module("kernels.reference.cross_entropy")
+from numerics import ATOL, assert_close_to_ref, golden_dtype
+
+IGNORE = -100
+LOWP = [torch.float16, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- oracles and helpers
+
+
+def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy plus z-loss, 'mean' 0 when nothing counts."""
+    C = x.shape[-1]
+    x2, t2 = x.reshape(-1, C), t.reshape(-1)
+    w = weight.to(x.dtype) if weight is not None else None
+    loss = F.cross_entropy(x2, t2, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    valid = t2 != ignore_index
+    if z_loss:
+        loss = loss + torch.where(valid, z_loss * torch.logsumexp(x2, dim=1).square(), 0.0)
+    if reduction == "none":
+        return loss.view(t.shape)
+    if reduction == "sum":
+        return loss.sum()
+    denom = valid.sum().to(x.dtype) if w is None else torch.where(valid, w[torch.where(valid, t2, 0)], 0.0).sum()
+    return loss.sum() / denom if denom > 0 else loss.sum() * 0.0
+
+
+def make_targets(shape, C, ignore_frac=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, C, shape, generator=g)
+    t[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    return t
+
+
+def upstream(reduction, shape, seed=1):
+    """A non-trivial upstream gradient: per token for 'none', a scalar != 1 otherwise."""
+    if reduction == "none":
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.tensor(0.75)
+
+
+def run_ce(fn, logits, t, dtype, g, **kw):
+    x = logits.detach().to(dtype).requires_grad_()
+    w = kw.pop("weight", None)
+    loss = fn(x, t, w.to(dtype) if w is not None else None, **kw)
+    loss.backward(g.to(device=loss.device, dtype=loss.dtype))
+    return loss.detach(), x.grad
+
+
+def loss_atol(ref, dtype):
+    """The rule's slack plus one fp32 ulp of the loss's magnitude: a sum over many tokens is not O(1)."""
+    return ATOL[dtype] + torch.finfo(torch.float32).eps * ref.abs().max().item()
+
+
+def check_ce(logits, t, dtype, *, g=None, name="", **kw):
+    """Kernel vs torch in golden precision vs torch in ``dtype``: loss and gradient."""
+    g = upstream(kw.get("reduction", "mean"), t.shape) if g is None else g
+    if kw.get("weight") is not None:
+        kw["weight"] = kw["weight"].to(dtype)  # all three see the same (rounded) inputs
+    out = run_ce(kernels.cross_entropy, logits.to(dtype), t, dtype, g, **dict(kw))
+    ref = run_ce(torch_cross_entropy, logits.to(dtype), t, golden_dtype(dtype), g, **dict(kw))
+    ref_lp = run_ce(torch_cross_entropy, logits.to(dtype), t, dtype, g, **dict(kw))
+    assert out[0].dtype == torch.float32 and out[1].dtype == dtype
+    assert_close_to_ref(out[0], ref[0], ref_lp[0], atol=loss_atol(ref[0], dtype), name=f"{name} loss")
+    assert_close_to_ref(out[1], ref[1], ref_lp[1], name=f"{name} grad")
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
+@pytest.mark.parametrize("C,N", [(1, 9), (7, 33), (1000, 17), (32000, 3), (50257, 3)])
+def test_vocab_sizes(C, N, dtype):
+    torch.manual_seed(C)
+    logits = torch.randn(N, C) * 2
+    t = make_targets((N,), C)
+    check_ce(logits, t, dtype, name=f"C={C}", label_smoothing=0.1 if C > 1 else 0.0)
+
+
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.2},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.3},
+    "z_loss": {"z_loss": 1e-3},
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2},
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("C", [1000, 9000])  # 9000 is past the one-pass limit: the two-sweep kernel
+def test_options(C, option, reduction):
+    torch.manual_seed(0)
+    N = 24
+    logits = torch.randn(N, C) * 3
+    t = make_targets((N,), C)
+    kw = dict(OPTIONS[option], reduction=reduction)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(C) + 0.1
+    check_ce(logits, t, torch.float32, name=option, **kw)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options_low_precision(dtype, reduction):
+    torch.manual_seed(0)
+    C = 3000
+    logits = torch.randn(20, C) * 3
+    t = make_targets((20,), C)
+    check_ce(logits, t, dtype, reduction=reduction, weight=torch.rand(C) + 0.1, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
+@pytest.mark.parametrize("C", [1000, 9000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_huge_logits(C, reduction, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(8, C) * 1e4  # exp overflows fp32 without the max shift
+    logits[0] = 1e4  # a row of ties at the top
+    t = make_targets((8,), C, ignore_frac=0.2)
+    check_ce(logits, t, dtype, name="huge", reduction=reduction, label_smoothing=0.1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    c=st.integers(1, 300),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    weighted=st.booleans(),
+    label_smoothing=st.sampled_from([0.0, 0.05, 1.0]),
+    z_loss=st.sampled_from([0.0, 1e-2]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_combinations(n, c, reduction, weighted, label_smoothing, z_loss, ignore_frac, seed):
+    torch.manual_seed(seed)
+    logits = torch.randn(n, c) * 4
+    t = make_targets((n,), c, ignore_frac, seed)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+    if weighted:
+        kw["weight"] = torch.rand(c) + 0.05
+    check_ce(logits, t, torch.float32, name="random", **kw)
+
+
+def test_vocab_262144():
+    torch.manual_seed(0)
+    C = 262144
+    logits = torch.randn(2, C) * 4
+    t = torch.tensor([5, C - 1])
+    check_ce(logits, t, torch.float32, label_smoothing=0.1, z_loss=1e-4)
+
+
+def test_three_dims_and_noncontiguous():
+    torch.manual_seed(0)
+    B, T, C = 2, 5, 300
+    t = make_targets((B, T), C)
+    # (B, T, C) logits whose rows are strided (a slice of a wider buffer) ...
+    wide = torch.randn(B, T, C + 13)
+    check_ce(wide[..., :C], t, torch.float32, name="row-strided", reduction="none")
+    # ... and whose classes are not stride 1 (a transposed buffer), with a non-contiguous upstream gradient.
+    transposed = torch.randn(C, T, B).permute(2, 1, 0)
+    assert transposed.stride(-1) != 1
+    g = torch.randn(T, B).t()
+    check_ce(transposed, t, torch.float32, name="transposed", reduction="none", g=g)
+    check_ce(transposed, t, torch.bfloat16, name="transposed", reduction="mean")
+
+
+def test_unbatched_input():
+    logits = torch.randn(11)
+    check_ce(logits, torch.tensor(4), torch.float32, reduction="none")
+    check_ce(logits, torch.tensor(4), torch.float32, reduction="mean")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_is_zero_not_nan(reduction):
+    x = torch.randn(6, 50, requires_grad=True)
+    t = torch.full((6,), IGNORE)
+    loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(x.grad, torch.zeros_like(x))
+    # Targets whose class weights are all 0: 'mean' has nothing to divide by either.
+    x.grad = None
+    w = torch.ones(50)
+    w[3] = 0
+    loss = kernels.cross_entropy(x, torch.full((6,), 3), w, reduction="mean")
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 10, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    assert kernels.cross_entropy(x, t).item() == 0
+    assert kernels.cross_entropy(x, t, reduction="none").shape == (0,)
+    kernels.cross_entropy(x, t, reduction="sum").backward()
+    assert x.grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("C", [1000, 9000])
+def test_never_writes_into_logits(C):
+    torch.manual_seed(0)
+    x = torch.randn(6, C, requires_grad=True)
+    before = x.detach().clone()
+    loss = kernels.cross_entropy(x, make_targets((6,), C), label_smoothing=0.1)
+    loss.backward()
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("C", [1000, 9000])
+def test_inplace_backward(C):
+    torch.manual_seed(0)
+    t = make_targets((6,), C)
+    w = torch.randn(C, 5)
+    h = torch.randn(6, 5, requires_grad=True)
+    logits = h @ w.t()
+    expected = torch.autograd.grad(torch_cross_entropy(logits, t, z_loss=1e-3), logits, retain_graph=True)[0]
+    buffer = logits.detach()  # the same memory
+    loss = kernels.cross_entropy(logits, t, z_loss=1e-3, inplace_backward=True)
+    # The forward wrote the gradient over the logits: that is the point of the option.
+    torch.testing.assert_close(buffer, expected, rtol=1e-5, atol=1e-7)
+    (loss * 2).backward()
+    torch.testing.assert_close(h.grad, 2 * expected @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_backward_refused_when_logits_are_saved():
+    # exp saves its output for its backward; overwriting it must make autograd refuse, not compute garbage.
+    z = torch.randn(4, 30, requires_grad=True)
+    logits = z.exp()
+    loss = kernels.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_upstream_gradient_one_skips_scaling_and_matches():
+    torch.manual_seed(0)
+    x = torch.randn(5, 2000, requires_grad=True)
+    t = make_targets((5,), 2000)
+    kernels.cross_entropy(x, t).backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    (kernels.cross_entropy(x, t) / 4).backward()
+    torch.testing.assert_close(x.grad, g1 / 4, rtol=1e-6, atol=0)
+
+
+def test_second_backward_raises():
+    x = torch.randn(3, 10, requires_grad=True)
+    loss = kernels.cross_entropy(x, torch.tensor([1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_no_grad_matches():
+    torch.manual_seed(0)
+    x = torch.randn(7, 500)
+    t = make_targets((7,), 500)
+    with torch.no_grad():
+        a = kernels.cross_entropy(x.requires_grad_(), t, label_smoothing=0.1)
+    b = kernels.cross_entropy(x.detach(), t, label_smoothing=0.1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_legacy_reduction_arguments():
+    x = torch.randn(4, 9)
+    t = torch.tensor([1, 2, IGNORE, 8])
+    with pytest.warns(UserWarning, match="deprecated"):  # torch's own warning, as with F.cross_entropy
+        ours, theirs = kernels.cross_entropy(x, t, reduce=False), F.cross_entropy(x, t, reduce=False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- linear_cross_entropy
+
+
+def run_linear(fn, x, w, b, t, dtype, g, **kw):
+    leaves = [p.detach().to(dtype).requires_grad_() if p is not None else None for p in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], t, leaves[2], **kw)
+    loss.backward(g.to(device=loss.device, dtype=loss.dtype))
+    return [loss.detach()] + [p.grad for p in leaves if p is not None]
+
+
+def naive_linear(x, w, t, b=None, **kw):
+    kw.pop("chunk_size", None)
+    return torch_cross_entropy(F.linear(x, w, b), t, **kw)
+
+
+def check_linear(x, w, b, t, dtype, *, g=None, **kw):
+    g = upstream(kw.get("reduction", "mean"), t.shape) if g is None else g
+    out = run_linear(kernels.linear_cross_entropy, x, w, b, t, dtype, g, **kw)
+    ref = run_linear(naive_linear, x, w, b, t, golden_dtype(dtype), g, **kw)
+    ref_lp = run_linear(naive_linear, x, w, b, t, dtype, g, **kw)
+    for name, o, r, r_lp in zip(["loss", "grad_input", "grad_weight", "grad_bias"], out, ref, ref_lp):
+        assert o.dtype == (torch.float32 if name == "loss" else dtype)
+        assert_close_to_ref(o, r, r_lp, atol=loss_atol(r, dtype) if name == "loss" else None, name=name)
+
+
+def linear_inputs(N, H, C, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g)
+    w = torch.randn(C, H, generator=g) / H**0.5 * 2
+    b = torch.randn(C, generator=g) if bias else None
+    return x, w, b, make_targets((N,), C, seed=seed)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
+def test_linear(dtype, reduction):
+    x, w, b, t = linear_inputs(37, 100, 1000)
+    check_linear(x, w, b, t, dtype, reduction=reduction, chunk_size=8)
+
+
+@pytest.mark.parametrize("H,C,bias,chunk", [(48, 7, False, None), (129, 9000, True, 5), (1, 300, True, 64)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_shapes_and_options(H, C, bias, chunk, reduction):
+    x, w, b, t = linear_inputs(21, H, C, bias)
+    check_linear(x, w, b, t, torch.float32, reduction=reduction, chunk_size=chunk, label_smoothing=0.1, z_loss=1e-3)
+
+
+def test_linear_three_dims_and_frozen_weight():
+    x, w, b, t = linear_inputs(12, 40, 500)
+    x3, t3 = x.view(3, 4, 40), t.view(3, 4)
+    check_linear(x3, w, b, t3, torch.float32, reduction="none", chunk_size=5)
+    # Non-contiguous input and weight (transposed storage).
+    check_linear(x.t().contiguous().t(), w.t().contiguous().t(), b, t, torch.float32, reduction="mean", chunk_size=5)
+    # Only the input needs a gradient (a frozen head): no weight gradient is produced.
+    xi = x3.clone().requires_grad_()
+    kernels.linear_cross_entropy(xi, w, t3, b, chunk_size=5).backward()
+    expected = torch.autograd.grad(naive_linear(xi, w, t3, b), xi)[0]
+    torch.testing.assert_close(xi.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_chunk_size_does_not_change_the_result():
+    x, w, b, t = linear_inputs(30, 64, 700)
+    results = [run_linear(kernels.linear_cross_entropy, x, w, b, t, torch.float32, torch.tensor(1.0), chunk_size=c)
+               for c in (1, 7, 30)]
+    for other in results[1:]:
+        for a, r in zip(results[0], other):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_empty_batch():
+    x, w, b, t = linear_inputs(0, 16, 50)
+    out = run_linear(kernels.linear_cross_entropy, x, w, b, t, torch.float32, torch.tensor(1.0))
+    assert out[0].item() == 0 and out[1].shape == (0, 16)
+    assert torch.equal(out[2], torch.zeros_like(w)) and torch.equal(out[3], torch.zeros_like(b))
+
+
+def test_linear_all_ignored():
+    x, w, b, t = linear_inputs(9, 16, 50)
+    t[:] = IGNORE
+    out = run_linear(kernels.linear_cross_entropy, x, w, b, t, torch.float32, torch.tensor(1.0), chunk_size=4)
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
+
+
+def test_gradient_accumulation_step_by_step():
+    """Micro-batches with the usual scaling accumulate exactly the big batch's gradients, at every step."""
+    x, w, b, t = linear_inputs(40, 36, 400, seed=3)
+    bounds = [(0, 11), (11, 30), (30, 40)]  # uneven micro-batches, each with ignored targets
+    n_valid = (t != IGNORE).sum()
+    params = [w.clone().requires_grad_(), b.clone().requires_grad_()]
+    golden = [w.double().requires_grad_(), b.double().requires_grad_()]
+    for lo, hi in bounds:
+        loss = kernels.linear_cross_entropy(x[lo:hi], *params[:1], t[lo:hi], params[1], reduction="sum", chunk_size=4)
+        (loss / n_valid).backward()
+        ref = naive_linear(x[lo:hi].double(), golden[0], t[lo:hi], golden[1], reduction="sum")
+        (ref / n_valid).backward()
+        for p, q in zip(params, golden):  # after every step, not only at the end
+            torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-5, atol=1e-6)
+    big = [w.clone().requires_grad_(), b.clone().requires_grad_()]
+    kernels.linear_cross_entropy(x, big[0], t, big[1], chunk_size=4).backward()
+    for p, q in zip(params, big):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+    # Equal micro-batches without ignored targets: 'mean' divided by the number of steps is the big mean.
+    t_full = t.clone()
+    t_full[t_full == IGNORE] = 0
+    accum = w.clone().requires_grad_()
+    for lo in range(0, 40, 10):
+        (kernels.linear_cross_entropy(x[lo:lo + 10], accum, t_full[lo:lo + 10], chunk_size=3) / 4).backward()
+    whole = w.clone().requires_grad_()
+    kernels.linear_cross_entropy(x, whole, t_full).backward()
+    torch.testing.assert_close(accum.grad, whole.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_training_matches_naive():
+    """A tiny language-model head trained 15 SGD steps with the fused loss and with torch: same losses and weights."""
+    torch.manual_seed(0)
+    V, H, N = 97, 24, 30
+    init = [torch.randn(V, H) * 0.1, torch.randn(V, H) * 0.1]  # embedding, head
+    runs = []
+    for fused in (True, False):
+        emb, head = (p.clone().requires_grad_() for p in init)
+        opt = torch.optim.SGD([emb, head], lr=0.5)
+        losses = []
+        for step in range(15):
+            g = torch.Generator().manual_seed(step)
+            tokens = torch.randint(0, V, (N,), generator=g)
+            h = torch.tanh(emb[tokens])
+            target = (tokens * 7 + 3) % V  # a learnable next token
+            target[::5] = IGNORE
+            if fused:
+                loss = kernels.linear_cross_entropy(h, head, target, chunk_size=7, label_smoothing=0.05)
+            else:
+                loss = F.cross_entropy(h @ head.t(), target, label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append((losses, emb.detach(), head.detach()))
+    (l1, e1, h1), (l2, e2, h2) = runs
+    assert l1[-1] < l1[0]
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e1, e2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_second_backward_raises_except_none():
+    x, w, b, t = linear_inputs(6, 8, 20)
+    w.requires_grad_()
+    loss = kernels.linear_cross_entropy(x, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    # 'none' recomputes in its backward, so it can run twice.
+    w.grad = None
+    loss = kernels.linear_cross_entropy(x, w, t, reduction="none")
+    loss.sum().backward(retain_graph=True)
+    once = w.grad.clone()
+    loss.sum().backward()
+    torch.testing.assert_close(w.grad, 2 * once)
+
+
+# ----------------------------------------------------------------------------- references, modules, errors
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o not in ("z_loss", "all")])
+def test_reference_equals_torch(option, reduction):
+    torch.manual_seed(0)
+    C = 37
+    x = torch.randn(3, 5, C, dtype=torch.float64)
+    t = make_targets((3, 5), C)
+    kw = dict(OPTIONS[option], reduction=reduction)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(C, dtype=torch.float64)
+    ours = ce_reference.cross_entropy(x, t, ignore_index=IGNORE, **kw)
+    theirs = F.cross_entropy(x.reshape(-1, C), t.reshape(-1), ignore_index=IGNORE, **kw)
+    torch.testing.assert_close(ours, theirs.view(ours.shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_linear_and_rows_equal_torch(reduction):
+    x, w, b, t = linear_inputs(23, 30, 200)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    g = upstream(reduction, t.shape)
+    ours = run_linear(ce_reference.linear_cross_entropy, x, w, b, t, torch.float32, g, chunk_size=6, **kw)
+    theirs = run_linear(naive_linear, x, w, b, t, torch.float64, g, **kw)
+    for a, r in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
+    # The per-chunk function, with class weights, against autograd.
+    logits = torch.randn(9, 40, dtype=torch.float32)
+    cw = torch.rand(40)
+    tt = make_targets((9,), 40)
+    scale = torch.rand(9)
+    grad = torch.empty_like(logits)
+    rows = ce_reference.cross_entropy_rows(logits, tt, cw, IGNORE, 0.2, 1e-2, scale, grad)
+    leaf = logits.double().requires_grad_()
+    expected = torch_cross_entropy(leaf, tt, cw.double(), reduction="none", label_smoothing=0.2, z_loss=1e-2)
+    expected.backward(scale.double())
+    torch.testing.assert_close(rows.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), leaf.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_path_matches_kernels():
+    x, w, b, t = linear_inputs(10, 20, 300)
+    with kernels.use_backend("reference"):
+        ref = kernels.linear_cross_entropy(x, w, t, b, label_smoothing=0.1)
+        ref_ce = kernels.cross_entropy(x @ w.t(), t, z_loss=1e-2)
+    torch.testing.assert_close(kernels.linear_cross_entropy(x, w, t, b, label_smoothing=0.1), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernels.cross_entropy(x @ w.t(), t, z_loss=1e-2), ref_ce, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_module_is_drop_in():
+    torch.manual_seed(0)
+    C = 60
+    cw = torch.rand(C) + 0.5
+    ours = kernels.nn.CrossEntropyLoss(weight=cw, ignore_index=3, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=cw, ignore_index=3, label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(8, C, requires_grad=True)
+    t = torch.randint(0, C, (8,))
+    t[:2] = 3
+    a, b = ours(x, t), theirs(x, t)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ga, gb = (torch.autograd.grad(v, x)[0] for v in (a, b))
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+    z = kernels.nn.CrossEntropyLoss(reduction="sum", z_loss=1e-2)
+    torch.testing.assert_close(z(x, t), torch_cross_entropy(x, t, reduction="sum", z_loss=1e-2), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_entropy_module():
+    x, w, b, t = linear_inputs(14, 20, 90)
+    module = kernels.nn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, chunk_size=4)
+    torch.testing.assert_close(
+        module(x, w, t, b), naive_linear(x, w, t, b, reduction="sum", label_smoothing=0.1), rtol=1e-5, atol=1e-5
+    )
+    assert "chunk_size=4" in repr(module)
+
+
+def test_bad_input_cross_entropy():
+    x = torch.randn(4, 10)
+    t = torch.tensor([1, 2, 3, IGNORE])
+    with pytest.raises(TypeError, match="target"):
+        kernels.cross_entropy(x, t.float())
+    with pytest.raises(ValueError, match="target"):
+        kernels.cross_entropy(x, t[:3])
+    with pytest.raises(ValueError, match="weight"):
+        kernels.cross_entropy(x, t, torch.ones(9))
+    with pytest.raises(TypeError, match="input"):
+        kernels.cross_entropy(x.long(), t)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            kernels.cross_entropy(x, t, label_smoothing=bad)
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="z_loss"):
+        kernels.cross_entropy(x, t, z_loss=-1.0)
+    for bad_target in (10, -1):
+        with pytest.raises(ValueError, match=r"target .*outside \[0, 10\)"):
+            kernels.cross_entropy(x, torch.tensor([1, 2, bad_target, IGNORE]))
+    with pytest.raises(ValueError, match="device"):
+        kernels.cross_entropy(x, t.to("meta"))
+    with pytest.raises(ValueError, match="at least one class"):
+        kernels.cross_entropy(torch.randn(4, 0), t)
+    # The opt-out skips the range check; ignore_index itself is never out of range.
+    kernels.cross_entropy(x, torch.tensor([1, 2, 10, IGNORE]), check_targets=False)
+    kernels.cross_entropy(x, torch.tensor([1, 2, 7, 7]), ignore_index=7)
+
+
+def test_bad_input_linear_cross_entropy():
+    x, w, b, t = linear_inputs(4, 6, 10)
+    lce = kernels.linear_cross_entropy
+    with pytest.raises(ValueError, match="weight"):
+        lce(x, torch.randn(10, 7), t)
+    with pytest.raises(ValueError, match="bias"):
+        lce(x, w, t, torch.randn(11))
+    with pytest.raises(TypeError, match="weight"):
+        lce(x, w.double(), t)
+    with pytest.raises(TypeError, match="target"):
+        lce(x, w, t.float())
+    with pytest.raises(ValueError, match="target"):
+        lce(x, w, t[:2])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lce(x, w, t, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lce(x, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="target"):
+        lce(x, w, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="device"):
+        lce(x, w.to("meta"), t)
+
+
+def test_compile_specs_cover_every_launch_config():
+    specs = ce_module.compile_specs()
+    fwd = {(s.constexprs["BLOCK_C"], s.constexprs["ONE_PASS"], s.num_warps, s.num_stages)
+           for s in specs if s.name == "_ce_fwd_kernel"}
+    scale = {(s.constexprs["BLOCK_C"], s.num_warps) for s in specs if s.name == "_ce_scale_kernel"}
+    for C in [1, 2, 7, 16, 17, 100, 1000, 2048, 2049, 4096, 5000, 8192, 8193, 50257, 128256, 262144, 1 << 20]:
+        assert ce_module._fwd_config(C) in fwd, C
+        assert ce_module._scale_config(C) in scale, C
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [32000, 128256])
+def test_gpu_large_vocab_bf16(C):
+    torch.manual_seed(0)
+    logits = torch.randn(512, C, device="cuda") * 3
+    t = make_targets((512,), C).cuda()
+    check_ce(logits, t, torch.bfloat16, name="gpu", label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_linear(dtype):
+    x, w, b, t = (v.cuda() if v is not None else None for v in linear_inputs(1000, 1000, 32000))
+    check_linear(x, w, b, t, dtype, reduction="mean", chunk_size=256)

@@ -1,0 +1,170 @@
+"""Attention throughput on a GPU: the fused kernel against torch SDPA's backends and flash-attn.
+
+    python -m bench.attention [--dtype bf16] [--heads 16] [--head-dim 128] [--tokens 16384]
+                              [--seqlens 4096,8192,16384] [--causal both|yes|no] [--json FILE]
+
+The issue's figure: bf16, 16 heads of dim 128, batch x seq = 16k tokens, seq 4k..16k,
+causal forward and forward+backward. TFLOP/s counts 4*B*H*Nq*Nk*D for the forward
+(halved when causal) and 2.5x that for forward+backward; times are the median of
+``triton.testing.do_bench``, inputs created outside the timed closure. The same run
+measures a large bf16 matmul as the device's ceiling. Without a GPU it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def attention_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, causal: bool, mode: str) -> float:
+    flops = 4.0 * batch * heads * nq * nk * head_dim
+    if causal:
+        flops /= 2
+    return flops * (2.5 if mode == "fwd+bwd" else 1.0)
+
+
+def _providers(causal: bool):
+    """name -> (wants (batch, seq, heads, head_dim) inputs, call). Only those importable here."""
+    import kernels
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def call(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return call
+
+    providers = {
+        "fastlm": (False, lambda q, k, v: kernels.attention(q, k, v, causal=causal)),
+        "sdpa-flash": (False, sdpa(SDPBackend.FLASH_ATTENTION)),
+        "sdpa-cudnn": (False, sdpa(SDPBackend.CUDNN_ATTENTION)),
+        "sdpa-efficient": (False, sdpa(SDPBackend.EFFICIENT_ATTENTION)),
+    }
+    # flash-attn wants (batch, seq, heads, head_dim); its inputs are made in that layout.
+    try:
+        from flash_attn import flash_attn_func
+
+        providers["flash-attn-2"] = (True, lambda q, k, v: flash_attn_func(q, k, v, causal=causal))
+    except ImportError:
+        pass
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+
+        def call_fa3(q, k, v):
+            out = fa3(q, k, v, causal=causal)
+            return out[0] if isinstance(out, tuple) else out
+        providers["flash-attn-3"] = (True, call_fa3)
+    except ImportError:
+        pass
+    return providers
+
+
+def matmul_ceiling(dtype: torch.dtype) -> float:
+    """TFLOP/s of a large matmul in ``dtype``: the device's attainable ceiling in this run."""
+    from triton.testing import do_bench
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300)
+    return 2 * n**3 / ms / 1e9
+
+
+def bench_case(providers, batch, heads, seq, head_dim, dtype, causal) -> list[dict]:
+    from triton.testing import do_bench
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, heads, seq, head_dim)
+    base = [torch.randn(shape, device="cuda", dtype=dtype, generator=g) for _ in range(4)]
+    rows, outputs = [], {}
+    for name, (bshd, call) in providers.items():
+        q, k, v, do = (t.transpose(1, 2).contiguous() if bshd else t for t in base)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        row = {"provider": name, "batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim,
+               "dtype": str(dtype).removeprefix("torch."), "causal": causal}
+        try:
+            out = call(q, k, v)
+            outputs[name] = out.detach().transpose(1, 2) if bshd else out.detach()
+            fwd = do_bench(lambda: call(q, k, v), warmup=25, rep=200)
+            fwd_bwd = do_bench(lambda: call(q, k, v).backward(do), warmup=25, rep=200, grad_to_none=[q, k, v])
+        except Exception as e:  # a backend that does not support this case
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            rows.append(row)
+            continue
+        for mode, ms in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            row[f"{mode}_ms"] = ms
+            row[f"{mode}_tflops"] = attention_flops(batch, heads, seq, seq, head_dim, causal, mode) / ms / 1e9
+        rows.append(row)
+        del q, k, v, do, out
+        torch.cuda.empty_cache()
+    if "fastlm" in outputs and "sdpa-flash" in outputs:  # a sanity check on the numbers being timed
+        err = (outputs["fastlm"].float() - outputs["sdpa-flash"].float()).abs().max().item()
+        for row in rows:
+            row["fastlm_vs_sdpa_flash_max_err"] = err
+    return rows
+
+
+def print_rows(rows: list[dict], ceiling: float) -> None:
+    print(f"{'provider':<16} {'seq':>6} {'batch':>5} {'causal':>6} | {'fwd ms':>8} {'TFLOP/s':>8} | "
+          f"{'f+b ms':>8} {'TFLOP/s':>8} | {'fwd %peak':>9}")
+    for r in rows:
+        head = f"{r['provider']:<16} {r['seq']:>6} {r['batch']:>5} {str(r['causal']):>6} | "
+        if "error" in r:
+            print(head + f"n/a ({r['error']})")
+            continue
+        print(head + f"{r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} | {r['fwd+bwd_ms']:8.3f} {r['fwd+bwd_tflops']:8.1f} | "
+              f"{100 * r['fwd_tflops'] / ceiling:8.1f}%")
+    # fastlm against the best SDPA backend, per case
+    cases = {(r["seq"], r["causal"]) for r in rows}
+    for seq, causal in sorted(cases):
+        group = [r for r in rows if r["seq"] == seq and r["causal"] == causal and "error" not in r]
+        ours = next((r for r in group if r["provider"] == "fastlm"), None)
+        sdpa = [r for r in group if r["provider"].startswith("sdpa")]
+        if ours and sdpa:
+            best_f = max(r["fwd_tflops"] for r in sdpa)
+            best_fb = max(r["fwd+bwd_tflops"] for r in sdpa)
+            print(f"seq {seq} causal={causal}: fastlm / best SDPA = {ours['fwd_tflops'] / best_f:.2f}x fwd, "
+                  f"{ours['fwd+bwd_tflops'] / best_fb:.2f}x fwd+bwd"
+                  + (f"; max |fastlm - sdpa-flash| = {ours['fastlm_vs_sdpa_flash_max_err']:.2e}"
+                     if "fastlm_vs_sdpa_flash_max_err" in ours else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=16384, help="batch x sequence")
+    parser.add_argument("--seqlens", default="4096,8192,16384")
+    parser.add_argument("--causal", default="both", choices=["both", "yes", "no"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.attention: no GPU: nothing measured (the figures need a CUDA device)")
+        return 0
+    dtype = DTYPES[args.dtype]
+    causals = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
+    ceiling = matmul_ceiling(dtype if dtype != torch.float32 else torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}: {args.dtype} matmul ceiling {ceiling:.0f} TFLOP/s; "
+          f"{args.heads} heads x dim {args.head_dim}, {args.tokens} tokens per batch")
+    rows = []
+    for causal in causals:
+        providers = _providers(causal)
+        for seq in (int(s) for s in args.seqlens.split(",")):
+            batch = max(1, args.tokens // seq)
+            rows += bench_case(providers, batch, args.heads, seq, args.head_dim, dtype, causal)
+    print_rows(rows, ceiling)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

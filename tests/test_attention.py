@@ -1,0 +1,333 @@
+"""Fused attention against the reference: FlashAttention's rule, masks, GQA, strides, determinism, errors.
+
+Without a GPU the Triton kernels run through the interpreter (fp32 and fp16:
+the interpreter's bf16 dots are garbage, so bf16 is tested on a GPU). Shapes
+are small and ragged; the case matrix pairs each (Nq, Nk) with one head dim and
+one kv-head count instead of the full product, and targeted tests cover the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.attention import TileConfig
+from numerics import assert_close_to_ref
+
+from conftest import DEVICE, HAS_GPU
+
+# The module (kernels.attention is the function of the same name).
+attention_module = importlib.import_module("kernels.attention")
+
+# The reference one step more precise than the kernel's dtype: fp32 for fp16/bf16 (the
+# rule's "fp32 reference"), fp64 for fp32 so that fp32 is judged against torch's fp32 error.
+HIGH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
+
+
+def _inputs(B, H, Hkv, Nq, Nk, D, dtype, scale_by=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) * scale_by for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
+    do = torch.randn(B, H, Nq, D, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)]
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return out.detach(), dq, dk, dv
+
+
+def check_against_reference(q, k, v, do, *, causal=False, kv_lens=None, scale=None):
+    """Kernel vs high-precision reference, within 2x (output) / 3x (grads) the same-dtype reference's error."""
+    dtype = q.dtype
+    kernel = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, scale=scale), q, k, v, do)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, causal=causal, kv_lens=kv_lens, scale=scale)
+
+    high = _grads(ref, *(t.to(HIGH[dtype]) for t in (q, k, v, do)))
+    low = _grads(ref, q, k, v, do)
+    for name, out, hi, lo, factor in zip(("out", "dq", "dk", "dv"), kernel, high, low, (2, 3, 3, 3)):
+        assert out.dtype == dtype, name
+        assert_close_to_ref(out, hi, lo, factor=factor, name=name)
+    return kernel
+
+
+# (Nq, Nk) from the issue, each also swapped; each paired with a head dim and a kv-head count.
+SHAPES = [
+    (1, 1, 16, 4), (17, 17, 40, 2), (113, 203, 64, 1), (127, 513, 80, 4), (128, 128, 128, 2),
+    (203, 113, 40, 4), (513, 127, 64, 2),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Nq,Nk,D,Hkv", SHAPES, ids=[f"{a}x{b}-d{d}-kv{h}" for a, b, d, h in SHAPES])
+def test_fp16_matches_reference(Nq, Nk, D, Hkv, causal):
+    check_against_reference(*_inputs(1, 4, Hkv, Nq, Nk, D, torch.float16), causal=causal)
+
+
+@pytest.mark.parametrize("Nq,Nk,D,Hkv", SHAPES[1:5], ids=[f"{a}x{b}-d{d}-kv{h}" for a, b, d, h in SHAPES[1:5]])
+def test_fp32_matches_reference(Nq, Nk, D, Hkv):
+    check_against_reference(*_inputs(1, 4, Hkv, Nq, Nk, D, torch.float32), causal=True)
+
+
+@pytest.mark.parametrize("D", [1, 16, 40, 64, 80, 96, 128, 256])
+def test_head_dims(D):
+    check_against_reference(*_inputs(1, 2, 1, 65, 97, D, torch.float16, seed=D), causal=True)
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_grouped_query_heads(Hkv):
+    check_against_reference(*_inputs(2, 4, Hkv, 77, 77, 32, torch.float16), causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_inputs_scaled_by_5(causal):
+    check_against_reference(*_inputs(1, 2, 2, 113, 203, 64, torch.float16, scale_by=5.0), causal=causal)
+
+
+def test_explicit_scale():
+    check_against_reference(*_inputs(1, 2, 1, 40, 70, 24, torch.float16), causal=True, scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kv_lens_and_fully_masked_rows(dtype):
+    # Bottom-right causal with Nq > Nk: the first 30 rows see no key; batch 1 sees no key at all.
+    B, H, Hkv, Nq, Nk, D = 3, 4, 2, 70, 40, 32
+    q, k, v, do = _inputs(B, H, Hkv, Nq, Nk, D, dtype)
+    kv_lens = torch.tensor([40, 0, 17], device=DEVICE)
+    out, dq, dk, dv = check_against_reference(q, k, v, do, causal=True, kv_lens=kv_lens)
+    _, lse = kernels.attention(q, k, v, causal=True, kv_lens=kv_lens, return_lse=True)
+
+    empty = torch.zeros(B, Nq, dtype=torch.bool, device=DEVICE)
+    empty[:, : Nq - Nk] = True
+    empty[1] = True
+    assert torch.equal(torch.isinf(lse), empty[:, None, :].expand(B, H, Nq))
+    assert (lse[torch.isinf(lse)] < 0).all()
+    assert not torch.isnan(lse).any()
+    assert (out.transpose(1, 2)[empty] == 0).all() and (dq.transpose(1, 2)[empty] == 0).all()
+    for b, n in enumerate(kv_lens.tolist()):  # keys past kv_len get exactly zero gradient
+        assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
+
+
+def test_lse_and_its_gradient():
+    q, k, v, do = _inputs(2, 4, 2, 50, 90, 48, torch.float32)
+    dlse = torch.randn(2, 4, 50, dtype=torch.float32, device=DEVICE)
+    kv_lens = torch.tensor([90, 33], device=DEVICE)
+
+    def run(fn, q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = fn(q, k, v, causal=True, kv_lens=kv_lens, return_lse=True)
+        assert lse.dtype == torch.float32 or fn is reference.attention
+        loss = (out * do.to(out.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
+        return (lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
+
+    got = run(kernels.attention, q, k, v)
+    high = run(reference.attention, *(t.double() for t in (q, k, v)))
+    low = run(reference.attention, q, k, v)
+    for name, a, hi, lo in zip(("lse", "dq", "dk", "dv"), got, high, low):
+        assert_close_to_ref(a, hi, lo, factor=3, name=name)
+
+
+def test_only_lse_used():
+    q, k, v, _ = _inputs(1, 2, 2, 20, 30, 16, torch.float32)
+    q.requires_grad_()
+    _, lse = kernels.attention(q, k, v, return_lse=True)
+    (dq,) = torch.autograd.grad(lse.sum(), q)
+    qr = q.detach().double().requires_grad_()
+    _, lse_ref = reference.attention(qr, k.double(), v.double(), return_lse=True)
+    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
+    torch.testing.assert_close(dq.double(), dq_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs_and_grad():
+    # q/k/v as views of a (B, N, H, 2*D) buffer: heads and sequence swapped, every other feature.
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 45, 67, 40
+    q, k, v, do = _inputs(B, H, Hkv, Nq, Nk, D, torch.float16)
+
+    def strided(t):
+        buf = torch.zeros(t.shape[0], t.shape[2], t.shape[1], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        view = buf.transpose(1, 2)[..., ::2]
+        view.copy_(t)
+        return view
+
+    qs, ks, vs = strided(q), strided(k), strided(v)
+    dos = do.transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major dO
+    assert not any(t.is_contiguous() for t in (qs, ks, vs, dos)) and qs.stride(-1) == 2
+    got = check_against_reference(qs, ks, vs, dos, causal=True)
+    base = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    for a, b in zip(got, base):
+        assert torch.equal(a, b)  # same math whatever the strides
+
+
+def test_backward_is_deterministic():
+    q, k, v, do = _inputs(1, 4, 1, 97, 130, 32, torch.float16)
+    first = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    second = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "fwd,dkdv,dq",
+    [
+        (TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1)),
+        (TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1), TileConfig(32, 64, 4, 1)),
+    ],
+    ids=["16x16", "tall-keys"],
+)
+def test_other_tile_shapes(monkeypatch, fwd, dkdv, dq):
+    # The block-range arithmetic (causal diagonal, kv_lens, ragged ends) for other tile shapes.
+    if DEVICE != "cpu":
+        pytest.skip("tile shapes are autotuned on a GPU")
+    for kind, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+        monkeypatch.setitem(attention_module._INTERPRET, kind, cfg)
+    q, k, v, do = _inputs(2, 2, 1, 61, 83, 24, torch.float32)
+    check_against_reference(q, k, v, do, causal=True, kv_lens=torch.tensor([83, 29], device=DEVICE))
+
+
+def test_empty_sizes():
+    q, k, v, _ = _inputs(1, 2, 2, 0, 5, 16, torch.float32)
+    assert kernels.attention(q, k, v).shape == (1, 2, 0, 16)
+    q, k, v, do = _inputs(1, 2, 2, 4, 0, 16, torch.float32)  # no keys: every row empty
+    out, dq, dk, dv = _grads(kernels.attention, q, k, v, do)
+    assert (out == 0).all() and (dq == 0).all() and dk.shape == k.shape
+
+
+# ----------------------------------------------------------------------------- SDPA drop-in
+
+
+def _torch_sdpa(**kw):
+    return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize(
+    "Nq,Nk,Hkv,is_causal",
+    [(50, 80, 4, True), (80, 50, 4, True), (64, 64, 2, True), (33, 71, 1, False)],
+)
+def test_sdpa_matches_torch(Nq, Nk, Hkv, is_causal):
+    # torch aligns is_causal top-left when Nq != Nk (query i sees keys j <= i).
+    q, k, v, do = _inputs(2, 4, Hkv, Nq, Nk, 32, torch.float16)
+    kw = dict(is_causal=is_causal, enable_gqa=Hkv != 4, scale=0.2 if Hkv == 1 else None)
+    got = _grads(lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, **kw), q, k, v, do)
+    high = _grads(_torch_sdpa(**kw), *(t.float() for t in (q, k, v, do)))
+    low = _grads(_torch_sdpa(**kw), q, k, v, do)
+    for name, a, hi, lo, factor in zip(("out", "dq", "dk", "dv"), got, high, low, (2, 3, 3, 3)):
+        assert_close_to_ref(a, hi, lo, factor=factor, name=name)
+
+
+def test_sdpa_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(attention_module, "_warned", set())
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    mask = torch.rand(8, 8, device=DEVICE) > 0.3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert len([w for w in caught if "attn_mask" in str(w.message)]) == 1
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    with pytest.warns(UserWarning, match="dropout"):
+        kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+
+def test_nn_attention_module():
+    q, k, v, _ = _inputs(1, 4, 2, 20, 20, 16, torch.float32)
+    layer = kernels.nn.Attention(causal=True)
+    torch.testing.assert_close(layer(q, k, v), kernels.attention(q, k, v, causal=True), rtol=0, atol=0)
+    assert list(layer.state_dict()) == []
+
+
+def test_reference_backend_is_the_reference():
+    q, k, v, _ = _inputs(1, 2, 1, 9, 12, 8, torch.float32)
+    with kernels.use_backend("reference"):
+        out = kernels.attention(q, k, v, causal=True)
+        sdpa = kernels.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, reference.attention(q, k, v, causal=True))
+    assert torch.equal(sdpa, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_cases():
+    q = torch.randn(2, 4, 8, 16)
+    k = torch.randn(2, 2, 8, 16)
+    cases = {
+        "batch": (dict(k=torch.randn(3, 2, 8, 16)), ValueError, "k has batch size 3"),
+        "head dim": (dict(v=torch.randn(2, 2, 8, 32)), ValueError, "v has head dim 32"),
+        "kv shape": (dict(v=torch.randn(2, 2, 9, 16)), ValueError, "v must have the heads and sequence length"),
+        "dtype": (dict(k=k.half()), TypeError, "k has dtype torch.float16"),
+        "int dtype": (dict(q=q.long()), TypeError, "q must be float32"),
+        "not 4-D": (dict(q=q[0]), ValueError, "q must be 4-D"),
+        "heads": (dict(k=torch.randn(2, 3, 8, 16), v=torch.randn(2, 3, 8, 16)), ValueError, "multiple of k/v heads"),
+        "head dim > 256": (dict(q=torch.randn(1, 1, 2, 257), k=torch.randn(1, 1, 2, 257), v=torch.randn(1, 1, 2, 257)),
+                           ValueError, "head dim of q must be between 1 and 256"),
+        "kv_lens shape": (dict(kv_lens=torch.tensor([8])), ValueError, r"kv_lens must have shape \(batch,\)"),
+        "kv_lens dtype": (dict(kv_lens=torch.tensor([8.0, 8.0])), TypeError, "kv_lens must be an integer tensor"),
+        "kv_lens range": (dict(kv_lens=torch.tensor([8, 9])), ValueError, r"kv_lens must lie in \[0, 8\]"),
+        "kv_lens negative": (dict(kv_lens=torch.tensor([-1, 3])), ValueError, "kv_lens must lie in"),
+        "scale": (dict(scale=0.0), ValueError, "scale must be a positive"),
+    }
+    if torch.cuda.is_available():
+        cases["device"] = (dict(k=k.cuda()), ValueError, "k is on cuda")
+    else:
+        cases["device"] = (dict(k=k.to("meta"), v=torch.randn(2, 2, 8, 16, device="meta")), ValueError, "k is on meta")
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input(case):
+    changes, error, match = _bad_cases()[case]
+    args = dict(q=torch.randn(2, 4, 8, 16), k=torch.randn(2, 2, 8, 16), v=torch.randn(2, 2, 8, 16)) | changes
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(error, match=match):
+        kernels.attention(q, k, v, **args)
+
+
+def test_sdpa_bad_input_names_sdpa_arguments():
+    with pytest.raises(ValueError, match="key has batch size 3"):
+        kernels.scaled_dot_product_attention(torch.randn(2, 4, 8, 16), torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Nq,Nk,D,Hkv", [(1023, 1024, 128, 2), (1024, 1023, 64, 8), (513, 2049, 96, 1), (4096, 4096, 128, 8)])
+def test_gpu_matches_reference(Nq, Nk, D, Hkv, causal, dtype):
+    q, k, v, do = _inputs(2, 8, Hkv, Nq, Nk, D, dtype)
+    check_against_reference(q, k, v, do, causal=causal, kv_lens=torch.tensor([Nk, Nk // 3], device=DEVICE))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_determinism():
+    q, k, v, do = _inputs(2, 8, 2, 700, 900, 80, torch.float32)
+    check_against_reference(q, k, v, do, causal=True)
+    q, k, v, do = _inputs(4, 16, 2, 2048, 2048, 128, torch.bfloat16)
+    runs = [_grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do) for _ in range(5)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="CPU-only structural check")
+def test_compile_specs_cover_every_config():
+    specs = attention_module.compile_specs()
+    for s in specs:
+        assert list(s.signature) == list(s.kernel.arg_names)
+        assert all(s.signature[k] == "constexpr" for k in s.constexprs)
+    seen = {(s.name, s.constexprs["BLOCK_M"], s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages) for s in specs}
+    for dtype, family in ((torch.float16, "sm90"), (torch.float16, "sm80"), (torch.float32, "sm90")):
+        for kind, kernel in attention_module._KERNELS.items():
+            for block_d in (16, 64, 128, 256):
+                for c in attention_module.gpu_configs(kind, block_d, dtype, family):
+                    assert (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, c.block_m, c.block_n,
+                            c.num_warps, c.num_stages) in seen

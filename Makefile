@@ -18,7 +18,7 @@ train: $(STAMP)
 	$(PY) -m kernels.selfcheck
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2
 
 selfcheck: $(STAMP)
 	$(PY) -m kernels.selfcheck

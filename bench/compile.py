@@ -35,15 +35,26 @@ import kernels
 _SPECS: list = []  # filled before the worker pool forks
 
 
-def collect_specs(only: str | None = None) -> list:
-    """All KernelSpecs of all op modules in ``kernels``, in module order."""
+def _is_bf16(spec) -> bool:
+    return any(t == "*bf16" for t in spec.signature.values()) or not any(
+        t in ("*fp16", "*fp32") for k, t in spec.signature.items() if k.isupper()
+    )
+
+
+def collect_specs(only: str | None = None, quick: bool = False) -> list:
+    """All KernelSpecs of all op modules in ``kernels``, in module order.
+
+    ``quick`` keeps the bf16 variants only (the training dtype: the fp16 ones
+    share their tiles, the fp32 ones are correctness paths), and drops specs an op
+    marks ``extra["quick"] = False`` (e.g. attention head dims other than 64/128).
+    """
     specs = []
     for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
         if info.name.startswith("_") or info.ispkg:
             continue
         module = importlib.import_module(f"kernels.{info.name}")
         for spec in getattr(module, "compile_specs", lambda: [])():
-            if only is None or only in spec.name or only in spec.describe():
+            if (only is None or only in spec.name or only in spec.describe()) and (not quick or (_is_bf16(spec) and spec.extra.get("quick", True))):
                 specs.append(spec)
     return specs
 
@@ -89,8 +100,8 @@ def _compile_one(job: tuple[int, int]) -> dict:
     return row
 
 
-def run(targets: list[int], jobs: int, only: str | None) -> list[dict]:
-    _SPECS[:] = collect_specs(only)
+def run(targets: list[int], jobs: int, only: str | None, quick: bool = False) -> list[dict]:
+    _SPECS[:] = collect_specs(only, quick)
     # A spec may name the targets whose launchers can choose it (e.g. Hopper-only tiles).
     work = [(i, cc) for i, spec in enumerate(_SPECS) for cc in targets if cc in spec.extra.get("targets", (cc,))]
     ctx = multiprocessing.get_context("fork")
@@ -133,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--only", default=None, help="only kernels whose name or config contains this")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    parser.add_argument("--quick", action="store_true", help="the test suite's subset: bf16, attention at head dims 64 and 128")
     parser.add_argument("--quiet", action="store_true", help="print only the summary and failures")
     args = parser.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",") if t.strip()]
     start = time.perf_counter()
-    rows = run(targets, max(1, args.jobs), args.only)
+    rows = run(targets, max(1, args.jobs), args.only, args.quick)
     if not args.quiet:
         print_table(rows)
     if args.json:

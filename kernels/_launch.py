@@ -29,7 +29,8 @@ class KernelSpec:
     hot: bool = True  # spills in a hot kernel fail the compile check
     label: str = ""
     # "divisible_by_16": argument names Triton's launcher marks tt.divisibility=16 for
-    # aligned tensors; "targets": compute capabilities whose launcher can pick this config.
+    # aligned tensors; "targets": compute capabilities whose launcher can pick this config;
+    # "quick": False leaves the config out of `bench.compile --quick` (the test suite's subset).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -617,7 +617,8 @@ def compile_specs() -> list[KernelSpec]:
                         specs.append(KernelSpec(
                             kernel, sig, c, cfg.num_warps, cfg.num_stages, hot=dtype != torch.float32,
                             label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}",
-                            extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "targets": tuple(ccs)},
+                            extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "targets": tuple(ccs),
+                                   "quick": head_dim in (64, 128)},
                         ))
             c = {"stride_od": 1, "stride_dod": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "HAS_DLSE": False,
                  "BLOCK_M": _PREPROCESS_BLOCK_M}

@@ -28,22 +28,46 @@ from kernels import reference  # noqa: E402
 _ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def _randn(shapes, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+
+
 def _cases(device: str):
     """(name, dtype, kernel fn, reference fn, input factory); each fn maps inputs to a tuple of outputs."""
     cases = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for m, n in ((64, 1000), (8, 4096)):
-
-            def make(m=m, n=n, dtype=dtype):
-                g = torch.Generator().manual_seed(0)
-                return [torch.randn(s, generator=g).to(device, dtype) for s in ((m, n), (m, n), (n,), (n,))]
-
+            make = lambda m=m, n=n, dtype=dtype: _randn(((m, n), (m, n), (n,), (n,)), device, dtype)  # noqa: E731
             cases.append((f"layer_norm {m}x{n}", dtype, lambda x, r, w, b: (kernels.layer_norm(x, x.shape[-1:], w, b),),
                           lambda x, r, w, b: (reference.layer_norm(x, x.shape[-1:], w, b),), make))
             cases.append((f"rms_norm {m}x{n}", dtype, lambda x, r, w, b: (kernels.rms_norm(x, x.shape[-1:], w, 1e-6),),
                           lambda x, r, w, b: (reference.rms_norm(x, x.shape[-1:], w, 1e-6),), make))
             cases.append((f"add_rms_norm {m}x{n}", dtype, lambda x, r, w, b: kernels.add_rms_norm(x, r, x.shape[-1:], w, 1e-6),
                           lambda x, r, w, b: reference.add_rms_norm(x, r, x.shape[-1:], w, 1e-6), make))
+
+        # Cross-entropy with a third of the targets ignored, and label smoothing.
+        n_tok, vocab, hidden = 48, 1000, 72
+        target = torch.randint(0, vocab, (n_tok,), generator=torch.Generator().manual_seed(2))
+        target[::3] = -100
+        target = target.to(device)
+        cases.append((f"cross_entropy {n_tok}x{vocab}", dtype,
+                      lambda x: (kernels.cross_entropy(x, target, label_smoothing=0.1),),
+                      lambda x: (reference.cross_entropy(x, target, label_smoothing=0.1),),
+                      lambda dtype=dtype: _randn(((n_tok, vocab),), device, dtype)))
+        cases.append((f"linear_cross_entropy {n_tok}x{hidden}->{vocab}", dtype,
+                      lambda x, w: (kernels.linear_cross_entropy(x, w, target, chunk_size=16),),
+                      lambda x, w: (reference.linear_cross_entropy(x, w, target, chunk_size=16),),
+                      lambda dtype=dtype: _randn(((n_tok, hidden), (vocab, hidden)), device, dtype)))
+
+        # Causal grouped-query attention with ragged lengths. The interpreter cannot
+        # multiply bf16 (tests/test_attention.py checks bf16 on GPUs only).
+        if dtype != torch.bfloat16 or device == "cuda":
+            shapes = ((2, 4, 113, 64), (2, 2, 203, 64), (2, 2, 203, 64))
+            cases.append(("attention causal GQA 113x203", dtype,
+                          lambda q, k, v: (kernels.attention(q, k, v, causal=True),),
+                          lambda q, k, v: (reference.attention(q, k, v, causal=True),),
+                          lambda dtype=dtype: _randn(shapes, device, dtype)))
     return cases
 
 
@@ -60,7 +84,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mode = "compiled Triton on " + torch.cuda.get_device_name() if device == "cuda" else "Triton interpreter on CPU"
     print(f"fastlm kernels self-check ({mode})\n")
-    print(f"{'op':<24} {'dtype':<9} {'max err':>10} {'torch err':>10} {'bound':>10}  {'time':>6}  result")
+    print(f"{'op':<36} {'dtype':<9} {'max err':>10} {'torch err':>10} {'bound':>10}  {'time':>6}  result")
     failed = 0
     for name, dtype, fn, ref, make in _cases(device):
         inputs = make()
@@ -76,7 +100,7 @@ def main() -> int:
         bound = 2 * torch_err + _ATOL[dtype]
         ok = err <= bound
         failed += not ok
-        print(f"{name:<24} {str(dtype).replace('torch.', ''):<9} {err:>10.2e} {torch_err:>10.2e} {bound:>10.2e}  {elapsed:>5.2f}s  {'ok' if ok else 'FAIL'}")
+        print(f"{name:<36} {str(dtype).replace('torch.', ''):<9} {err:>10.2e} {torch_err:>10.2e} {bound:>10.2e}  {elapsed:>5.2f}s  {'ok' if ok else 'FAIL'}")
     print(f"\n{'all ops match their references' if not failed else f'{failed} case(s) failed'}")
     return 1 if failed else 0
 

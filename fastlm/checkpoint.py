@@ -1,0 +1,210 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+One directory per saved step, ``checkpoints/step_00000100/``:
+
+    model.safetensors      the weights (state_dict keys of :class:`fastlm.model.GPT`)
+    optimizer.safetensors  the optimizer's per-parameter tensors, keyed ``<param name>.<state key>``
+    optimizer.json         its param groups (hyper-parameters, parameter names)
+    rng.safetensors        torch's CPU and CUDA generator states
+    state.json             step, data position, and the sha256 and size of each file above
+
+A checkpoint is written under a temporary name and renamed into place, so a
+directory named ``step_*`` is always complete; ``state.json``'s hashes catch a
+file damaged afterwards. Only the last ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not fit the model; the message says which."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's own order (the integer keys of its state_dict)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_to_files(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    names = _param_names(model, optimizer)
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[index]}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{names[index]}.{key}"] = value
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_files(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    names = _param_names(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
+    saved = [n for g in meta["param_groups"] for n in g["params"]]
+    if saved != names:
+        raise CheckpointError("the optimizer state does not match the model's parameters")
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        name, key = flat.rsplit(".", 1)
+        state.setdefault(index[name], {})[key] = value
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"torch_cuda_{i}"] = s
+    return states
+
+
+def _restore_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """Write the checkpoint for ``step`` atomically, then drop all but the last ``keep_last``."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    opt_tensors, opt_meta = _optimizer_to_files(model, optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1))
+    save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+             for name in (*_TENSOR_FILES, "optimizer.json")}
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1))
+    for p in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+    if final.exists():  # resumed from an older checkpoint: this step is being redone
+        stale = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, stale)
+        os.rename(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.rename(tmp, final)
+
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    for leftover in [*final.parent.glob(".tmp-*"), *final.parent.glob(".old-*")]:  # from a crashed save
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint whose files are all present and match their recorded hashes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: state.json is missing or unreadable")
+    for name in (*_TENSOR_FILES, "optimizer.json"):
+        f = path / name
+        if name not in files or not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if f.stat().st_size != files[name]["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {name} has "
+                                  f"{f.stat().st_size} bytes, expected {files[name]['bytes']}")
+        if _sha256(f) != files[name]["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its recorded sha256")
+    return state
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``model`` (strict: same names and shapes)."""
+    try:
+        weights = load_file(str(Path(path) / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {Path(path) / 'model.safetensors'}: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict(weights)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Verify a checkpoint, restore weights, optimizer and RNG states; return its ``state.json``."""
+    state = verify_checkpoint(path)
+    load_weights(path, model)
+    try:
+        opt_tensors = load_file(str(Path(path) / "optimizer.safetensors"))
+        opt_meta = json.loads((Path(path) / "optimizer.json").read_text())
+        _optimizer_from_files(model, optimizer, opt_tensors, opt_meta)
+        _restore_rng(load_file(str(Path(path) / "rng.safetensors")))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {e}") from None
+    return state

@@ -1,0 +1,310 @@
+"""Typed configuration: the model's shape, the training recipe, the named presets.
+
+One flat namespace of field names across :class:`ModelConfig` and
+:class:`TrainConfig`, so ``--n_layer 4`` or ``--set lr=1e-3`` on the command
+line needs no prefix. Every override is parsed with the field's declared type
+and checked by :meth:`Config.validate`; an unknown name or a bad value is an
+error that lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration the user asked for cannot be built; the message says why and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder-only transformer; GPT-2 and Llama are two settings of it."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024  # longest sequence the model sees (learned positions, RoPE tables, KV cache)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # None: n_head (multi-head); fewer: grouped-query attention
+    n_embd: int = 768
+    mlp_hidden: Optional[int] = None  # None: 4*n_embd for GELU, ~8/3*n_embd (multiple of 64) for SwiGLU
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    position: Literal["learned", "rope"] = "learned"
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def num_params(self) -> int:
+        """Parameters counted from the shape (the tied head counted once)."""
+        d, hd, kv = self.n_embd, self.head_dim, self.kv_heads
+        attn = d * (self.n_head + 2 * kv) * hd + self.n_head * hd * d
+        mlp = d * self.hidden * (3 if self.mlp == "swiglu" else 2)
+        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+        biases = 0
+        if self.bias:
+            biases = (self.n_head + 2 * kv) * hd + d + self.hidden * (2 if self.mlp == "swiglu" else 1) + d
+        per_layer = attn + mlp + norms + biases
+        emb = self.vocab_size * d + (self.block_size * d if self.position == "learned" else 0)
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        final_norm = d * (2 if self.norm == "layernorm" else 1)
+        return self.n_layer * per_layer + emb + head + final_norm
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at ``seq_len``.
+
+        6 per weight of every matmul (the head included, the embedding lookups not),
+        plus attention's two matmuls: 12 * n_layer * n_head * head_dim * seq_len
+        for full attention, halved because causal attention computes half the scores.
+        """
+        d, hd, kv = self.n_embd, self.head_dim, self.kv_heads
+        matmul = d * (self.n_head + 2 * kv) * hd + self.n_head * hd * d
+        matmul += d * self.hidden * (3 if self.mlp == "swiglu" else 2)
+        weights = self.n_layer * matmul + self.vocab_size * d
+        attention = 12 * self.n_layer * self.n_head * hd * seq_len / 2
+        return 6.0 * weights + attention
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe and where its data comes from."""
+
+    data: Optional[str] = None  # a text file or a folder of them; None: the Python standard library's source
+    val_fraction: float = 0.05  # share of documents held out for validation
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global gradient norm; 0 disables clipping
+    eval_interval: int = 200
+    eval_batches: int = 20
+    log_interval: int = 10
+    save_interval: int = 500
+    keep_last: int = 3  # checkpoints kept on disk
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    backend: Literal["auto", "triton", "reference"] = "auto"  # kernels backend for the whole model
+    compile: bool = False
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- serialisation (config.json in a run directory)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = cls()
+        for section in ("model", "train"):
+            for name, value in d.get(section, {}).items():
+                cfg.set(name, value)
+        cfg.validate()
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    # -- overrides
+
+    def section_of(self, name: str) -> Any:
+        for section in (self.model, self.train):
+            if name in _field_types(type(section)):
+                return section
+        raise ConfigError(f"unknown config field {name!r}; valid fields:\n{describe_fields()}")
+
+    def set(self, name: str, value: Any) -> None:
+        """Set one field, parsing strings with the field's declared type."""
+        section = self.section_of(name)
+        kind = _field_types(type(section))[name]
+        setattr(section, name, _coerce(name, value, kind))
+
+    def validate(self) -> "Config":
+        m, t = self.model, self.train
+        positive = [("vocab_size", m.vocab_size), ("block_size", m.block_size), ("n_layer", m.n_layer),
+                    ("n_head", m.n_head), ("n_embd", m.n_embd), ("seq_len", t.seq_len),
+                    ("batch_size", t.batch_size), ("grad_accum", t.grad_accum), ("max_steps", t.max_steps),
+                    ("eval_interval", t.eval_interval), ("eval_batches", t.eval_batches),
+                    ("log_interval", t.log_interval), ("save_interval", t.save_interval),
+                    ("keep_last", t.keep_last), ("norm_eps", m.norm_eps), ("rope_theta", m.rope_theta),
+                    ("init_std", m.init_std), ("lr", t.lr)]
+        for name, value in positive:
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name, value in (("min_lr", t.min_lr), ("warmup_steps", t.warmup_steps),
+                            ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        if m.n_embd % m.n_head:
+            raise ConfigError(f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head})")
+        if m.kv_heads <= 0 or m.n_head % m.kv_heads:
+            raise ConfigError(f"n_kv_head ({m.n_kv_head}) must divide n_head ({m.n_head})")
+        if m.position == "rope" and m.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head_dim, got {m.head_dim}")
+        if m.mlp_hidden is not None and m.mlp_hidden <= 0:
+            raise ConfigError(f"mlp_hidden must be positive, got {m.mlp_hidden}")
+        if m.vocab_size < 260:
+            raise ConfigError(f"vocab_size must be at least 260 (256 bytes plus special tokens), got {m.vocab_size}")
+        if t.seq_len > m.block_size:
+            raise ConfigError(f"seq_len ({t.seq_len}) cannot exceed block_size ({m.block_size})")
+        if not 0 < t.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {t.val_fraction}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(t, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(t, name)}")
+        if t.min_lr > t.lr:
+            raise ConfigError(f"min_lr ({t.min_lr}) cannot exceed lr ({t.lr})")
+        return self
+
+
+# ----------------------------------------------------------------------------- field parsing
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(name, value, inner)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be a boolean (true/false), got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value) if isinstance(value, float) else float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(number)
+    if kind is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+        return number
+    if kind is str:
+        return str(value)
+    raise TypeError(f"unsupported config field type {kind} for {name}")
+
+
+def _type_name(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:
+        return _type_name([a for a in args if a is not type(None)][0]) + " or none"
+    if origin is Literal:
+        return "|".join(map(str, args))
+    return kind.__name__
+
+
+def describe_fields() -> str:
+    """One line per overridable field: name, type, default."""
+    lines = []
+    for cls in (ModelConfig, TrainConfig):
+        defaults = cls()
+        for name, kind in _field_types(cls).items():
+            lines.append(f"  {name:<15} {_type_name(kind):<32} default {getattr(defaults, name)!r}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
+    return ModelConfig(vocab_size=50304, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def _llama(n_layer: int, n_head: int, n_kv_head: int, n_embd: int, mlp_hidden: int, vocab_size: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, block_size=2048, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                       n_embd=n_embd, mlp_hidden=mlp_hidden, norm="rmsnorm", mlp="swiglu", position="rope",
+                       bias=False, tie_embeddings=False, norm_eps=1e-5, rope_theta=500000.0)
+
+
+PRESETS: dict[str, Config] = {
+    # Sized to learn the standard library's source in a few minutes on 2 CPU cores.
+    "tiny": Config(
+        ModelConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128),
+        TrainConfig(seq_len=128, batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                    eval_interval=100, eval_batches=8, log_interval=10, save_interval=250),
+    ),
+    "tiny-llama": Config(
+        ModelConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                    norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False),
+        TrainConfig(seq_len=128, batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                    eval_interval=100, eval_batches=8, log_interval=10, save_interval=250),
+    ),
+    "gpt2": Config(_gpt2(12, 12, 768), TrainConfig(seq_len=1024, batch_size=16, grad_accum=8, max_steps=5000,
+                                                   warmup_steps=200)),
+    "gpt2-medium": Config(_gpt2(24, 16, 1024), TrainConfig(seq_len=1024, batch_size=8, grad_accum=16,
+                                                           max_steps=5000, lr=3e-4, min_lr=3e-5, warmup_steps=200)),
+    # Llama-style, ~1.1B parameters (TinyLlama's shape).
+    "llama-1b": Config(_llama(22, 32, 4, 2048, 5632, 32000),
+                       TrainConfig(seq_len=2048, batch_size=4, grad_accum=32, max_steps=5000, lr=4e-4,
+                                   min_lr=4e-5, warmup_steps=200)),
+}
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return Config.from_dict(PRESETS[name].to_dict())

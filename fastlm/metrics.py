@@ -1,0 +1,112 @@
+"""What a run reports: ``metrics.jsonl``, ``loss.png``, model FLOPs utilisation.
+
+MFU = achieved model FLOPs/s (``ModelConfig.flops_per_token`` x tokens/s) over
+the device's peak dense bf16 tensor FLOPs, looked up by device name in
+:data:`PEAK_BF16_FLOPS`. Unknown devices and CPUs report no MFU rather than a
+guess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendors' data sheets.
+# Matched against torch.cuda.get_device_name() in order: longer names before their prefixes.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM and NVL
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16: no bf16 on Volta
+    ("T4", 65e12),  # fp16
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> float | None:
+    return None if peak is None else flops_per_token * tokens_per_sec / peak
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak allocated device memory since the last reset; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` and keeps the records for the plot."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.exists():
+            # Lines past the checkpoint belong to steps that will run again.
+            lines = self.path.read_text().splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self, path: Path) -> None:
+        """Train and validation loss against step, written atomically."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

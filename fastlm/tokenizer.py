@@ -1,0 +1,62 @@
+"""Byte-level BPE, trained locally with Hugging Face ``tokenizers`` and saved as ``tokenizer.json``.
+
+Byte-level means every byte string has an encoding (no unknown tokens), and the
+same pre-tokenizer as GPT-2. One special token, ``<|endoftext|>``, separates
+documents in the token stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Learn a byte-level BPE of at most ``vocab_size`` tokens (fewer on a tiny corpus)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load ``tokenizer.json`` (plain JSON, no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+
+
+def eot_id(tokenizer: Tokenizer) -> int:
+    token = tokenizer.token_to_id(EOT)
+    if token is None:
+        raise ValueError(f"tokenizer has no {EOT} token")
+    return token
+
+
+def encode_documents(tokenizer: Tokenizer, docs: Iterable[str], batch: int = 256) -> Iterator[list[int]]:
+    """Token ids of each document followed by ``<|endoftext|>``, encoded in parallel batches."""
+    eot = eot_id(tokenizer)
+    pending: list[str] = []
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) == batch:
+            for enc in tokenizer.encode_batch(pending, add_special_tokens=False):
+                yield enc.ids + [eot]
+            pending = []
+    for enc in tokenizer.encode_batch(pending, add_special_tokens=False):
+        yield enc.ids + [eot]

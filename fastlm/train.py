@@ -1,0 +1,284 @@
+"""The training loop, top to bottom: run directory, data, model, optimizer, steps, evals, checkpoints.
+
+A run directory holds ``config.json``, ``tokenizer.json``, ``data.json`` (the
+corpus hash and split sizes), ``metrics.jsonl``, ``loss.png`` and
+``checkpoints/``. Nothing in it is pickled. A step's batches depend only on
+(seed, step), the learning rate only on the step, and a checkpoint restores
+weights, optimizer and RNG states, so resuming on CPU reproduces an
+uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import kernels
+
+from . import data as data_lib
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError
+from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes, perplexity
+from .model import GPT
+from .tokenizer import load_tokenizer
+
+# Fields a resumed run may change: none of them alters what is computed at a step.
+RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
+                     "device", "backend", "compile"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on; the message says why and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float
+    val_loss: float | None
+    tokens_per_sec: float
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    name = cfg.train.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU (or when asked for), fp32 otherwise."""
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``; ``step`` counts from 0."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                             fused=device.type == "cuda")
+
+
+def check_resumable(saved: Config, requested: Config) -> None:
+    saved_d, req_d = saved.to_dict(), requested.to_dict()
+    changed = [f"{name}: {saved_d[s][name]!r} in the run, {req_d[s][name]!r} requested"
+               for s in ("model", "train") for name in saved_d[s]
+               if saved_d[s][name] != req_d[s][name] and name not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError("cannot resume with a different configuration:\n  " + "\n  ".join(changed)
+                          + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints"))
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing run directory unless asked to overwrite it, and never one that is not a run."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TrainingError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
+                                "or start over with --overwrite")
+        if not _is_run_dir(run_dir):
+            raise TrainingError(f"refusing to overwrite {run_dir}: it is not a fastlm run directory")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: data_lib.TokenData, cfg: Config, device: torch.device) -> float:
+    """Mean loss over the fixed validation batches."""
+    model.eval()
+    losses = []
+    for i in range(cfg.train.eval_batches):
+        x, y = data_lib.val_batch(tokens, cfg.train.seed, i, cfg.train.batch_size, cfg.train.seq_len)
+        with autocast_context(cfg, device):
+            losses.append(model(x.to(device), y.to(device)).float())
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` into ``run_dir``; with ``resume_from`` (a checkpoint directory of that run),
+    continue from it."""
+    started = time.perf_counter()
+    say = print if progress else (lambda *_: None)
+    cfg.validate()
+    run_dir = Path(run_dir)
+    t = cfg.train
+    device = resolve_device(cfg)
+
+    # 1. Where the run goes (or what it resumes), checked before anything is written.
+    saved_data = None
+    if resume_from is None:
+        check_new_run_dir(run_dir, overwrite)
+    else:
+        try:
+            saved = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+            saved_data = json.loads((run_dir / "data.json").read_text())
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{run_dir} is not a resumable fastlm run: {e}") from None
+        check_resumable(saved, cfg)
+
+    # 2. Data: documents, tokenizer (the run's own when resuming), cached token files.
+    docs = data_lib.load_documents(t.data)
+    chash = data_lib.corpus_hash(docs)
+    if resume_from is not None:
+        if saved_data["corpus_hash"] != chash:
+            raise TrainingError(f"the data at {t.data or 'the standard library'} changed since {run_dir} started "
+                                "(its hash differs), so the run cannot continue exactly")
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    else:
+        tokenizer = data_lib.cached_tokenizer(docs, chash, t.val_fraction, cfg.model.vocab_size)
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is "
+                          f"{cfg.model.vocab_size}")
+    tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
+    data_lib.check_lengths(tokens, t.seq_len)
+    say(f"data: {len(docs)} documents from {t.data or 'the Python standard library'}, "
+        f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens, vocabulary {tokenizer.get_vocab_size()} "
+        f"({time.perf_counter() - started:.1f} s)")
+
+    # 3. The run directory: config, tokenizer and data description next to the checkpoints.
+    if resume_from is None:
+        if run_dir.exists():  # check_new_run_dir allowed it: an old run being overwritten
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
+        _write_json(run_dir / "data.json", {
+            "source": t.data or "python-stdlib", "corpus_hash": chash, "documents": tokens.num_documents,
+            "train_tokens": len(tokens.train), "val_tokens": len(tokens.val),
+            "tokenizer_vocab": tokenizer.get_vocab_size()})
+        _write_json(run_dir / "config.json", cfg.to_dict())
+
+    # 4. Model and optimizer, restored from the checkpoint when resuming.
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(Path(resume_from), model, optimizer)
+        step = state["step"]
+        _write_json(run_dir / "config.json", cfg.to_dict())  # only RESUMABLE_CHANGES can differ
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
+    forward = torch.compile(model) if t.compile else model
+    say(f"model: {cfg.model.num_params() / 1e6:.1f}M parameters on {device}, kernels backend {t.backend}; "
+        f"{t.max_steps} steps of {t.tokens_per_step:,} tokens" + (f", from step {step}" if step else ""))
+
+    # 5. Steps.
+    flops_per_token = cfg.model.flops_per_token(t.seq_len)
+    peak = peak_flops(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    last_good = resume_from
+    loss_value, val_loss, tokens_per_sec = float("nan"), None, 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    with kernels.use_backend(t.backend), bar:
+        while step < t.max_steps:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.grad_accum):
+                x, y = data_lib.train_batch(tokens, t.seed, step, micro, t.batch_size, t.seq_len)
+                with autocast_context(cfg, device):
+                    loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                         if t.grad_clip > 0 else None)
+            loss_value = loss_sum.item() / t.grad_accum
+            if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                raise TrainingError(f"non-finite loss ({loss_value}) or gradient at step {step + 1}; training "
+                                    f"stopped, {kept}. Try a lower lr or a smaller grad_clip.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+
+            if step % t.log_interval == 0 or step == t.max_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_sec = window_steps * t.tokens_per_step / elapsed
+                metrics.log({"step": step, "loss": loss_value, "lr": lr,
+                             "grad_norm": None if grad_norm is None else grad_norm.item(),
+                             "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops_per_token, tokens_per_sec, peak),
+                             "peak_mem_bytes": peak_memory_bytes(device), "tokens": step * t.tokens_per_step})
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+
+            paused = time.perf_counter()  # evals and saves do not count against tokens/s
+            if step % t.eval_interval == 0 or step == t.max_steps:
+                val_loss = evaluate(forward, tokens, cfg, device)
+                metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                metrics.plot(run_dir / "loss.png")
+                bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f} "
+                          f"(ppl {perplexity(val_loss):.1f})")
+            if step % t.save_interval == 0 or step == t.max_steps:
+                last_good = save_checkpoint(run_dir, step, model, optimizer,
+                                            {"data_position": {"seed": t.seed, "step": step, "micro_step": 0}},
+                                            t.keep_last)
+            window_start += time.perf_counter() - paused
+
+    return TrainResult(run_dir, step, loss_value, val_loss, tokens_per_sec, time.perf_counter() - started)
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint) for ``--resume PATH``: a run directory (its latest checkpoint)
+    or one of its checkpoint directories."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return path.parent.parent, path
+    if not (path / "config.json").is_file():
+        raise TrainingError(f"{path} is not a fastlm run directory (no config.json)")
+    found = list_checkpoints(path)
+    if not found:
+        raise TrainingError(f"run {path} has no checkpoint to resume from; start over with --overwrite")
+    return path, found[-1]

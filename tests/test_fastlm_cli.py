@@ -1,0 +1,106 @@
+"""The command line: overrides, the error paths, train -> resume -> sample through main(argv)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastlm.cli import main
+from fastlm.config import PRESETS, ConfigError, preset
+from test_fastlm_train import losses, write_corpus
+
+MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_head", "2", "--n-embd=32",
+         "--seq_len", "32", "--batch_size", "4", "--max_steps", "4", "--set", "warmup_steps=1",
+         "--save_interval", "2", "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1",
+         "--backend", "reference", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 4-step micro run (checkpoints at steps 2 and 4), shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(tmp / "corpus")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTLM_CACHE", str(tmp / "cache"))
+        assert main(["train", "--data", str(corpus), "--out", str(tmp / "run"), *MICRO]) == 0
+    return tmp / "run", corpus
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "unknown preset 'huge'; valid presets: " + ", ".join(PRESETS)),
+    (["--n_layers", "4"], "unknown config field 'n_layers'; valid fields:\n  vocab_size"),
+    (["--n_layer", "four"], "n_layer must be an integer, got 'four'"),
+    (["--n_layer", "0"], "n_layer must be positive"),
+    (["--norm", "batchnorm"], "norm must be one of layernorm, rmsnorm"),
+    (["--set", "lr"], "--set expects FIELD=VALUE"),
+    (["--lr"], "--lr needs a value"),
+    (["--n_head", "5"], "n_embd (128) must be divisible by n_head (5)"),
+    (["--data", "/nonexistent/corpus"], "data path /nonexistent/corpus does not exist"),
+])
+def test_usage_errors(tmp_path, capsys, argv, message):
+    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_overrides_are_typed():
+    from fastlm.cli import _parse_overrides
+
+    cfg = preset("tiny")
+    _parse_overrides(cfg, ["lr=1e-3"], ["--n_kv_head", "2", "--compile", "--bias=false", "--mlp_hidden", "none"])
+    assert (cfg.train.lr, cfg.model.n_kv_head, cfg.train.compile, cfg.model.bias, cfg.model.mlp_hidden) == \
+        (1e-3, 2, True, False, None)
+    with pytest.raises(ConfigError, match="n_kv_head .* must divide n_head"):
+        _parse_overrides(cfg, ["n_kv_head=3"], [])
+
+
+def test_sample_is_deterministic_with_a_seed(trained_run, capsys):
+    run, _ = trained_run
+    outputs = []
+    for seed in (1, 1, 2):
+        assert main(["sample", "--run", str(run), "--prompt", "def ", "--max_new_tokens", "20",
+                     "--seed", str(seed), "--backend", "reference"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+    assert outputs[0].startswith("def ")
+
+
+def test_run_dir_is_protected_and_resume_checks_config(trained_run, tmp_path, capsys):
+    run, corpus = trained_run
+    assert main(["train", "--data", str(corpus), "--out", str(run), *MICRO]) == 1
+    assert "already exists; continue it with --resume" in capsys.readouterr().err
+
+    assert main(["train", "--resume", str(run), "--n_layer", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume with a different configuration" in err and "n_layer: 2 in the run, 3 requested" in err
+
+    assert main(["train", "--resume", str(tmp_path)]) == 1
+    assert "not a fastlm run directory" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_corrupted_checkpoint(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run[0], run)
+    metrics = (run / "metrics.jsonl").read_text()
+    weights = run / "checkpoints" / "step_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["train", "--resume", str(run), "--max_steps", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "truncated or corrupted" in err and "step_00000002" in err  # points at the older checkpoint
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+    # The older checkpoint resumes; the last steps are redone, with the same losses.
+    assert main(["train", "--resume", str(run / "checkpoints" / "step_00000002")]) == 0
+    assert losses(run) == losses(trained_run[0])
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "fastlm", "presets"], capture_output=True, text=True, check=True)
+    assert "tiny" in out.stdout and "llama-1b" in out.stdout

@@ -1,0 +1,213 @@
+"""The training loop end to end on a micro model and a small corpus: learning, exact resume,
+checkpoints, faults. Everything runs on the PyTorch references (fast on CPU); the fused
+path is compared against them in test_fastlm_model.py."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastlm import data as data_lib
+from fastlm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from fastlm.config import Config, ModelConfig, TrainConfig
+from fastlm.model import GPT
+from fastlm.train import TrainingError, make_optimizer, train
+
+
+def write_corpus(folder: Path, files: int = 24) -> Path:
+    """A small, learnable corpus of Python-looking files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        body = "".join(f"def func_{j % 7}(x, y):\n    return x * {(i + j) % 5} + y\n\n" for j in range(40))
+        (folder / f"mod_{i:02d}.py").write_text(f"# module {i}\nimport os\n\n" + body)
+    return folder
+
+
+def micro_config(data: Path, **train_overrides) -> Config:
+    train_fields = dict(data=str(data), seq_len=32, batch_size=4, max_steps=8, lr=3e-3, min_lr=3e-4,
+                        warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1, save_interval=4,
+                        keep_last=5, backend="reference", seed=0)
+    train_fields.update(train_overrides)
+    return Config(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32),
+                  TrainConfig(**train_fields)).validate()
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def test_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
+    cfg = micro_config(corpus, max_steps=30, eval_interval=10, save_interval=10, keep_last=2)
+    result = train(cfg, tmp_path / "run", progress=False)
+    train_losses = losses(tmp_path / "run")
+    assert math.isclose(train_losses[1], math.log(320), rel_tol=0.05)  # starts near uniform
+    assert result.val_loss < 0.6 * math.log(320)
+    assert train_losses[30] < train_losses[1] - 2.0
+
+    run = tmp_path / "run"
+    for name in ("config.json", "tokenizer.json", "data.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000020", "step_00000030"]  # keep_last=2
+    # Nothing a loader would unpickle: only JSON, safetensors, the plot.
+    suffixes = {p.suffix for p in run.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".png"}, suffixes
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "lr", "tokens_per_sec", "mfu", "peak_mem_bytes"} <= set(record)
+    assert record["mfu"] is None  # no GPU peak on CPU
+
+
+def test_resume_is_bit_exact(tmp_path, corpus):
+    cfg = micro_config(corpus)
+    straight = tmp_path / "straight"
+    train(cfg, straight, progress=False)
+
+    # A run that stopped right after its step-4 checkpoint (and logged a step past it).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:7]) + "\n")
+    train(cfg, resumed, resume_from=resumed / "checkpoints" / "step_00000004", progress=False)
+
+    assert losses(resumed) == losses(straight)  # every step's loss, bit for bit
+    assert losses(resumed, "val_loss") == losses(straight, "val_loss")
+    a = load_file(str(straight / "checkpoints" / "step_00000008" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = micro_config(tmp_path)
+    model = GPT(cfg.model)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    model(torch.randint(0, 320, (2, 16)), torch.randint(0, 320, (2, 16))).backward()
+    optimizer.step()
+    rng_before = torch.get_rng_state()
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {"data_position": {"step": 1}}, keep_last=1)
+
+    torch.manual_seed(123)
+    fresh = GPT(cfg.model)
+    fresh_opt = make_optimizer(fresh, cfg, torch.device("cpu"))
+    state = load_checkpoint(path, fresh, fresh_opt)
+    assert state["step"] == 1 and state["data_position"] == {"step": 1}
+    for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), name
+    for group_a, group_b in zip(optimizer.param_groups, fresh_opt.param_groups):
+        for p, q in zip(group_a["params"], group_b["params"]):
+            for key, value in optimizer.state[p].items():
+                assert torch.equal(value, fresh_opt.state[q][key]), key
+        assert {k: v for k, v in group_a.items() if k != "params"} == \
+            {k: v for k, v in group_b.items() if k != "params"}
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_damaged_checkpoint_is_refused(tmp_path, damage):
+    cfg = micro_config(tmp_path)
+    model = GPT(cfg.model)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, keep_last=1)
+    weights = path / "model.safetensors"
+    raw = weights.read_bytes()
+    if damage == "flip":
+        weights.write_bytes(raw[:-10] + bytes([raw[-10] ^ 0xFF]) + raw[-9:])
+    elif damage == "truncate":
+        weights.write_bytes(raw[: len(raw) // 2])
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError, match={"flip": "corrupted", "truncate": "truncated",
+                                               "missing": "missing"}[damage]):
+        load_checkpoint(path, GPT(cfg.model), make_optimizer(GPT(cfg.model), cfg, torch.device("cpu")))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus):
+    # An absurd learning rate blows the weights up after the first update.
+    cfg = micro_config(corpus, lr=1e30, min_lr=0.0, warmup_steps=0, save_interval=1, grad_clip=0.0)
+    with pytest.raises(TrainingError, match="non-finite loss .* step 2.*step_00000001"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000001"]
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, corpus):
+    cfg = micro_config(corpus, max_steps=1)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(TrainingError, match="already exists.*--resume.*--overwrite"):
+        train(cfg, run, progress=False)
+    assert (run / "metrics.jsonl").read_text() == before
+    train(cfg, run, overwrite=True, progress=False)  # the explicit flag does replace it
+
+    stranger = tmp_path / "not_a_run"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="not a fastlm run directory"):
+        train(cfg, stranger, overwrite=True, progress=False)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_documents_split_and_batches_are_deterministic(tmp_path, corpus):
+    docs = data_lib.load_documents(str(corpus))
+    assert [d.name for d in docs] == sorted(d.name for d in docs)
+    train_docs, val_docs = data_lib.split_documents(docs, 0.1)
+    assert train_docs and val_docs and not {d.name for d in train_docs} & {d.name for d in val_docs}
+
+    tokenizer = data_lib.cached_tokenizer(docs, data_lib.corpus_hash(docs), 0.1, 320)
+    tokens = data_lib.tokenize_corpus(docs, data_lib.corpus_hash(docs), tokenizer, 0.1)
+    assert tokens.train.dtype == "uint16" and len(tokens.train) > len(tokens.val) > 0
+    assert tokenizer.decode(tokens.train[:40].tolist()).startswith("# module")
+    x1, y1 = data_lib.train_batch(tokens, 7, step=3, micro_step=1, batch_size=4, seq_len=16)
+    x2, y2 = data_lib.train_batch(tokens, 7, step=3, micro_step=1, batch_size=4, seq_len=16)
+    x3, _ = data_lib.train_batch(tokens, 7, step=4, micro_step=1, batch_size=4, seq_len=16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+
+    # The second preparation comes from the cache: same files, no retraining.
+    again = data_lib.tokenize_corpus(docs, data_lib.corpus_hash(docs),
+                                     data_lib.cached_tokenizer(docs, data_lib.corpus_hash(docs), 0.1, 320), 0.1)
+    assert again.train.filename == tokens.train.filename
+
+
+def test_single_file_corpus_is_split_into_documents(tmp_path):
+    text = "".join(f"line {i}: x = {i}\n" for i in range(200))
+    (tmp_path / "one.txt").write_text(text)
+    docs = data_lib.load_documents(str(tmp_path / "one.txt"))
+    assert len(docs) == data_lib.SINGLE_FILE_PIECES and "".join(d.text for d in docs) == text
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_folder", "blank_file"])
+def test_bad_data_paths(tmp_path, case):
+    path = tmp_path / "data"
+    if case == "empty_folder":
+        path.mkdir()
+    elif case == "blank_file":
+        path.write_text("  \n\n")
+    message = {"missing": "does not exist", "empty_folder": "no text files", "blank_file": "is empty"}[case]
+    with pytest.raises(data_lib.DataError, match=message):
+        data_lib.load_documents(str(path))
+
+
+def test_stdlib_corpus_is_found():
+    root, files = data_lib.corpus_files(None)
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert files == data_lib.corpus_files(None)[1]  # a fixed order, so the cache key is stable
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)

@@ -58,6 +58,12 @@ def masked_attention(
 def attention(q, k, v, *, causal=False, scale=None, kv_lens=None, return_lse=False):
     """Reference of :func:`kernels.attention`: causal is aligned bottom-right (offset Nk - Nq)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.dtype == torch.float32 and kv_lens is None and not return_lse and (not causal or q.shape[2] == k.shape[2]):
+        # Every row sees a key, and the alignments agree: torch's fused SDPA computes the
+        # same function faster, and fp32 on CPU is the trainer's reference path.
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
     offset = k.shape[2] - q.shape[2] if causal else None
     out, lse = masked_attention(q, k, v, scale, offset, kv_lens)
     return (out, lse) if return_lse else out

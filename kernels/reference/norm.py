@@ -10,38 +10,32 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
-def _dims(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
-    return tuple(range(-n, 0))
+def _upcast(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+# torch's native functions evaluated on the upcast tensors: the math is theirs
+# (mean and biased variance over the normalized dims; y = (x - mean) / sqrt(var + eps)
+# * weight + bias, and y = x / sqrt(mean(x^2) + eps) * weight), the precision ours,
+# and this is the CPU training path, where the native kernels are fastest.
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    dims = _dims(normalized_shape)
-    x = _upcast(input)
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square().mean(dims, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * _upcast(weight)
-    if bias is not None:
-        y = y + _upcast(bias)
+    y = F.layer_norm(_upcast(input), _shape(normalized_shape), _upcast(weight), _upcast(bias), eps)
     return y.to(input.dtype)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    dims = _dims(normalized_shape)
-    x = _upcast(input)
-    y = x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * _upcast(weight)
+    y = F.rms_norm(_upcast(input), _shape(normalized_shape), _upcast(weight), eps)
     return y.to(input.dtype)
 
 

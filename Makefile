@@ -1,5 +1,5 @@
 # Two entry points on a fresh machine (Python 3.10+ with pip and venv):
-#   make train   set up .venv, then run the main job
+#   make train   set up .venv, then train the tiny preset on the built-in corpus and sample from it
 #   make test    set up .venv, then run the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m kernels.selfcheck
+	$(PY) -m fastlm train --preset tiny --out runs/quickstart --overwrite
+	$(PY) -m fastlm sample --run runs/quickstart --prompt "class" --max_new_tokens 120 --num_samples 2
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -n 2

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: GPU tests, then kernel and end-to-end benchmarks, in about 8 minutes.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_results)
+#
+# Needs a machine with an NVIDIA GPU and torch + triton installed; no network and
+# no install of this package (it runs from the repository root). Each step has
+# its own time limit so one slow step cannot eat the others' time; a step that
+# fails or times out is recorded and the next one still runs. Everything lands
+# in OUT_DIR: one log per step, the benchmark JSON/CSV/markdown/PNG files under
+# bench/, summary.md, and all of it packed as gpu_check.tar.gz.
+set -u
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu_check_results}}"
+mkdir -p "$out/bench"
+out="$(cd "$out" && pwd)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTLM_BENCH_OUT="$out/bench"
+unset TRITON_INTERPRET
+summary="$out/summary.md"
+{
+  echo "# fastlm GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}')" 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1
+  echo
+  echo "| step | seconds | result |"
+  echo "|---|---|---|"
+} > "$summary"
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS rc
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  local result="ok"
+  [ $rc -eq 124 ] && result="TIMED OUT" || { [ $rc -ne 0 ] && result="FAILED (exit $rc)"; }
+  echo "| $name | $((SECONDS - start)) | $result |" >> "$summary"
+  tail -n 3 "$out/$name.log"
+}
+
+step gpu-tests      170 python -m pytest tests -m gpu -q -x --no-header -p no:cacheprovider
+step selfcheck       40 python -m kernels.selfcheck
+step bench-norm      60 python -m bench.norm
+step bench-xent      75 python -m bench.cross_entropy --gpu
+step bench-attention 90 python -m bench.attention
+step bench-train     75 python -m bench.train
+
+{
+  echo
+  for f in "$out"/bench/*.md; do [ -f "$f" ] && { echo "## $(basename "$f" .md)"; echo; cat "$f"; echo; }; done
+} >> "$summary"
+tar -czf /tmp/gpu_check.tar.gz -C "$out" --exclude=gpu_check.tar.gz . && mv /tmp/gpu_check.tar.gz "$out/"
+echo "results in $out (summary.md, gpu_check.tar.gz)"

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from bench import common
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -160,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             batch = max(1, args.tokens // seq)
             rows += bench_case(providers, batch, args.heads, seq, args.head_dim, dtype, causal)
     print_rows(rows, ceiling)
+    for r in rows:
+        for mode in ("fwd", "fwd+bwd"):
+            if f"{mode}_tflops" in r:
+                r[f"{mode}_frac_of_matmul"] = r[f"{mode}_tflops"] / ceiling
+    meta = {"device": common.device_name("cuda"), "matmul_TFLOP/s": ceiling, "torch": torch.__version__}
+    out = common.write_report("attention", rows, "cuda", meta=meta, x="seq", y="fwd+bwd_tflops", series="provider")
+    print(f"written to {out}/attention.*")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)

@@ -30,6 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench import common
+
 CPU_SHAPE = (4096, 1024, 50257)  # N, H, C
 GPU_CE_SHAPE = (16384, 128256)
 GPU_LINEAR_SHAPE = (8192, 4096, 128256)
@@ -133,6 +135,7 @@ def run_gpu() -> None:
     bytes_moved = 2 * logits.numel() * logits.element_size()  # read the logits, write their gradient
     print(f"\ncross_entropy {n} x {c} bf16 (GB/s counts one read of the logits and one write of the gradient)")
     print(f"{'variant':<28} {'fwd ms':>8} {'bwd ms':>8} {'fwd+bwd ms':>11} {'GB/s':>7} {'of copy':>8}")
+    report = []
     for name, fn in (("kernels.cross_entropy", kernels.cross_entropy), ("F.cross_entropy", F.cross_entropy)):
         fwd = triton.testing.do_bench(lambda: fn(logits, t), grad_to_none=[logits])
         loss = fn(logits, t)
@@ -143,6 +146,8 @@ def run_gpu() -> None:
             bwd = max(both - fwd, 0.0)
         gbs = bytes_moved / both / 1e6
         print(f"{name:<28} {fwd:>8.3f} {bwd:>8.3f} {both:>11.3f} {gbs:>7.0f} {gbs / copy_gbs:>7.0%}")
+        report.append({"op": "cross_entropy", "provider": name, "shape": f"{n}x{c}", "fwd_ms": fwd, "bwd_ms": bwd,
+                       "fwd+bwd_ms": both, "GB/s": gbs, "frac_of_copy": gbs / copy_gbs})
         del loss
     del logits
 
@@ -166,6 +171,12 @@ def run_gpu() -> None:
     for name, (peak, ms) in results.items():
         print(f"{names[name]:<36} {peak:>9.2f} {peak / results['naive'][0]:>8.1%} {ms:>9.2f} "
               f"{ms / results['naive'][1]:>8.2f}x")
+        report.append({"op": "linear_cross_entropy", "provider": names[name], "shape": f"{n}x{h}->{c}",
+                       "fwd+bwd_ms": ms, "peak_GiB": peak, "peak_vs_naive": peak / results["naive"][0],
+                       "time_vs_naive": ms / results["naive"][1]})
+    meta = {"device": common.device_name(dev), "copy_GB/s": copy_gbs, "torch": torch.__version__}
+    out = common.write_report("cross_entropy", report, dev, meta=meta, x="provider", y="fwd+bwd_ms", series="op")
+    print(f"written to {out}/cross_entropy.*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ Which implementation runs is decided in one place, :mod:`kernels._backend`:
 CUDA tensors run the compiled Triton kernels, CPU tensors the reference (or the
 kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
 ``FASTLM_BACKEND=triton|reference`` or :func:`use_backend` forces one.
+:func:`patch` puts the kernels into an existing model (torch norms, transformers
+GPT-2/Llama/Mistral/Qwen2 attention and loss).
 """
 
 from . import nn, reference
@@ -11,6 +13,7 @@ from ._backend import use_backend
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .attention import attention, scaled_dot_product_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .patch import patch
 
 __all__ = [
     "attention",
@@ -22,6 +25,7 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "use_backend",
+    "patch",
     "nn",
     "reference",
 ]

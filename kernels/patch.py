@@ -1,0 +1,286 @@
+"""``patch(model)``: put the fused kernels into a model that was not written for them.
+
+- Norms: every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` becomes its
+  :mod:`kernels.nn` subclass in place (same object, same parameters, so an
+  optimizer built before patching keeps working); Hugging Face's own RMSNorm
+  modules (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ...: a ``weight`` and a
+  ``variance_epsilon``) are replaced by a :class:`kernels.nn.RMSNorm` holding the
+  same ``weight`` Parameter, after a probe shows they compute the same function.
+- Attention, for ``transformers`` causal LMs of the GPT-2, Llama, Mistral and
+  Qwen2 families: the model's attention implementation is set to ``"fastlm"``,
+  registered in transformers' ``AttentionInterface``. Without padding it runs
+  :func:`kernels.attention` with ``causal=True``; a right-padding mask becomes
+  ``kv_lens``; any other mask, dropout in training, or an option the kernel lacks
+  runs transformers' SDPA path, with a warning the first time each reason occurs.
+- Loss, same families: in training mode, a forward with ``labels`` computes the
+  loss with :func:`kernels.linear_cross_entropy` from the final hidden states
+  (labels shifted exactly as transformers' ``ForCausalLMLoss``, ``num_items_in_batch``
+  honoured) and returns ``logits=None``: the (tokens x vocab) logits are never
+  materialised. In eval mode, or without labels, the model's own forward runs
+  and returns logits as usual.
+
+Patching is idempotent. What was asked for and could not be patched is listed in
+``model.kernels_patch_report`` and in one warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import nn as fused
+from .attention import MAX_HEAD_DIM, attention
+from .cross_entropy import linear_cross_entropy
+
+ATTN_IMPLEMENTATION = "fastlm"
+SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+
+_warned: set[str] = set()
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` changed (``patched``) and what it was asked to change but could not (``not_patched``)."""
+
+    patched: list[str] = field(default_factory=list)
+    not_patched: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"patched: {p}" for p in self.patched] + [f"NOT patched: {p}" for p in self.not_patched]
+        return "\n".join(lines) or "nothing to patch"
+
+
+def patch(model: torch.nn.Module, *, attention: bool = True, norm: bool = True, loss: bool = True) -> torch.nn.Module:
+    """Swap the fused kernels into ``model`` in place and return it; see the module docstring."""
+    report = PatchReport()
+    if norm:
+        _patch_norms(model, report)
+    family = _hf_causal_lm_family(model)
+    for wanted, name, apply in ((attention, "attention", _patch_attention), (loss, "loss", _patch_loss)):
+        if not wanted:
+            continue
+        if family is None:
+            report.not_patched.append(f"{name}: {type(model).__name__} is not a transformers causal LM of a "
+                                      f"supported family ({', '.join(SUPPORTED_FAMILIES)}); call kernels.attention / "
+                                      "kernels.linear_cross_entropy from the model's code instead")
+        else:
+            apply(model, family, report)
+    model.kernels_patch_report = report
+    if report.not_patched:
+        warnings.warn("kernels.patch: " + "; ".join(report.not_patched), stacklevel=2)
+    return model
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _hf_rms_norm_matches(module: torch.nn.Module) -> bool:
+    """True for an RMSNorm-like module (``weight`` + ``variance_epsilon``) that computes ``F.rms_norm``."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1 and isinstance(eps, float) and weight.device.type != "meta"):
+        return False
+    if len(list(module.parameters())) != 1 or list(module.buffers()) or list(module.children()):
+        return False
+    # A lookalike may scale by (1 + weight) or normalise differently: one fp32 probe decides,
+    # run on a shallow copy holding an fp32 weight so the model itself is untouched.
+    twin = copy.copy(module)
+    twin._parameters = {"weight": torch.nn.Parameter(weight.detach().float())}
+    probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        expected = F.rms_norm(probe, (weight.shape[0],), weight.detach().float(), eps)
+        got = twin(probe)
+    return got.shape == expected.shape and torch.allclose(got.float(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _patch_norms(model: torch.nn.Module, report: PatchReport) -> None:
+    counts: dict[str, int] = {}
+    unknown: set[str] = set()
+    for module in model.modules():  # torch's own norms: swap the class, the object stays
+        if isinstance(module, (fused.LayerNorm, fused.RMSNorm)):
+            counts.setdefault(type(module).__name__, 0)
+        elif type(module) in (torch.nn.LayerNorm, torch.nn.RMSNorm):
+            module.__class__ = fused.LayerNorm if type(module) is torch.nn.LayerNorm else fused.RMSNorm
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    replaced: dict[int, torch.nn.Module] = {}  # a module shared by several parents is replaced once
+    for parent in list(model.modules()):  # transformers' RMSNorms: a new module holding the same weight
+        for name, child in list(parent.named_children()):
+            if id(child) not in replaced and _hf_rms_norm_matches(child):
+                new = fused.RMSNorm(child.weight.shape[0], eps=child.variance_epsilon,
+                                    device=child.weight.device, dtype=child.weight.dtype)
+                new.weight = child.weight  # the same Parameter: optimizers and tied weights stay valid
+                new.train(child.training)
+                replaced[id(child)] = new
+                counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
+            if id(child) in replaced:
+                setattr(parent, name, replaced[id(child)])
+            elif type(child).__name__.endswith(("LayerNorm", "RMSNorm")) and not isinstance(
+                    child, (fused.LayerNorm, fused.RMSNorm)):
+                unknown.add(type(child).__name__)
+    for cls, n in sorted(counts.items()):
+        report.patched.append(f"norm: {n} {cls} module(s) run kernels.nn" if n else f"norm: {cls} already fused")
+    for cls in sorted(unknown):
+        report.not_patched.append(f"norm: {cls} (unknown semantics; left as is)")
+
+
+# ----------------------------------------------------------------------------- transformers models
+
+
+def _hf_causal_lm_family(model: torch.nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or not hasattr(model, "base_model") or model.base_model is model:
+        return None
+    return family
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"kernels.patch attention: {reason} is not supported by the fused kernel; "
+                      "running transformers' sdpa attention", stacklevel=3)
+
+
+def _kv_lens_from_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """``kv_lens`` (B,) when the boolean (B, 1, Nq, Nk) ``mask`` is bottom-right causal plus right padding."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, kv_len):
+        return None
+    kv_lens = mask[:, 0, -1, :].sum(-1)  # the last query sees every unpadded key
+    j = torch.arange(kv_len, device=mask.device)
+    i = torch.arange(q_len, device=mask.device)
+    causal = j[None, :] <= i[:, None] + (kv_len - q_len)  # (Nq, Nk)
+    expected = causal[None] & (j[None, None, :] < kv_lens[:, None, None])  # (B, Nq, Nk)
+    if not torch.equal(mask[:, 0], expected):
+        return None
+    return kv_lens
+
+
+def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             is_causal=None, **kwargs):
+    """transformers' attention-function signature over :func:`kernels.attention`.
+
+    ``query`` (B, H, Nq, D), ``key``/``value`` (B, Hkv, Nk, D); returns ((B, Nq, H, D), None).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def sdpa(reason: str):
+        _warn_once(reason)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+
+    if dropout > 0.0:
+        return sdpa("attention dropout in training")
+    for option in ("softcap", "position_bias", "s_aux", "sinks"):
+        if kwargs.get(option) is not None:
+            return sdpa(option)
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] != query.shape[-1]:
+        return sdpa("this head dim")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    kv_lens = None
+    if attention_mask is not None:
+        kv_lens = _kv_lens_from_mask(attention_mask, q_len, kv_len) if causal else None
+        if kv_lens is None:
+            return sdpa("an attention mask other than causal with right padding")
+    elif causal and 1 < q_len < kv_len:
+        # transformers' SDPA path does the same: a prefill into an empty static cache.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = attention(query, key, value, causal=causal, scale=scaling, kv_lens=kv_lens)  # (B, H, Nq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, fastlm_attention_forward)
+    # SDPA's masks: None when plain causal suffices, else a boolean (B, 1, Nq, Nk) mask.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _patch_attention(model, family: str, report: PatchReport) -> None:
+    _register_attention()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except (ValueError, KeyError, ImportError) as e:
+            report.not_patched.append(f"attention: {family} model refused the '{ATTN_IMPLEMENTATION}' "
+                                      f"implementation: {e}")
+            return
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        report.not_patched.append(f"attention: {type(model).__name__} cannot switch attention implementation")
+        return
+    report.patched.append(f"attention: {family} attention runs kernels.attention "
+                          f"(attn_implementation='{ATTN_IMPLEMENTATION}')")
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, *,
+                    num_items_in_batch=None, ignore_index: int = -100,
+                    shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss(head(hidden), labels)`` through the fused head + loss."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # token t predicts t + 1
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype),
+                                shift_labels.reshape(-1).to(hidden.device), bias,
+                                ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    return loss
+
+
+def _patch_loss(model, family: str, report: PatchReport) -> None:
+    current = model.__dict__.get("forward")
+    if getattr(current, "_kernels_fused_loss", False):
+        report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy (already)")
+        return
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import ModelOutput
+
+    own_forward = type(model).forward
+    signature = inspect.signature(own_forward)
+    output_cls = signature.return_annotation
+    if not (isinstance(output_cls, type) and issubclass(output_cls, ModelOutput)):
+        output_cls = CausalLMOutputWithPast
+
+    @functools.wraps(own_forward)
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        extra = arguments.pop(next((n for n, p in signature.parameters.items()
+                                    if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs"), {})
+        labels = arguments.pop("labels", None)
+        logits_to_keep = arguments.pop("logits_to_keep", 0)
+        if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            return own_forward(self, *args, **kwargs)
+        return_dict = extra.pop("return_dict", None)
+        loss_options = {k: extra[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in extra}
+        outputs = self.base_model(**arguments, **extra)  # as transformers does: the same kwargs to both
+        loss = _causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels, **loss_options)
+        fields = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in output_cls.__dataclass_fields__}
+        result = output_cls(loss=loss, logits=None, **fields)
+        return result.to_tuple() if return_dict is False else result
+
+    forward._kernels_fused_loss = True
+    model.forward = types.MethodType(forward, model)
+    report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy "
+                          "(logits=None when labels are passed in training mode)")

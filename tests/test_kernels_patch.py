@@ -1,0 +1,210 @@
+"""kernels.patch on plain PyTorch and small random transformers models: same numbers as unpatched."""
+
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+
+import kernels
+
+transformers = pytest.importorskip("transformers")
+patch_module = importlib.import_module("kernels.patch")  # the package attribute `kernels.patch` is the function
+
+VOCAB, SEQ = 128, 12
+
+
+def small_config(family: str):
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                       attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                    bos_token_id=0, eos_token_id=0)
+
+
+def model_pair(family: str):
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(small_config(family), attn_implementation="sdpa")
+    patched = kernels.patch(copy.deepcopy(reference))
+    return reference.train(), patched.train()
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """How many times the patched attention reached the fused kernel."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernels.attention(*args, **kwargs)
+
+    monkeypatch.setattr(patch_module, "attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_patched_model_matches_unpatched(family, attention_calls):
+    reference, patched = model_pair(family)
+    report = patched.kernels_patch_report
+    assert not report.not_patched and len(report.patched) == 3, report
+    norms = [m for m in patched.modules() if isinstance(m, (kernels.nn.LayerNorm, kernels.nn.RMSNorm))]
+    assert len(norms) == 5  # 2 per block + the final one
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+    # Training with labels: the fused loss, no logits, the same gradients.
+    out_ref, out = reference(ids, labels=ids), patched(ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    out_ref.loss.backward()
+    out.loss.backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(attention_calls) == 2  # one per layer
+
+    # Eval: logits as usual.
+    reference.eval(), patched.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+        # Greedy decoding goes through the KV cache (one query against many keys).
+        prompt = ids[:1, :4]
+        assert patched.generate(prompt, max_new_tokens=4, do_sample=False).tolist() == \
+            reference.generate(prompt, max_new_tokens=4, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_padding_masks(family, attention_calls):
+    reference, patched = model_pair(family)
+    reference.eval(), patched.eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    right = torch.ones(2, SEQ, dtype=torch.long)
+    right[1, 7:] = 0
+    with torch.no_grad():
+        got, want = patched(ids, attention_mask=right).logits, reference(ids, attention_mask=right).logits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, :7], want[1, :7], rtol=1e-5, atol=1e-5)  # padded positions are don't-care
+    assert len(attention_calls) == 2  # right padding ran the kernel, as kv_lens
+
+    left = torch.ones(2, SEQ, dtype=torch.long)
+    left[1, :3] = 0
+    patch_module._warned.clear()
+    with pytest.warns(UserWarning, match="running transformers' sdpa attention"), torch.no_grad():
+        got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
+    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_honours_num_items_in_batch_and_ignored_labels():
+    reference, patched = model_pair("llama")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    n = torch.tensor(7)
+    torch.testing.assert_close(patched(ids, labels=labels, num_items_in_batch=n).loss,
+                               reference(ids, labels=labels, num_items_in_batch=n).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_patching_twice_is_harmless():
+    reference, patched = model_pair("gpt2")
+    params = [id(p) for p in patched.parameters()]
+    forward = patched.forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.patch(patched)
+    assert [id(p) for p in patched.parameters()] == params and patched.forward.__func__ is forward.__func__
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    torch.testing.assert_close(patched(ids, labels=ids).loss, reference(ids, labels=ids).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+class Lookalike(torch.nn.Module):
+    """Named like an HF RMSNorm, but scales by (1 + weight) as Gemma's does: must not be swapped."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon) * (1 + self.weight)
+
+
+Lookalike.__name__ = "GemmaLikeRMSNorm"
+
+
+def test_plain_torch_model_norms_are_swapped_and_the_rest_reported():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.RMSNorm(16),
+                                Lookalike(16))
+    weights = [model[1].weight, model[2].weight]
+    x = torch.randn(4, 16)
+    expected = model(x)
+    with pytest.warns(UserWarning) as caught:
+        kernels.patch(model)
+    message = str(caught[0].message)
+    assert "attention: Sequential is not a transformers causal LM" in message and "loss:" in message
+    assert "GemmaLikeRMSNorm (unknown semantics" in message
+    assert type(model[1]) is kernels.nn.LayerNorm and type(model[2]) is kernels.nn.RMSNorm
+    assert type(model[3]) is Lookalike
+    assert model[1].weight is weights[0] and model[2].weight is weights[1]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_convergence_with_and_without_patch(family):
+    """30 AdamW steps: the loss at every step and the final parameters agree."""
+    reference, patched = model_pair(family)
+    lr = 3e-3
+    batches = torch.randint(0, VOCAB, (3, 2, SEQ), generator=torch.Generator().manual_seed(4))
+    data = [batches[step % 3] for step in range(30)]  # learnable: three batches seen ten times
+    curves = []
+    for model in (reference, patched):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        losses = []
+        for batch in data:
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves.append(losses)
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-5, atol=1e-5)
+    assert curves[0][-1] < curves[0][0] - 0.3  # it did learn
+    for (name, p_ref), p in zip(reference.named_parameters(), patched.parameters()):
+        if name.endswith("attn.c_attn.bias"):
+            # The key bias adds the same q.b to every score of a row: softmax cancels it, its exact
+            # gradient is zero, and Adam turns the rounding noise of either run into steps of ~lr.
+            d = p.shape[0] // 3
+            torch.testing.assert_close(p[d:2 * d], p_ref[d:2 * d], rtol=0, atol=lr)
+            p, p_ref = torch.cat([p[:d], p[2 * d:]]), torch.cat([p_ref[:d], p_ref[2 * d:]])
+        torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral(family):
+    kind = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[family]
+    # Mistral's sliding window shorter than the sequence: a mask the kernel lacks, so SDPA runs, with a warning.
+    extra = {"sliding_window": 8} if family == "mistral" else {}
+    config = kind(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, **extra)
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    patched = kernels.patch(copy.deepcopy(reference))
+    assert not patched.kernels_patch_report.not_patched
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    patch_module._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = patched(ids, labels=ids).loss
+    assert any("sdpa" in str(w.message) for w in caught) == (family == "mistral")
+    torch.testing.assert_close(loss, reference(ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_family_is_reported():
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.warns(UserWarning, match="attention: OPTForCausalLM is not a transformers causal LM of a supported"):
+        kernels.patch(model)
+    assert any("LayerNorm module(s) run kernels.nn" in line for line in model.kernels_patch_report.patched)
+    assert model.config._attn_implementation != "fastlm" and "forward" not in model.__dict__

@@ -4,7 +4,8 @@ Modules: :mod:`~fastlm.config` (typed config and presets), :mod:`~fastlm.model`
 (the transformer), :mod:`~fastlm.tokenizer` and :mod:`~fastlm.data` (corpus,
 BPE, token cache, batches), :mod:`~fastlm.train` (the loop),
 :mod:`~fastlm.checkpoint`, :mod:`~fastlm.metrics`, :mod:`~fastlm.generate`
-(sampling) and :mod:`~fastlm.cli`.
+(sampling), :mod:`~fastlm.hf` (Hugging Face checkpoints in and out) and
+:mod:`~fastlm.cli`.
 """
 
 import os

@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
@@ -61,41 +63,33 @@ def _sha256(path: Path) -> str:
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's own order (the integer keys of its state_dict)."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    """Parameter names in the optimizer's own order (without a DDP wrapper's ``module.``)."""
+    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _optimizer_to_files(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    names = _param_names(model, optimizer)
-    sd = optimizer.state_dict()
+def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a full optimizer state dict keyed by parameter name into tensors and JSON."""
     tensors, scalars = {}, {}
-    for index, state in sd["state"].items():
+    for name, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{names[index]}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{names[index]}.{key}"] = value
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+                scalars[f"{name}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    names = _param_names(model, optimizer)
-    index = {n: i for i, n in enumerate(names)}
+def _optimizer_from_files(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    """The full optimizer state dict (keyed by parameter name) the files hold, checked against ``optimizer``."""
     saved = [n for g in meta["param_groups"] for n in g["params"]]
-    if saved != names:
+    if saved != _param_names(model, optimizer):
         raise CheckpointError("the optimizer state does not match the model's parameters")
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
         name, key = flat.rsplit(".", 1)
-        state.setdefault(index[name], {})[key] = value
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -121,16 +115,23 @@ def _restore_rng(states: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep_last: int) -> Path:
-    """Write the checkpoint for ``step`` atomically, then drop all but the last ``keep_last``."""
+    """Write the checkpoint for ``step`` atomically, then drop all but the last ``keep_last``.
+
+    In a distributed run every rank calls this (the full state is gathered from all of
+    them) and rank 0 alone writes the same files a single process would.
+    """
     final = checkpoint_dir(run_dir, step)
+    weights, optimizer_state = distributed.full_state_dicts(model, optimizer)
+    if not distributed.is_main():
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
-    opt_tensors, opt_meta = _optimizer_to_files(model, optimizer)
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1))
     save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
@@ -178,30 +179,39 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load ``model.safetensors`` of a checkpoint into ``model`` (strict: same names and shapes)."""
+def _read_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` of a checkpoint, checked to fit ``model`` (same names and shapes)."""
     try:
         weights = load_file(str(Path(path) / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {Path(path) / 'model.safetensors'}: {e}") from None
-    expected = model.state_dict()
+    expected = {k.removeprefix("module."): v for k, v in model.state_dict().items()}  # full shapes, sharded or not
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
     if missing or unexpected or wrong:
         raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-    model.load_state_dict(weights)
+    return weights
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``model`` (strict: same names and shapes)."""
+    model.load_state_dict(_read_weights(path, model))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Verify a checkpoint, restore weights, optimizer and RNG states; return its ``state.json``."""
     state = verify_checkpoint(path)
-    load_weights(path, model)
+    weights = _read_weights(path, model)
     try:
         opt_tensors = load_file(str(Path(path) / "optimizer.safetensors"))
         opt_meta = json.loads((Path(path) / "optimizer.json").read_text())
-        _optimizer_from_files(model, optimizer, opt_tensors, opt_meta)
+        optimizer_state = _optimizer_from_files(model, optimizer, opt_tensors, opt_meta)
+        distributed.load_full_state_dicts(model, optimizer, weights, optimizer_state)
+        for group in optimizer.param_groups:  # torch.distributed's loader turns tuples into lists
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
         _restore_rng(load_file(str(Path(path) / "rng.safetensors")))
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         if isinstance(e, CheckpointError):

@@ -1,4 +1,4 @@
-"""``fastlm train``, ``fastlm sample``, ``fastlm presets``.
+"""``fastlm train``, ``fastlm sample``, ``fastlm export``, ``fastlm presets``.
 
 Any config field can be overridden on the command line, as ``--n_layer 4``,
 ``--n-layer=4`` or ``--set n_layer=4``; a boolean field alone (``--compile``)
@@ -56,6 +56,7 @@ def _parse_overrides(cfg: Config, pairs: list[str], rest: list[str]) -> dict[str
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
+    from . import distributed
     from .train import find_checkpoint, train
 
     if args.resume:
@@ -67,6 +68,12 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     else:
         cfg = preset(args.preset or "tiny")
         checkpoint = None
+    if args.init_from:
+        if args.resume:
+            raise ConfigError("--init-from starts a new run; it cannot be combined with --resume")
+        from .hf import read_model_config
+
+        cfg.model = read_model_config(args.init_from)  # the checkpoint's shape; the preset's training recipe
     if args.data is not None:
         cfg.train.data = str(Path(args.data).expanduser().resolve())
     _parse_overrides(cfg, args.set, rest)
@@ -74,12 +81,16 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         run_dir = Path(args.out or f"runs/{args.preset or 'tiny'}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     try:
-        result = train(cfg, run_dir, resume_from=checkpoint, overwrite=args.overwrite, progress=not args.quiet)
+        with distributed.process_group(cfg):  # under torchrun: one process per GPU (or CPU slot)
+            result = train(cfg, run_dir, resume_from=checkpoint, overwrite=args.overwrite,
+                           progress=not args.quiet, init_from=args.init_from)
     except CheckpointError as e:
         others = [str(p) for p in list_checkpoints(run_dir) if p != checkpoint]
         hint = f"\nother checkpoints of this run: {', '.join(others)} (pass one to --resume)" if others else ""
         raise CheckpointError(f"{e}{hint}") from None
 
+    if not distributed.is_main():
+        return 0
     if result.val_loss is None:
         print(f"{run_dir} already finished its {result.step} steps; nothing to do")
         return 0
@@ -117,6 +128,18 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .generate import load_run
+    from .hf import export_model
+    from .tokenizer import eot_id
+
+    model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    out = export_model(model, args.to, tokenizer_json=args.run / "tokenizer.json", eos_token_id=eot_id(tokenizer),
+                       overwrite=args.overwrite)
+    print(f"exported {args.run} to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    return 0
+
+
 def _presets() -> int:
     for name, cfg in PRESETS.items():
         m = cfg.model
@@ -138,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run directory (default runs/PRESET-TIMESTAMP)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run (or one of its checkpoint directories)")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    tr.add_argument("--init-from", "--init_from", metavar="HF_DIR",
+                    help="start from a Hugging Face GPT-2/Llama checkpoint directory (its shape, weights, tokenizer)")
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -156,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     sa.add_argument("--no_cache", "--no-cache", action="store_true", help="recompute the context every step")
 
+    ex = sub.add_parser("export", help="write a run's model as a Hugging Face checkpoint (config.json + safetensors)")
+    ex.add_argument("--run", required=True, type=Path, help="run directory")
+    ex.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: the latest)")
+    ex.add_argument("--to", required=True, type=Path, help="output directory (must be new or empty)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+
     sub.add_parser("presets", help="list the presets and the config fields")
     return parser
 
@@ -170,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, rest)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "export":
+            return _export(args)
         return _presets()
     except USAGE_ERRORS as e:
         print(f"fastlm: error: {e}", file=sys.stderr)

@@ -94,7 +94,7 @@ class TrainConfig:
     data: Optional[str] = None  # a text file or a folder of them; None: the Python standard library's source
     val_fraction: float = 0.05  # share of documents held out for validation
     seq_len: int = 256
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch, over all processes together
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
     lr: float = 6e-4
@@ -114,6 +114,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     backend: Literal["auto", "triton", "reference"] = "auto"  # kernels backend for the whole model
     compile: bool = False
+    # Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2, parameters, gradients and optimizer
+    # state sharded across the processes); ignored in a single process.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @property
     def tokens_per_step(self) -> int:

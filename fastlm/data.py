@@ -200,8 +200,10 @@ def tokenize_corpus(docs: list[Document], chash: str, tokenizer: Tokenizer, val_
 # ----------------------------------------------------------------------------- batches
 
 
-def _batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int):
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+def _batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int, shard: tuple[int, int]):
+    rank, world = shard
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # the whole batch's, so any part is the same
+    starts = starts[rank * batch_size // world:(rank + 1) * batch_size // world]
     window = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
     window = torch.from_numpy(window)
     return window[:, :-1], window[:, 1:]  # inputs, next-token targets: (B, T) each
@@ -214,13 +216,16 @@ def check_lengths(data: TokenData, seq_len: int) -> None:
                             "use more text, a smaller seq_len or a different val_fraction")
 
 
-def train_batch(data: TokenData, seed: int, step: int, micro_step: int, batch_size: int, seq_len: int):
-    """The micro-batch for (step, micro_step): a pure function of its arguments."""
+def train_batch(data: TokenData, seed: int, step: int, micro_step: int, batch_size: int, seq_len: int,
+                shard: tuple[int, int] = (0, 1)):
+    """The micro-batch for (step, micro_step): a pure function of its arguments. ``shard=(rank, world)``
+    picks that rank's rows of it, so W processes together read exactly the batch one process would."""
     rng = np.random.default_rng([seed, _TRAIN, step, micro_step])
-    return _batch(data.train, rng, batch_size, seq_len)
+    return _batch(data.train, rng, batch_size, seq_len, shard)
 
 
-def val_batch(data: TokenData, seed: int, index: int, batch_size: int, seq_len: int):
-    """The ``index``-th validation batch; the same at every evaluation, so val losses compare."""
+def val_batch(data: TokenData, seed: int, index: int, batch_size: int, seq_len: int,
+              shard: tuple[int, int] = (0, 1)):
+    """The ``index``-th validation batch (its ``shard``); the same at every evaluation, so val losses compare."""
     rng = np.random.default_rng([seed, _VAL, index])
-    return _batch(data.val, rng, batch_size, seq_len)
+    return _batch(data.val, rng, batch_size, seq_len, shard)

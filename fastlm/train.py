@@ -25,15 +25,17 @@ from tqdm import tqdm
 import kernels
 
 from . import data as data_lib
+from . import distributed
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes, perplexity
+from .hf import load_hf_weights
 from .model import GPT
 from .tokenizer import load_tokenizer
 
 # Fields a resumed run may change: none of them alters what is computed at a step.
 RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
-                     "device", "backend", "compile"}
+                     "device", "backend", "compile", "parallel"}
 
 
 class TrainingError(RuntimeError):
@@ -59,15 +61,16 @@ def resolve_device(cfg: Config) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but CUDA is not available")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 compute on GPU (or when asked for), fp32 otherwise."""
+    return cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
 
 
 def autocast_context(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU (or when asked for), fp32 otherwise."""
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "bfloat16":
+    if uses_bf16(cfg, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -124,25 +127,28 @@ def _write_json(path: Path, obj) -> None:
 
 @torch.no_grad()
 def evaluate(model: GPT, tokens: data_lib.TokenData, cfg: Config, device: torch.device) -> float:
-    """Mean loss over the fixed validation batches."""
+    """Mean loss over the fixed validation batches (each rank evaluates its part of each)."""
     model.eval()
     losses = []
+    shard = (distributed.rank(), distributed.world_size())
     for i in range(cfg.train.eval_batches):
-        x, y = data_lib.val_batch(tokens, cfg.train.seed, i, cfg.train.batch_size, cfg.train.seq_len)
+        x, y = data_lib.val_batch(tokens, cfg.train.seed, i, cfg.train.batch_size, cfg.train.seq_len, shard)
         with autocast_context(cfg, device):
             losses.append(model(x.to(device), y.to(device)).float())
     model.train()
-    return torch.stack(losses).mean().item()
+    return distributed.mean(torch.stack(losses).mean()).item()
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = None,
-          overwrite: bool = False, progress: bool = True) -> TrainResult:
+          overwrite: bool = False, progress: bool = True, init_from: str | Path | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume_from`` (a checkpoint directory of that run),
-    continue from it."""
+    continue from it; with ``init_from`` (a Hugging Face checkpoint directory, see :mod:`fastlm.hf`),
+    start a new run from its weights and, if it has one, its tokenizer."""
     started = time.perf_counter()
+    progress = progress and distributed.is_main()  # only rank 0 prints, logs and plots
     say = print if progress else (lambda *_: None)
     cfg.validate()
     run_dir = Path(run_dir)
@@ -161,27 +167,30 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
             raise TrainingError(f"{run_dir} is not a resumable fastlm run: {e}") from None
         check_resumable(saved, cfg)
 
-    # 2. Data: documents, tokenizer (the run's own when resuming), cached token files.
+    # 2. Data: documents, tokenizer (the run's own when resuming), cached token files (built by rank 0).
     docs = data_lib.load_documents(t.data)
     chash = data_lib.corpus_hash(docs)
-    if resume_from is not None:
-        if saved_data["corpus_hash"] != chash:
-            raise TrainingError(f"the data at {t.data or 'the standard library'} changed since {run_dir} started "
-                                "(its hash differs), so the run cannot continue exactly")
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    else:
-        tokenizer = data_lib.cached_tokenizer(docs, chash, t.val_fraction, cfg.model.vocab_size)
-    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is "
-                          f"{cfg.model.vocab_size}")
-    tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
+    with distributed.main_first():
+        if resume_from is not None:
+            if saved_data["corpus_hash"] != chash:
+                raise TrainingError(f"the data at {t.data or 'the standard library'} changed since {run_dir} "
+                                    "started (its hash differs), so the run cannot continue exactly")
+            tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        elif init_from is not None and (Path(init_from) / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(Path(init_from) / "tokenizer.json")  # the imported weights' own tokens
+        else:
+            tokenizer = data_lib.cached_tokenizer(docs, chash, t.val_fraction, cfg.model.vocab_size)
+        if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is "
+                              f"{cfg.model.vocab_size}")
+        tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
     data_lib.check_lengths(tokens, t.seq_len)
     say(f"data: {len(docs)} documents from {t.data or 'the Python standard library'}, "
         f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens, vocabulary {tokenizer.get_vocab_size()} "
         f"({time.perf_counter() - started:.1f} s)")
 
     # 3. The run directory: config, tokenizer and data description next to the checkpoints.
-    if resume_from is None:
+    if resume_from is None and distributed.is_main():  # the others checked it in step 1, before this
         if run_dir.exists():  # check_new_run_dir allowed it: an old run being overwritten
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
@@ -194,21 +203,28 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 
     # 4. Model and optimizer, restored from the checkpoint when resuming.
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(device)
+    model = GPT(cfg.model)
+    if init_from is not None and resume_from is None:
+        load_hf_weights(init_from, model)
+    model = distributed.parallelize(model.to(device), t.parallel, device, bf16=uses_bf16(cfg, device))
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
         step = state["step"]
-        _write_json(run_dir / "config.json", cfg.to_dict())  # only RESUMABLE_CHANGES can differ
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
+        if distributed.is_main():
+            _write_json(run_dir / "config.json", cfg.to_dict())  # only RESUMABLE_CHANGES can differ
+    if distributed.is_main():
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
     forward = torch.compile(model) if t.compile else model
     say(f"model: {cfg.model.num_params() / 1e6:.1f}M parameters on {device}, kernels backend {t.backend}; "
-        f"{t.max_steps} steps of {t.tokens_per_step:,} tokens" + (f", from step {step}" if step else ""))
+        f"{t.max_steps} steps of {t.tokens_per_step:,} tokens" + (f", from step {step}" if step else "")
+        + (f"; {t.parallel} over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
     # 5. Steps.
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
     peak = peak_flops(device)
+    peak = peak * distributed.world_size() if peak else None  # tokens/s and MFU are the whole job's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     last_good = resume_from
@@ -222,14 +238,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
-                x, y = data_lib.train_batch(tokens, t.seed, step, micro, t.batch_size, t.seq_len)
-                with autocast_context(cfg, device):
-                    loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss / t.grad_accum).backward()
+                x, y = data_lib.train_batch(tokens, t.seed, step, micro, t.batch_size, t.seq_len,
+                                            (distributed.rank(), distributed.world_size()))
+                with distributed.gradient_sync(model, micro == t.grad_accum - 1):
+                    with autocast_context(cfg, device):
+                        loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    (loss / t.grad_accum).backward()
                 loss_sum += loss.detach().float()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                          if t.grad_clip > 0 else None)
-            loss_value = loss_sum.item() / t.grad_accum
+            loss_value = distributed.mean(loss_sum).item() / t.grad_accum
             if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
                 kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise TrainingError(f"non-finite loss ({loss_value}) or gradient at step {step + 1}; training "
@@ -244,10 +262,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_sec = window_steps * t.tokens_per_step / elapsed
-                metrics.log({"step": step, "loss": loss_value, "lr": lr,
-                             "grad_norm": None if grad_norm is None else grad_norm.item(),
-                             "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops_per_token, tokens_per_sec, peak),
-                             "peak_mem_bytes": peak_memory_bytes(device), "tokens": step * t.tokens_per_step})
+                if distributed.is_main():
+                    metrics.log({"step": step, "loss": loss_value, "lr": lr,
+                                 "grad_norm": None if grad_norm is None else grad_norm.item(),
+                                 "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops_per_token, tokens_per_sec, peak),
+                                 "peak_mem_bytes": peak_memory_bytes(device), "tokens": step * t.tokens_per_step})
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
@@ -255,10 +274,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
             paused = time.perf_counter()  # evals and saves do not count against tokens/s
             if step % t.eval_interval == 0 or step == t.max_steps:
                 val_loss = evaluate(forward, tokens, cfg, device)
-                metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
-                metrics.plot(run_dir / "loss.png")
-                bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f} "
-                          f"(ppl {perplexity(val_loss):.1f})")
+                if distributed.is_main():
+                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                    metrics.plot(run_dir / "loss.png")
+                    bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f} "
+                              f"(ppl {perplexity(val_loss):.1f})")
             if step % t.save_interval == 0 or step == t.max_steps:
                 last_good = save_checkpoint(run_dir, step, model, optimizer,
                                             {"data_position": {"seed": t.seed, "step": step, "micro_step": 0}},

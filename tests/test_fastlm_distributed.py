@@ -1,0 +1,148 @@
+"""Data-parallel training on CPU with gloo: 2 processes under torchrun against 1 process.
+
+Each 2-process run is a real ``torchrun --standalone --nproc_per_node=2 -m fastlm train``
+in a subprocess (with a timeout, so a hang fails the test instead of stalling CI); the
+single-process runs go through ``main(argv)`` in this process. The micro model runs on
+the PyTorch references, so a run takes seconds.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastlm.cli import main
+from fastlm.config import Config
+from fastlm.model import GPT
+from test_fastlm_train import losses, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# A global micro-batch of 4 sequences (2 per rank), 2 micro-steps per step, checkpoints at steps 3 and 6.
+MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+         "--seq_len", "32", "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6", "--warmup_steps", "2",
+         "--eval_interval", "3", "--eval_batches", "2", "--log_interval", "1", "--save_interval", "3",
+         "--seed", "0", "--backend", "reference", "--device", "cpu", "--quiet"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+def torchrun(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+    """Run ``args`` (``-m fastlm train ...`` or a script) in 2 processes; fail on a hang."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*TORCHRUN, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_2(*args: str) -> None:
+    result = torchrun(["-m", "fastlm", "train", *args])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    assert all(abs(a[k] - b[k]) <= rel * abs(b[k]) for k in a), (a, b)
+
+
+@pytest.mark.parametrize("parallel, dtype", [("ddp", "float32"), ("fsdp", "float32"), ("fsdp", "bfloat16")])
+def test_two_processes_match_one(tmp_path, corpus, parallel, dtype):
+    """fp32: the same losses and weights up to the order of the gradient reduction. bf16 (autocast in one
+    process, FSDP2's bf16 mixed-precision policy in two, as on GPU): the same losses to bf16 rounding
+    (Adam turns that rounding into weight differences of the order of lr, so weights are not compared)."""
+    rel = 1e-5 if dtype == "float32" else 1e-3
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "one"), *MICRO, "--dtype", dtype]) == 0
+    train_2("--data", str(corpus), "--out", str(tmp_path / "two"), "--parallel", parallel, *MICRO, "--dtype", dtype)
+
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rel)
+    assert_close(losses(tmp_path / "two", "val_loss"), losses(tmp_path / "one", "val_loss"), rel)
+    # The same consolidated files a single process writes.
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        one = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000006" / name))
+        two = load_file(str(tmp_path / "two" / "checkpoints" / "step_00000006" / name))
+        assert one.keys() == two.keys()
+        assert all(one[k].shape == two[k].shape and one[k].dtype == two[k].dtype == torch.float32 for k in one)
+        if dtype == "float32":
+            assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_checkpoint_resumes_in_two_processes_and_loads_in_one(tmp_path, corpus, parallel, capsys):
+    straight = tmp_path / "straight"
+    train_2("--data", str(corpus), "--out", str(straight), "--parallel", parallel, *MICRO)
+
+    # Resumed in 2 processes from the step-3 checkpoint: the same losses, bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    train_2("--resume", str(resumed / "checkpoints" / "step_00000003"))
+    assert losses(resumed) == losses(straight)
+    assert losses(resumed, "val_loss") == losses(straight, "val_loss")
+
+    # Loaded by a single process: for further training (same losses up to the order of the
+    # gradient reduction) and for sampling.
+    single = tmp_path / "single"
+    shutil.copytree(resumed, single)
+    assert main(["train", "--resume", str(single / "checkpoints" / "step_00000003"), "--quiet"]) == 0
+    assert_close(losses(single), losses(straight))
+    capsys.readouterr()
+    assert main(["sample", "--run", str(straight), "--prompt", "def", "--max_new_tokens", "8",
+                 "--backend", "reference"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    model = GPT(Config.from_dict(json.loads((straight / "config.json").read_text())).model)
+    assert load_file(str(straight / "checkpoints" / "step_00000006" / "model.safetensors")).keys() \
+        == model.state_dict().keys()
+
+
+def test_failure_on_one_rank_ends_the_job(tmp_path, corpus):
+    """Rank 1 raises at step 2 while rank 0 waits for its gradients: the job exits non-zero with
+    rank 1's error instead of hanging."""
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+
+        import torch.distributed as dist
+
+        from fastlm import cli, data
+
+        real_train_batch = data.train_batch
+
+        def train_batch(tokens, seed, step, *args, **kwargs):
+            if dist.get_rank() == 1 and step == 2:
+                raise RuntimeError("injected failure on rank 1")
+            return real_train_batch(tokens, seed, step, *args, **kwargs)
+
+        data.train_batch = train_batch
+        sys.exit(cli.main(sys.argv[1:]))
+    """))
+    started = time.monotonic()
+    result = torchrun([str(script), "train", "--data", str(corpus), "--out", str(tmp_path / "run"), *MICRO],
+                      timeout=60)
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed with RuntimeError: injected failure on rank 1" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_batch_that_does_not_split_evenly_is_refused(tmp_path, corpus):
+    result = torchrun(["-m", "fastlm", "train", "--data", str(corpus), "--out", str(tmp_path / "run"), *MICRO,
+                       "--batch_size", "3"], timeout=60)
+    assert result.returncode != 0
+    assert "batch_size 3 is the global micro-batch and must divide evenly among the 2 processes" in result.stderr
+    assert not (tmp_path / "run").exists()

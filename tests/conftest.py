@@ -28,3 +28,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test gets its own fastlm token cache: none reads or writes the user's."""
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small text corpus (a folder of Python-like files) for the trainer's tests."""
+    from test_fastlm_train import write_corpus
+
+    return write_corpus(tmp_path / "corpus")

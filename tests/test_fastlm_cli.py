@@ -15,11 +15,6 @@ MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_hea
          "--backend", "reference", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 4-step micro run (checkpoints at steps 2 and 4), shared by the tests that only read it."""

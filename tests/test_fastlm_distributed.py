@@ -35,16 +35,6 @@ MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_hea
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus")
-
-
 def torchrun(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
     """Run ``args`` (``-m fastlm train ...`` or a script) in 2 processes; fail on a hang."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

@@ -36,16 +36,6 @@ def micro_config(data: Path, **train_overrides) -> Config:
                   TrainConfig(**train_fields)).validate()
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus")
-
-
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[key] for r in records if key in r}

@@ -4,10 +4,15 @@
                               [--seqlens 4096,8192,16384] [--causal both|yes|no] [--json FILE]
 
 The issue's figure: bf16, 16 heads of dim 128, batch x seq = 16k tokens, seq 4k..16k,
-causal forward and forward+backward. TFLOP/s counts 4*B*H*Nq*Nk*D for the forward
-(halved when causal) and 2.5x that for forward+backward; times are the median of
-``triton.testing.do_bench``, inputs created outside the timed closure. The same run
-measures a large bf16 matmul as the device's ceiling. Without a GPU it says so and exits.
+causal forward, backward and forward+backward, each timed separately (the backward on a
+precomputed output, ``out.backward(do, retain_graph=True)``). TFLOP/s counts
+4*B*H*Nq*Nk*D for the forward (halved when causal), 2.5x that for the backward (its five
+matmuls, the recomputed scores included, against the forward's two) and 3.5x for
+forward+backward: FlashAttention's convention, so the figures compare with published
+ones. Times are the median of ``triton.testing.do_bench``, inputs created outside the
+timed closure; each provider's peak memory for a forward+backward is recorded too. The
+same run measures a large bf16 matmul as the device's ceiling. Without a GPU it says so
+and exits.
 """
 
 from __future__ import annotations
@@ -21,13 +26,18 @@ import torch
 from bench import common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("fwd", "bwd", "fwd+bwd")
+# FLOPs of each mode as a multiple of the forward's: the project's convention
+# (shared/docs/testing-kernels.md: x2.5 for forward+backward), which the issue's
+# targets use. It counts the backward's four gradient matmuls, not the recomputation of S.
+FLOP_MULTIPLIER = {"fwd": 1.0, "bwd": 1.5, "fwd+bwd": 2.5}
 
 
 def attention_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, causal: bool, mode: str) -> float:
     flops = 4.0 * batch * heads * nq * nk * head_dim
     if causal:
         flops /= 2
-    return flops * (2.5 if mode == "fwd+bwd" else 1.0)
+    return flops * FLOP_MULTIPLIER[mode]
 
 
 def _providers(causal: bool):
@@ -77,6 +87,10 @@ def matmul_ceiling(dtype: torch.dtype) -> float:
     return 2 * n**3 / ms / 1e9
 
 
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def bench_case(providers, batch, heads, seq, head_dim, dtype, causal) -> list[dict]:
     from triton.testing import do_bench
 
@@ -93,15 +107,35 @@ def bench_case(providers, batch, heads, seq, head_dim, dtype, causal) -> list[di
         try:
             out = call(q, k, v)
             outputs[name] = out.detach().transpose(1, 2) if bshd else out.detach()
+            del out
             fwd = do_bench(lambda: call(q, k, v), warmup=25, rep=200)
             fwd_bwd = do_bench(lambda: call(q, k, v).backward(do), warmup=25, rep=200, grad_to_none=[q, k, v])
         except Exception as e:  # a backend that does not support this case
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row["error"] = _short(e)
             rows.append(row)
             continue
-        for mode, ms in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            row[f"{mode}_ms"] = ms
-            row[f"{mode}_tflops"] = attention_flops(batch, heads, seq, seq, head_dim, causal, mode) / ms / 1e9
+        times = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+        try:  # the backward alone, through one precomputed forward's graph kept alive
+            for t in (q, k, v):
+                t.grad = None
+            out = call(q, k, v)
+            times["bwd"] = do_bench(lambda: out.backward(do, retain_graph=True), warmup=25, rep=200,
+                                    grad_to_none=[q, k, v])
+        except Exception as e:  # e.g. a backward that cannot run twice through one graph
+            row["bwd_error"] = _short(e)
+        out = None
+        for mode in MODES:
+            if mode in times:
+                row[f"{mode}_ms"] = times[mode]
+                flops = attention_flops(batch, heads, seq, seq, head_dim, causal, mode)
+                row[f"{mode}_tflops"] = flops / times[mode] / 1e9
+        try:  # memory above the inputs at the peak of one forward+backward (the gradients included)
+            for t in (q, k, v):
+                t.grad = None
+            peak = common.peak_memory_bytes(lambda: call(q, k, v).backward(do), "cuda")
+            row["fwd+bwd_peak_mem_MB"] = None if peak is None else peak / 2**20
+        except Exception as e:
+            row["peak_mem_error"] = _short(e)
         rows.append(row)
         del q, k, v, do, out
         torch.cuda.empty_cache()
@@ -113,15 +147,21 @@ def bench_case(providers, batch, heads, seq, head_dim, dtype, causal) -> list[di
 
 
 def print_rows(rows: list[dict], ceiling: float) -> None:
+    def cell(r, mode):
+        ms, tf = r.get(f"{mode}_ms"), r.get(f"{mode}_tflops")
+        return f"{ms:8.3f} {tf:8.1f}" if ms is not None else f"{'n/a':>8} {'':>8}"
+
     print(f"{'provider':<16} {'seq':>6} {'batch':>5} {'causal':>6} | {'fwd ms':>8} {'TFLOP/s':>8} | "
-          f"{'f+b ms':>8} {'TFLOP/s':>8} | {'fwd %peak':>9}")
+          f"{'bwd ms':>8} {'TFLOP/s':>8} | {'f+b ms':>8} {'TFLOP/s':>8} | {'fwd %peak':>9} | {'f+b MiB':>8}")
     for r in rows:
         head = f"{r['provider']:<16} {r['seq']:>6} {r['batch']:>5} {str(r['causal']):>6} | "
         if "error" in r:
             print(head + f"n/a ({r['error']})")
             continue
-        print(head + f"{r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} | {r['fwd+bwd_ms']:8.3f} {r['fwd+bwd_tflops']:8.1f} | "
-              f"{100 * r['fwd_tflops'] / ceiling:8.1f}%")
+        mem = r.get("fwd+bwd_peak_mem_MB")
+        print(head + f"{cell(r, 'fwd')} | {cell(r, 'bwd')} | {cell(r, 'fwd+bwd')} | "
+              f"{100 * r['fwd_tflops'] / ceiling:8.1f}% | " + (f"{mem:8.0f}" if mem is not None else f"{'n/a':>8}")
+              + (f"  (bwd: {r['bwd_error']})" if "bwd_error" in r else ""))
     # fastlm against the best SDPA backend, per case
     cases = {(r["seq"], r["causal"]) for r in rows}
     for seq, causal in sorted(cases):
@@ -131,7 +171,10 @@ def print_rows(rows: list[dict], ceiling: float) -> None:
         if ours and sdpa:
             best_f = max(r["fwd_tflops"] for r in sdpa)
             best_fb = max(r["fwd+bwd_tflops"] for r in sdpa)
-            print(f"seq {seq} causal={causal}: fastlm / best SDPA = {ours['fwd_tflops'] / best_f:.2f}x fwd, "
+            bwd_sdpa = [r["bwd_tflops"] for r in sdpa if "bwd_tflops" in r]
+            bwd = (f"{ours['bwd_tflops'] / max(bwd_sdpa):.2f}x bwd, "
+                   if "bwd_tflops" in ours and bwd_sdpa else "")
+            print(f"seq {seq} causal={causal}: fastlm / best SDPA = {ours['fwd_tflops'] / best_f:.2f}x fwd, {bwd}"
                   f"{ours['fwd+bwd_tflops'] / best_fb:.2f}x fwd+bwd"
                   + (f"; max |fastlm - sdpa-flash| = {ours['fastlm_vs_sdpa_flash_max_err']:.2e}"
                      if "fastlm_vs_sdpa_flash_max_err" in ours else ""))
@@ -163,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_case(providers, batch, args.heads, seq, args.head_dim, dtype, causal)
     print_rows(rows, ceiling)
     for r in rows:
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in MODES:
             if f"{mode}_tflops" in r:
                 r[f"{mode}_frac_of_matmul"] = r[f"{mode}_tflops"] / ceiling
     meta = {"device": common.device_name("cuda"), "matmul_TFLOP/s": ceiling, "torch": torch.__version__}

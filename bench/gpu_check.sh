@@ -39,12 +39,12 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   tail -n 3 "$out/$name.log"
 }
 
-step gpu-tests      170 python -m pytest tests -m gpu -q -x --no-header -p no:cacheprovider
-step selfcheck       40 python -m kernels.selfcheck
-step bench-norm      60 python -m bench.norm
-step bench-xent      75 python -m bench.cross_entropy --gpu
-step bench-attention 90 python -m bench.attention
-step bench-train     75 python -m bench.train
+step gpu-tests      140 python -m pytest tests -m gpu -q -x --no-header -p no:cacheprovider
+step selfcheck       25 python -m kernels.selfcheck
+step bench-norm      55 python -m bench.norm --hidden 2048,4096,8192
+step bench-xent      85 python -m bench.cross_entropy --gpu --vocabs 32000,128256
+step bench-attention 95 python -m bench.attention --seqlens 4096,8192
+step bench-train     60 python -m bench.train
 
 {
   echo

@@ -77,5 +77,13 @@ def parallel_programs(device: torch.device) -> int:
     return 4
 
 
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """View ``t`` as (rows, n) with unit stride along the last dim, copying only if it must."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1 and n > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
-from ._launch import KernelSpec, TRITON_DTYPE, next_power_of_2, unique_specs
+from ._launch import KernelSpec, TRITON_DTYPE, as_rows, next_power_of_2, unique_specs
 from ._validate import check_float, check_integer, check_same_device, check_same_dtype
 from . import reference
 from .reference.cross_entropy import REDUCTIONS, chunked_linear_cross_entropy, mean_scale, reduce_loss
@@ -288,19 +288,11 @@ def compile_specs() -> list[KernelSpec]:
 # ----------------------------------------------------------------------------- autograd
 
 
-def _as_rows(t: torch.Tensor, c: int) -> torch.Tensor:
-    """View ``t`` as (rows, c) with unit stride along classes, copying only if it must."""
-    t2 = t.reshape(-1, c)
-    if t2.stride(-1) != 1 and c > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace, compute_grad):
         C = logits.shape[-1]
-        x = _as_rows(logits, C)
+        x = as_rows(logits, C)
         t = target.reshape(-1)
         scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
         grad = None

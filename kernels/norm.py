@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
-from ._launch import KernelSpec, TRITON_DTYPE, cdiv, next_power_of_2, parallel_programs, unique_specs
+from ._launch import KernelSpec, TRITON_DTYPE, as_rows, cdiv, next_power_of_2, parallel_programs, unique_specs
 from ._validate import check_float, check_positive, check_same_device, check_same_dtype
 from . import reference
 
@@ -290,14 +290,6 @@ def _bwd_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool, int]:
     return _row_config(n, **(_BWD_FP32 if dtype == torch.float32 else _BWD))
 
 
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``t`` as (rows, n) with unit stride along features, copying only if it must."""
-    t2 = t.reshape(-1, n)
-    if t2.stride(-1) != 1 and n > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
@@ -413,8 +405,8 @@ class _NormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, normalized_shape, eps, is_rms):
         shape = x.shape
         n = math.prod(normalized_shape)
-        x2 = _as_rows(x, n)
-        r2 = _as_rows(residual, n) if residual is not None else None
+        x2 = as_rows(x, n)
+        r2 = as_rows(residual, n) if residual is not None else None
         w = weight.contiguous() if weight is not None else None
         b = bias.contiguous() if bias is not None else None
         y, s, mean, rstd = _norm_forward(x2, r2, w, b, eps, is_rms)
@@ -429,9 +421,9 @@ class _NormFunction(torch.autograd.Function):
     def backward(ctx, dy, *maybe_ds):
         x2, w, mean, rstd = ctx.saved_tensors
         n = ctx.n
-        dy2 = _as_rows(dy, n)
+        dy2 = as_rows(dy, n)
         ds = maybe_ds[0] if ctx.has_res else None
-        ds2 = _as_rows(ds, n) if ds is not None else None
+        ds2 = as_rows(ds, n) if ds is not None else None
         dx, dw, db = _norm_backward(dy2, x2, w, ctx.has_bias, mean, rstd, ds2, ctx.is_rms)
         dx = dx.view(ctx.shape)
         dres = dx if ctx.has_res else None

@@ -24,8 +24,14 @@ if __name__ == "__main__" and not torch.cuda.is_available() and os.environ.get("
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 
-# Slack: about one ulp of an O(1) value (bf16 also covers the interpreter's truncating cast).
-_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# The comparison rule, shared with tests/numerics.py. Slack per dtype: about one ulp
+# of an O(1) value (bf16 also covers the interpreter's truncating fp32->bf16 cast).
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def golden_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the golden reference for a kernel running in ``dtype``."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
 
 
 def _randn(shapes, device, dtype, seed=0):
@@ -92,12 +98,11 @@ def main() -> int:
         with kernels.use_backend("triton"):
             got = _outputs_and_grads(fn, inputs)
         elapsed = time.perf_counter() - start
-        golden = torch.float64 if dtype == torch.float32 else torch.float32
-        want = _outputs_and_grads(ref, [t.to(golden) for t in inputs])
+        want = _outputs_and_grads(ref, [t.to(golden_dtype(dtype)) for t in inputs])
         same = _outputs_and_grads(ref, inputs)
         err = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, want))
         torch_err = max((a.double() - b.double()).abs().max().item() for a, b in zip(same, want))
-        bound = 2 * torch_err + _ATOL[dtype]
+        bound = 2 * torch_err + ATOL[dtype]
         ok = err <= bound
         failed += not ok
         print(f"{name:<36} {str(dtype).replace('torch.', ''):<9} {err:>10.2e} {torch_err:>10.2e} {bound:>10.2e}  {elapsed:>5.2f}s  {'ok' if ok else 'FAIL'}")

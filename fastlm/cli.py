@@ -1,4 +1,5 @@
-"""``fastlm train``, ``fastlm sample``, ``fastlm export``, ``fastlm presets``.
+"""``fastlm train`` (any task), ``fastlm train-classifier``, ``fastlm sample``, ``fastlm classify``,
+``fastlm translate``, ``fastlm export``, ``fastlm presets``.
 
 Any config field can be overridden on the command line, as ``--n_layer 4``,
 ``--n-layer=4`` or ``--set n_layer=4``; a boolean field alone (``--compile``)
@@ -60,13 +61,19 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import find_checkpoint, train
 
     if args.resume:
-        if args.preset or args.out or args.overwrite:
+        if args.preset or args.out or args.overwrite or (args.task and args.command == "train"):
             raise ConfigError("--resume continues a run with its own config and directory; "
-                              "drop --preset/--out/--overwrite")
+                              "drop --preset/--out/--overwrite/--task")
         run_dir, checkpoint = find_checkpoint(args.resume)
         cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if args.command == "train-classifier" and cfg.train.task != "classify":
+            raise ConfigError(f"{run_dir} trains task {cfg.train.task!r}; resume it with fastlm train --resume")
     else:
-        cfg = preset(args.preset or "tiny")
+        default = {"lm": "tiny", "classify": "tiny-classify", "seq2seq": "tiny-seq2seq"}[args.task or "lm"]
+        args.preset = args.preset or default
+        cfg = preset(args.preset)
+        if args.task:
+            cfg.train.task = args.task
         checkpoint = None
     if args.init_from:
         if args.resume:
@@ -78,7 +85,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         cfg.train.data = str(Path(args.data).expanduser().resolve())
     _parse_overrides(cfg, args.set, rest)
     if not args.resume:
-        run_dir = Path(args.out or f"runs/{args.preset or 'tiny'}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     try:
         with distributed.process_group(cfg):  # under torchrun: one process per GPU (or CPU slot)
@@ -95,9 +102,25 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"{run_dir} already finished its {result.step} steps; nothing to do")
         return 0
     print(f"trained to step {result.step} in {result.seconds:.0f} s ({result.tokens_per_sec:,.0f} tokens/s); "
-          f"final train loss {result.loss:.3f}, val loss {result.val_loss:.3f} "
-          f"(ln(vocab_size) = {math.log(cfg.model.vocab_size):.3f})")
-    print(f"run directory: {run_dir}\nsample from it: fastlm sample --run {run_dir} --prompt 'class'")
+          f"final train loss {result.loss:.3f}, val loss {result.val_loss:.3f}", end="")
+    task = cfg.train.task
+    if task == "lm":
+        print(f" (ln(vocab_size) = {math.log(cfg.model.vocab_size):.3f})")
+        print(f"run directory: {run_dir}\nsample from it: fastlm sample --run {run_dir} --prompt 'class'")
+    elif task == "classify":
+        e = result.evals
+        from .tasks import format_confusion
+
+        print(f", accuracy {e['val_accuracy']:.3f}, macro-F1 {e['val_macro_f1']:.3f} "
+              f"(chance {1 / cfg.model.num_classes:.3f})")
+        labels = json.loads((run_dir / "data.json").read_text())["labels"]
+        print(f"confusion matrix on the validation split (rows: true label):\n"
+              f"{format_confusion(e['val_confusion'], labels)}")
+        print(f"run directory: {run_dir}\npredict with it: fastlm classify --run {run_dir} 'TEXT' ...")
+    else:
+        e = result.evals
+        print(f", BLEU {e['val_bleu']:.2f}, exact match {e['val_exact_match']:.3f}")
+        print(f"run directory: {run_dir}\ntranslate with it: fastlm translate --run {run_dir} 'TEXT' ...")
     return 0
 
 
@@ -115,7 +138,7 @@ def _sample(args: argparse.Namespace) -> int:
             raise CheckpointError(f"run {args.run} has no checkpoint for step {checkpoint}; it has: "
                                   f"{', '.join(p.name for p in list_checkpoints(args.run)) or 'none'}")
         checkpoint = matches[0]
-    model, tokenizer, _ = load_run(args.run, checkpoint, device)
+    model, tokenizer, _ = load_run(args.run, checkpoint, device, task="lm")
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     with kernels.use_backend(args.backend):
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, num_samples=args.num_samples,
@@ -128,12 +151,65 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """The texts to run on: the arguments, or with ``-`` (or none), one per line of standard input."""
+    texts = args.text
+    if not texts or texts == ["-"]:
+        if sys.stdin.isatty():
+            raise ConfigError("give the texts as arguments, or pipe them in one per line")
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.escapes:
+        texts = [t.encode().decode("unicode_escape") for t in texts]
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ConfigError(f"text {empty[0] + 1} is empty; every input needs some text")
+    return texts
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import kernels
+
+    from .generate import classify, load_run
+
+    texts = _inputs(args)
+    model, tokenizer, cfg = load_run(args.run, args.checkpoint, _device(args.device), task="classify")
+    labels = json.loads((args.run / "data.json").read_text())["labels"]
+    with kernels.use_backend(args.backend):
+        results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
+    for text, probs in zip(texts, results):
+        top = list(probs.items())[:args.top]
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        print(f"{top[0][0]}\t" + "  ".join(f"{label} {p:.3f}" for label, p in top) + f"\t{shown!r}")
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import kernels
+
+    from .generate import load_run, translate
+
+    texts = _inputs(args)
+    model, tokenizer, cfg = load_run(args.run, args.checkpoint, _device(args.device), task="seq2seq")
+    with kernels.use_backend(args.backend):
+        outputs = translate(model, tokenizer, texts, max_new_tokens=args.max_new_tokens or cfg.train.target_len,
+                            max_source_len=cfg.train.seq_len, beam_size=args.beam, length_penalty=args.length_penalty)
+    for text in outputs:
+        print(text)
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _export(args: argparse.Namespace) -> int:
     from .generate import load_run
     from .hf import export_model
     from .tokenizer import eot_id
 
-    model, tokenizer, _ = load_run(args.run, args.checkpoint)
+    model, tokenizer, _ = load_run(args.run, args.checkpoint, task="lm")
     out = export_model(model, args.to, tokenizer_json=args.run / "tokenizer.json", eos_token_id=eot_id(tokenizer),
                        overwrite=args.overwrite)
     print(f"exported {args.run} to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
@@ -141,23 +217,37 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _presets() -> int:
+    import torch
+
+    from .model import build_model
+
     for name, cfg in PRESETS.items():
-        m = cfg.model
-        print(f"{name:<12} {m.num_params() / 1e6:8.1f}M params  {m.n_layer} layers, d={m.n_embd}, "
+        m, task = cfg.model, cfg.train.task
+        with torch.device("meta"):  # counted from the real modules, nothing allocated
+            shape = Config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "num_classes": 2}}).model
+            params = sum(p.numel() for p in build_model(shape, task).parameters())
+        layers = f"{m.encoder_layers}+{m.n_layer}" if task == "seq2seq" else str(m.n_layer)
+        print(f"{name:<14} {task:<8} {params / 1e6:8.1f}M params  {layers} layers, d={m.n_embd}, "
               f"{m.n_head} heads ({m.kv_heads} kv), {m.norm}, {m.mlp}, {m.position} positions, "
               f"vocab {m.vocab_size}, context {m.block_size}")
     print("\noverridable fields (--NAME VALUE or --set NAME=VALUE):\n" + describe_fields())
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastlm", description="Train and sample small language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    tr = sub.add_parser("train", help="train a model (any config field can be overridden: --NAME VALUE)",
-                        epilog="fields:\n" + describe_fields(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("--preset", help=f"named config: {', '.join(PRESETS)} (default tiny)")
-    tr.add_argument("--data", help="a text file or folder (default: the Python standard library's source)")
+def _train_parser(sub, command: str) -> None:
+    if command == "train":
+        tr = sub.add_parser("train", help="train a model (any config field can be overridden: --NAME VALUE)",
+                            epilog="fields:\n" + describe_fields(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        tr.add_argument("--task", choices=["lm", "classify", "seq2seq"],
+                        help="lm: language model (default); classify: text -> label; seq2seq: text -> text")
+    else:
+        tr = sub.add_parser("train-classifier", help="train a text classifier (fastlm train --task classify)")
+        tr.set_defaults(task="classify")
+    tr.add_argument("--preset", help=f"named config: {', '.join(PRESETS)} (default: tiny, tiny-classify or "
+                                     "tiny-seq2seq, by task)")
+    tr.add_argument("--data", help="lm: a text file or folder; classify: a .csv or .jsonl of text,label; seq2seq: "
+                                   "a .jsonl (or .csv) of source,target (default: the task's built-in data set, "
+                                   "made from the Python standard library)")
     tr.add_argument("--out", help="run directory (default runs/PRESET-TIMESTAMP)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run (or one of its checkpoint directories)")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -166,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastlm", description="Train and sample small language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for command in ("train", "train-classifier"):
+        _train_parser(sub, command)
     sa = sub.add_parser("sample", help="generate text from a trained run")
     sa.add_argument("--run", required=True, type=Path, help="run directory")
     sa.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
@@ -187,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", required=True, type=Path, help="output directory (must be new or empty)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
 
+    for command, help_text in (("classify", "predict labels with a trained classifier run"),
+                               ("translate", "decode target texts with a trained seq2seq run")):
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument("--run", required=True, type=Path, help="run directory")
+        p.add_argument("text", nargs="*", help="input texts (none or '-': one per line of standard input)")
+        p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: the latest)")
+        p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the texts")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
+        if command == "classify":
+            p.add_argument("--top", type=int, default=3, help="labels shown per text, most likely first")
+        else:
+            p.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
+            p.add_argument("--length_penalty", "--length-penalty", type=float, default=1.0,
+                           help="beam search ranks finished targets by score / length ** this")
+            p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="default: the run's target_len")
+
     sub.add_parser("presets", help="list the presets and the config fields")
     return parser
 
@@ -195,12 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command != "train" and rest:
+        if args.command not in ("train", "train-classifier") and rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command == "train":
+        if args.command in ("train", "train-classifier"):
             return _train(args, rest)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "classify":
+            return _classify(args)
+        if args.command == "translate":
+            return _translate(args)
         if args.command == "export":
             return _export(args)
         return _presets()

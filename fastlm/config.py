@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The shape of a decoder-only transformer; GPT-2 and Llama are two settings of it."""
+    """The shape of a transformer; GPT-2 and Llama are two settings of it. The same fields shape the
+    encoder classifier and the encoder-decoder (see ``TrainConfig.task``)."""
 
     vocab_size: int = 50304
     block_size: int = 1024  # longest sequence the model sees (learned positions, RoPE tables, KV cache)
@@ -40,6 +41,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    num_classes: int = 0  # task classify: number of labels (0: set from the data when training starts)
+    n_encoder_layer: Optional[int] = None  # task seq2seq: encoder blocks (None: n_layer); the decoder has n_layer
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layer if self.n_encoder_layer is None else self.n_encoder_layer
 
     @property
     def kv_heads(self) -> int:
@@ -72,18 +79,25 @@ class ModelConfig:
         final_norm = d * (2 if self.norm == "layernorm" else 1)
         return self.n_layer * per_layer + emb + head + final_norm
 
+    def layer_weights(self, cross_attention: bool = False) -> int:
+        """Weights of one block's matmuls (attention and MLP; with ``cross_attention``, a decoder
+        block's cross-attention queries and output too, whose keys and values run on the source)."""
+        d, hd, kv = self.n_embd, self.head_dim, self.kv_heads
+        weights = d * (self.n_head + 2 * kv) * hd + self.n_head * hd * d
+        weights += d * self.hidden * (3 if self.mlp == "swiglu" else 2)
+        if cross_attention:
+            weights += 2 * self.n_head * hd * d
+        return weights
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward) per token at ``seq_len``.
+        """Training FLOPs (forward + backward) per token at ``seq_len``, for the decoder-only LM.
 
         6 per weight of every matmul (the head included, the embedding lookups not),
         plus attention's two matmuls: 12 * n_layer * n_head * head_dim * seq_len
         for full attention, halved because causal attention computes half the scores.
         """
-        d, hd, kv = self.n_embd, self.head_dim, self.kv_heads
-        matmul = d * (self.n_head + 2 * kv) * hd + self.n_head * hd * d
-        matmul += d * self.hidden * (3 if self.mlp == "swiglu" else 2)
-        weights = self.n_layer * matmul + self.vocab_size * d
-        attention = 12 * self.n_layer * self.n_head * hd * seq_len / 2
+        weights = self.n_layer * self.layer_weights() + self.vocab_size * self.n_embd
+        attention = 12 * self.n_layer * self.n_head * self.head_dim * seq_len / 2
         return 6.0 * weights + attention
 
 
@@ -91,9 +105,15 @@ class ModelConfig:
 class TrainConfig:
     """The training recipe and where its data comes from."""
 
-    data: Optional[str] = None  # a text file or a folder of them; None: the Python standard library's source
+    # lm: next-token prediction (decoder-only); classify: text -> label (encoder + head); seq2seq: text -> text
+    # (encoder-decoder). Each has a built-in default data set made from the Python standard library.
+    task: Literal["lm", "classify", "seq2seq"] = "lm"
+    # lm: a text file or a folder of them; classify: a .csv/.jsonl of text,label; seq2seq: a .jsonl (or .csv)
+    # of source,target. None: the task's built-in data from the Python standard library.
+    data: Optional[str] = None
     val_fraction: float = 0.05  # share of documents held out for validation
-    seq_len: int = 256
+    seq_len: int = 256  # lm: tokens per sequence; classify/seq2seq: longest input (longer ones are truncated)
+    target_len: int = 64  # seq2seq: longest target in tokens, end token included (longer ones are truncated)
     batch_size: int = 16  # sequences per micro-batch, over all processes together
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
@@ -167,7 +187,7 @@ class Config:
                     ("eval_interval", t.eval_interval), ("eval_batches", t.eval_batches),
                     ("log_interval", t.log_interval), ("save_interval", t.save_interval),
                     ("keep_last", t.keep_last), ("norm_eps", m.norm_eps), ("rope_theta", m.rope_theta),
-                    ("init_std", m.init_std), ("lr", t.lr)]
+                    ("init_std", m.init_std), ("lr", t.lr), ("target_len", t.target_len)]
         for name, value in positive:
             if not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
@@ -181,6 +201,12 @@ class Config:
             raise ConfigError(f"n_kv_head ({m.n_kv_head}) must divide n_head ({m.n_head})")
         if m.position == "rope" and m.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head_dim, got {m.head_dim}")
+        if m.n_encoder_layer is not None and m.n_encoder_layer <= 0:
+            raise ConfigError(f"n_encoder_layer must be positive, got {m.n_encoder_layer}")
+        if m.num_classes < 0 or m.num_classes == 1:
+            raise ConfigError(f"num_classes must be 0 (from the data) or at least 2, got {m.num_classes}")
+        if t.task == "seq2seq" and t.target_len > m.block_size:
+            raise ConfigError(f"target_len ({t.target_len}) cannot exceed block_size ({m.block_size})")
         if m.mlp_hidden is not None and m.mlp_hidden <= 0:
             raise ConfigError(f"mlp_hidden must be positive, got {m.mlp_hidden}")
         if m.vocab_size < 260:
@@ -294,6 +320,18 @@ PRESETS: dict[str, Config] = {
                     norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False),
         TrainConfig(seq_len=128, batch_size=16, max_steps=500, lr=3e-3, min_lr=3e-4, warmup_steps=30,
                     eval_interval=100, eval_batches=8, log_interval=10, save_interval=250),
+    ),
+    # The other two tasks' built-in data sets (see fastlm.taskdata), a few minutes each on 2 CPU cores.
+    "tiny-classify": Config(
+        ModelConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128),
+        TrainConfig(task="classify", seq_len=128, batch_size=32, max_steps=400, lr=1e-3, min_lr=1e-4,
+                    warmup_steps=30, val_fraction=0.2, eval_interval=100, log_interval=10, save_interval=200),
+    ),
+    "tiny-seq2seq": Config(
+        ModelConfig(vocab_size=4096, block_size=256, n_layer=3, n_encoder_layer=3, n_head=4, n_embd=128),
+        TrainConfig(task="seq2seq", seq_len=256, target_len=48, batch_size=16, max_steps=600, lr=2e-3,
+                    min_lr=2e-4, warmup_steps=30, val_fraction=0.05, eval_interval=200, eval_batches=4,
+                    log_interval=10, save_interval=300),
     ),
     "gpt2": Config(_gpt2(12, 12, 768), TrainConfig(seq_len=1024, batch_size=16, grad_accum=8, max_steps=5000,
                                                    warmup_steps=200)),

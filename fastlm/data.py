@@ -24,6 +24,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -153,12 +154,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def cached_tokenizer(docs: list[Document], chash: str, val_fraction: float, vocab_size: int) -> Tokenizer:
     """The tokenizer for this corpus (of hash ``chash``) and vocabulary size: from the cache,
     or trained on the train split."""
-    key = hashlib.sha256(f"{CACHE_FORMAT}:{chash}:{val_fraction}:{vocab_size}".encode()).hexdigest()
-    path = cache_dir() / "tokenizers" / f"{key[:32]}.json"
+    return tokenizer_from_cache(f"{CACHE_FORMAT}:{chash}:{val_fraction}:{vocab_size}",
+                                lambda: (d.text for d in split_documents(docs, val_fraction)[0]), vocab_size)
+
+
+def tokenizer_from_cache(key: str, texts: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
+    """The tokenizer cached under ``key``, or one trained on ``texts()`` (training text only) and cached."""
+    path = cache_dir() / "tokenizers" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
     if path.is_file():
         return Tokenizer.from_file(str(path))
-    train_docs, _ = split_documents(docs, val_fraction)
-    tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size)
+    tokenizer = train_tokenizer(texts(), vocab_size)
     _atomic_write_bytes(path, tokenizer.to_str().encode())
     return tokenizer
 

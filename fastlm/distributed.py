@@ -125,7 +125,7 @@ def parallelize(model: nn.Module, parallel: str, device: torch.device, bf16: boo
         # Blocks return the split outputs of fused kernels (views) that the model never changes in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for block in model.transformer.h:
+        for block in model.blocks():
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
@@ -158,6 +158,28 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     total = value.clone()
     dist.all_reduce(total)  # a sum: gloo has no average
     return total / dist.get_world_size()
+
+
+def total(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a CPU tensor over the ranks (counts, confusion matrices)."""
+    if not dist.is_initialized():
+        return value
+    out = value.to(_collective_device())
+    dist.all_reduce(out)
+    return out.to(value.device)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list, concatenated in rank order (picklable items: decoded ids, texts)."""
+    if not dist.is_initialized():
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

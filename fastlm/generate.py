@@ -1,10 +1,16 @@
-"""Sampling from a trained run: temperature, top-k, top-p, a seed, and a KV cache.
+"""Inference from a trained run: sampling from a language model (temperature, top-k, top-p, a seed,
+and a KV cache), greedy and beam-search decoding for the encoder-decoder, label prediction for the
+classifier.
 
 The prompt is run once to fill the cache (prefill), then each new token costs
 one position. When the context reaches ``block_size`` the window slides: the
 last ``block_size // 2`` tokens are run again to refill the cache. Without the
 cache (``use_cache=False``) the same window is recomputed every step, which is
 how the tests check the cache.
+
+The encoder-decoder encodes the source once; its cross-attention keys and values
+are computed once per layer, and the decoder's self-attention runs on a KV cache
+that beam search reorders as beams are kept and dropped.
 """
 
 from __future__ import annotations
@@ -13,31 +19,44 @@ import contextlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 from tokenizers import Tokenizer
 
 from .checkpoint import CheckpointError, list_checkpoints, load_weights, verify_checkpoint
 from .config import Config
-from .model import GPT, KVCache
+from .model import GPT, Classifier, KVCache, Seq2Seq, build_model
 from .tokenizer import eot_id, load_tokenizer
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
-             device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, Config]:
-    """The model of a run (its latest checkpoint unless one is named), its tokenizer and config."""
+             device: torch.device | str = "cpu", task: str | None = None) -> tuple[GPT, Tokenizer, Config]:
+    """The model of a run (its latest checkpoint unless one is named), its tokenizer and config;
+    with ``task``, an error unless the run trained that task."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fastlm run directory (no config.json)")
     cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if task is not None and cfg.train.task != task:
+        raise CheckpointError(f"run {run_dir} trained task {cfg.train.task!r}, not {task!r}; use "
+                              f"{_COMMAND_FOR[cfg.train.task]} with it")
     if checkpoint is None:
         found = list_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"run {run_dir} has no checkpoint yet")
         checkpoint = found[-1]
     verify_checkpoint(Path(checkpoint))
-    model = GPT(cfg.model)
+    model = build_model(cfg.model, cfg.train.task)
     load_weights(Path(checkpoint), model)
     return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer.json"), cfg
+
+
+_COMMAND_FOR = {"lm": "fastlm sample", "classify": "fastlm classify", "seq2seq": "fastlm translate"}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -71,8 +90,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples:
     device = next(model.parameters()).device
     block = model.config.block_size
     generator = torch.Generator(device).manual_seed(seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = _autocast(device)
     cache_dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
     tokens = torch.tensor([prompt] * num_samples, device=device)  # (B, T)
     window = max(0, tokens.size(1) - block + 1)  # first position the model sees
@@ -104,3 +122,139 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
             sample = sample[:sample.index(eot)]
         texts.append(prompt + tokenizer.decode(sample))
     return texts
+
+
+# ----------------------------------------------------------------------------- encoder-decoder
+
+
+def _padded(seqs: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-padded into (B, S), and their lengths (B,)."""
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("every source must hold at least one token")
+    out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+    return out.to(device), torch.tensor([len(s) for s in seqs], device=device)
+
+
+def _cut(ids: list[int], eot: int) -> list[int]:
+    return ids[:ids.index(eot)] if eot in ids else ids
+
+
+@torch.no_grad()
+def decode_batch(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *, beam_size: int = 1,
+                 length_penalty: float = 1.0, use_cache: bool = True, fixed_steps: bool = False) -> list[list[int]]:
+    """The decoded target ids (end token excluded) for each source (a list of token ids).
+
+    ``beam_size=1`` is greedy decoding; larger beams keep the ``beam_size`` best partial targets by
+    summed log-probability and return the finished one with the best ``score / length ** length_penalty``.
+    Decoding starts from the end token (the start token in training) and stops at it, or after
+    ``max_new_tokens``; ``fixed_steps`` always runs them all (every rank the same number of forwards).
+    """
+    if beam_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"need beam_size >= 1 and max_new_tokens >= 1, got {beam_size} and {max_new_tokens}")
+    if beam_size > 1:
+        return beam_search(model, sources, max_new_tokens, eot, beam_size=beam_size, length_penalty=length_penalty,
+                           use_cache=use_cache, fixed_steps=fixed_steps)
+    return greedy_decode(model, sources, max_new_tokens, eot, use_cache=use_cache, fixed_steps=fixed_steps)
+
+
+@torch.no_grad()
+def greedy_decode(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *, use_cache: bool = True,
+                  fixed_steps: bool = False) -> list[list[int]]:
+    """The most likely next token at every step, until the end token (see :func:`decode_batch`)."""
+    device = next(model.parameters()).device
+    src, src_lens = _padded(sources, device)
+    memory = model.encode(src, src_lens)
+    tokens = torch.full((len(sources), 1), eot, dtype=torch.long, device=device)
+    done = torch.zeros(len(sources), dtype=torch.bool, device=device)
+    cache = KVCache.empty(model.config, len(sources), device, _cache_dtype(model)) if use_cache else None
+    for _ in range(max_new_tokens):
+        logits = model.next_logits(tokens[:, -1:] if use_cache else tokens, memory, src_lens, cache)
+        token = logits.argmax(dim=-1).masked_fill(done, eot)
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        done |= token == eot
+        if done.all() and not fixed_steps:
+            break
+    return [_cut(row, eot) for row in tokens[:, 1:].tolist()]
+
+
+def _cache_dtype(model: nn.Module) -> torch.dtype:
+    device = next(model.parameters()).device
+    return torch.bfloat16 if device.type == "cuda" and torch.is_autocast_enabled("cuda") else \
+        next(model.parameters()).dtype
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *, beam_size: int,
+                length_penalty: float = 1.0, use_cache: bool = True, fixed_steps: bool = False) -> list[list[int]]:
+    """The ``beam_size`` best partial targets by summed log-probability, kept step by step (see
+    :func:`decode_batch`); a finished beam stays, extended by the end token at no cost."""
+    device = next(model.parameters()).device
+    B, K = len(sources), beam_size
+    src, src_lens = _padded(sources, device)
+    src, src_lens = src.repeat_interleave(K, dim=0), src_lens.repeat_interleave(K)  # row b * K + k
+    memory = model.encode(src, src_lens)
+    tokens = torch.full((B * K, 1), eot, dtype=torch.long, device=device)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live beam per source at the start, so the first step does not pick K copies
+    done = torch.zeros(B * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * K, device=device)  # generated tokens, the end token included
+    cache = KVCache.empty(model.config, B * K, device, _cache_dtype(model)) if use_cache else None
+    for _ in range(max_new_tokens):
+        logits = model.next_logits(tokens[:, -1:] if use_cache else tokens, memory, src_lens, cache)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        V = logp.size(-1)
+        logp[done] = float("-inf")  # a finished beam continues only with the end token, at no cost
+        logp[done, eot] = 0.0
+        top, index = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=-1)
+        parent = (torch.arange(B, device=device)[:, None] * K + index // V).view(-1)
+        token = (index % V).view(-1)
+        tokens = torch.cat([tokens[parent], token[:, None]], dim=1)
+        lengths = lengths[parent] + (~done[parent]).float()
+        done = done[parent] | (token == eot)
+        scores = top
+        if cache is not None:
+            cache.reorder(parent)
+        if done.all() and not fixed_steps:
+            break
+    best = (scores / lengths.view(B, K).clamp(min=1) ** length_penalty).argmax(dim=-1)
+    rows = torch.arange(B, device=device) * K + best
+    return [_cut(row, eot) for row in tokens[rows, 1:].tolist()]
+
+
+def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], *, max_new_tokens: int, max_source_len: int,
+              beam_size: int = 1, length_penalty: float = 1.0, batch_size: int = 16) -> list[str]:
+    """The model's target text for each source text; sources longer than ``max_source_len`` tokens are
+    truncated with a TruncationWarning."""
+    from .tasks import encode_texts
+
+    eot = eot_id(tokenizer)
+    sources = encode_texts(tokenizer, list(texts), max_source_len, "sources")
+    device = next(model.parameters()).device
+    out = []
+    with _autocast(device):
+        for i in range(0, len(sources), batch_size):
+            out += decode_batch(model, sources[i:i + batch_size], max_new_tokens, eot, beam_size=beam_size,
+                                length_penalty=length_penalty)
+    return [tokenizer.decode(ids) for ids in out]
+
+
+@torch.no_grad()
+def classify(model: Classifier, tokenizer: Tokenizer, labels: list[str], texts: list[str], *,
+             max_len: int, batch_size: int = 32) -> list[dict[str, float]]:
+    """Label probabilities of each text, most likely first; texts longer than ``max_len`` tokens are
+    truncated with a TruncationWarning."""
+    from .tasks import encode_texts
+
+    seqs = encode_texts(tokenizer, list(texts), max_len, "texts")
+    device = next(model.parameters()).device
+    out = []
+    with _autocast(device):
+        for i in range(0, len(seqs), batch_size):
+            x, lens = _padded(seqs[i:i + batch_size], device)
+            probs = torch.softmax(model(x, lens).float(), dim=-1).cpu()
+            for row in probs:
+                order = row.argsort(descending=True).tolist()
+                out.append({labels[j]: row[j].item() for j in order})
+    return out

@@ -1,4 +1,5 @@
-"""A decoder-only transformer: GPT-2 and Llama as two settings of one config.
+"""Transformers on the fused kernels: the decoder-only LM (GPT-2 and Llama as two settings of one
+config), a bidirectional encoder classifier and an encoder-decoder, built from the same blocks.
 
 The hot ops run through :mod:`kernels`: attention, the residual add fused into
 the following norm (``add_layer_norm`` / ``add_rms_norm``) and the head fused
@@ -30,6 +31,13 @@ mapping:
 
 Rotary embeddings use the rotate-half convention of HF's Llama, so its q/k
 weights need no permutation.
+
+The encoder (:class:`Classifier`, and the first half of :class:`Seq2Seq`) is the
+same stack with bidirectional attention; right padding is masked by passing the
+true lengths to the attention kernel as ``kv_lens``, so a padded position is never
+a key and changing it changes no real position's output. The decoder of
+:class:`Seq2Seq` adds cross-attention (queries from the target, keys and values
+from the encoder output, ``kv_lens`` again) between self-attention and the MLP.
 """
 
 from __future__ import annotations
@@ -110,21 +118,29 @@ class KVCache:
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)])
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (beam search: each surviving beam continues its parent's cache)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
 
 # ----------------------------------------------------------------------------- blocks
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+class SelfAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention; causal for decoders, bidirectional for encoders."""
+
+    def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         qkv = (config.n_head + 2 * config.kv_heads) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.rotary = config.position == "rope"
+        self.causal = causal
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -140,9 +156,35 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
         # Causal masking is bottom-right aligned, so T new queries against a longer
         # cached key sequence see every cached position and their own prefix.
-        y = kernels.attention(q, k, v, causal=True)  # (B, H, T, D)
+        y = kernels.attention(q, k, v, causal=self.causal, kv_lens=kv_lens)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the encoder output ("memory"). Its keys and values depend on the
+    source alone, so decoding computes them once (:meth:`memory_kv`) and reuses them every step."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.bias)
+        self.kv_proj = nn.Linear(config.n_embd, 2 * config.kv_heads * config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, S, D) of the encoder output ``memory`` (B, S, n_embd)."""
+        B, S, _ = memory.shape
+        k, v = self.kv_proj(memory).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
+                src_lens: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = memory_kv
+        y = kernels.attention(q, k.to(q.dtype), v.to(q.dtype), causal=False, kv_lens=src_lens)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -167,40 +209,69 @@ class Block(nn.Module):
     """Pre-norm block over a split residual stream: ``h`` is the last branch output not yet
     added to ``residual``, so each add happens inside the next norm's fused kernel."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config, causal)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, h, residual, rope, cache, layer):
+    def forward(self, h, residual, rope, cache, layer, kv_lens=None):
         x, residual = add_norm(self.ln_1, h, residual)
-        h = self.attn(x, rope, cache, layer)
+        h = self.attn(x, rope, cache, layer, kv_lens)
         x, residual = add_norm(self.ln_2, h, residual)
         return self.mlp(x), residual
 
 
-# ----------------------------------------------------------------------------- the model
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the encoder output, MLP; pre-norm, split residual."""
 
-
-class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
-        modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
+        self.ln_1 = make_norm(config)
+        self.attn = SelfAttention(config, causal=True)
+        self.ln_2 = make_norm(config)
+        self.cross = CrossAttention(config)
+        self.ln_3 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, h, residual, rope, cache, layer, memory_kv, src_lens):
+        x, residual = add_norm(self.ln_1, h, residual)
+        h = self.attn(x, rope, cache, layer)
+        x, residual = add_norm(self.ln_2, h, residual)
+        h = self.cross(x, memory_kv, src_lens)
+        x, residual = add_norm(self.ln_3, h, residual)
+        return self.mlp(x), residual
+
+
+# ----------------------------------------------------------------------------- shared by the models
+
+
+class _Transformer(nn.Module):
+    """Positions (a learned table or rotary buffers), embedding of a token stream, GPT-2's init:
+    what the three models below share."""
+
+    config: ModelConfig
+
+    def _position_modules(self, config: ModelConfig) -> dict[str, nn.Module]:
+        """``{"wpe": table}`` for learned positions; for rotary ones, registers the cos/sin buffers (once)."""
         if config.position == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        else:
+            return {"wpe": nn.Embedding(config.block_size, config.n_embd)}
+        if not hasattr(self, "rope_cos"):
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        modules["ln_f"] = make_norm(config)
-        self.transformer = nn.ModuleDict(modules)
-        # A tied head is the embedding matrix itself: no separate parameter, nothing shared in checkpoints.
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.reset_parameters()
+        return {}
+
+    def _embed(self, stack: nn.ModuleDict, h: torch.Tensor, start: int):
+        """Token embeddings ``h`` (B, T, C) at positions ``start..start+T`` of ``stack``: with learned
+        positions added, or with the rotary tables for those positions."""
+        T = h.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if "wpe" in stack:
+            return h + stack.wpe(torch.arange(start, start + T, device=h.device)), None
+        return h, (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
 
     def reset_parameters(self) -> None:
         """GPT-2's init: N(0, 0.02), output projections scaled by 1/sqrt(2 * n_layer), zero biases."""
@@ -216,28 +287,65 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in order: the units FSDP shards."""
+        raise NotImplementedError
+
+
+def _check_lengths(idx: torch.Tensor, lens: torch.Tensor, name: str) -> None:
+    """``lens`` (B,) integer, each in [1, T] for token ids ``idx`` (B, T): a padded batch's true lengths."""
+    if lens.dim() != 1 or lens.size(0) != idx.size(0) or lens.dtype.is_floating_point or lens.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of shape ({idx.size(0)},), one length per sequence; "
+                         f"got {lens.dtype} of shape {tuple(lens.shape)}")
+    lo, hi = lens.min().item(), lens.max().item()
+    if lo < 1 or hi > idx.size(1):
+        raise ValueError(f"{name} must lie in [1, {idx.size(1)}] (the padded length); got values in [{lo}, {hi}]")
+
+
+def _encode(model: _Transformer, stack: nn.ModuleDict, h: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Bidirectional blocks of ``stack`` over embeddings ``h`` (B, T, C), right padding masked by ``lens``;
+    the final normed hidden states (B, T, C)."""
+    h, rope = model._embed(stack, h, 0)
+    residual = None
+    for layer, block in enumerate(stack.h):
+        h, residual = block(h, residual, rope, None, layer, lens)
+    return add_norm(stack.ln_f, h, residual)[0]
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+class GPT(_Transformer):
+    """The decoder-only language model."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd), **self._position_modules(config)}
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
+        # A tied head is the embedding matrix itself: no separate parameter, nothing shared in checkpoints.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.h)
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, n_embd) for token ids ``idx`` (B, T)."""
-        B, T = idx.shape
         start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        h = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if "wpe" in self.transformer:
-            h = h + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        h, rope = self._embed(self.transformer, self.transformer.wte(idx), start)
         residual = None
         for layer, block in enumerate(self.transformer.h):
             h, residual = block(h, residual, rope, cache, layer)
         x, _ = add_norm(self.transformer.ln_f, h, residual)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.size(1)
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -251,3 +359,111 @@ class GPT(nn.Module):
             return kernels.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
                                                 targets.reshape(-1))
         return F.linear(x[:, -1], weight)
+
+
+class Classifier(_Transformer):
+    """A bidirectional encoder, mean-pooled over each sequence's real tokens, and a linear head over
+    ``config.num_classes`` labels."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.num_classes < 2:
+            raise ValueError(f"a classifier needs num_classes >= 2, got {config.num_classes}")
+        self.config = config
+        modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd), **self._position_modules(config)}
+        modules["h"] = nn.ModuleList([Block(config, causal=False) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
+        self.head = nn.Linear(config.n_embd, config.num_classes)
+        self.reset_parameters()
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.h)
+
+    def forward(self, idx: torch.Tensor, lens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``idx`` (B, T) right-padded to T, true lengths ``lens`` (B,). With ``labels`` (B,):
+        the mean cross-entropy loss; without: logits (B, num_classes)."""
+        _check_lengths(idx, lens, "lens")
+        x = _encode(self, self.transformer, self.transformer.wte(idx), lens)
+        real = (torch.arange(idx.size(1), device=idx.device) < lens[:, None]).to(x.dtype)  # (B, T)
+        pooled = (x * real[..., None]).sum(dim=1) / lens[:, None].to(x.dtype)
+        logits = self.head(pooled)
+        if labels is None:
+            return logits
+        return kernels.cross_entropy(logits, labels)
+
+
+class Seq2Seq(_Transformer):
+    """An encoder and a causal decoder with cross-attention, sharing one token embedding (and,
+    with ``tie_embeddings``, the output head). The encoder has ``config.encoder_layers`` blocks,
+    the decoder ``config.n_layer``; each has its own positions and final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.encoder = nn.ModuleDict({
+            **self._position_modules(config),
+            "h": nn.ModuleList([Block(config, causal=False) for _ in range(config.encoder_layers)]),
+            "ln_f": make_norm(config)})
+        self.decoder = nn.ModuleDict({
+            **self._position_modules(config),
+            "h": nn.ModuleList([DecoderBlock(config) for _ in range(config.n_layer)]),
+            "ln_f": make_norm(config)})
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.encoder.h, *self.decoder.h]
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cross-attention keys and values of every decoder layer for source ids ``src`` (B, S),
+        right-padded, true lengths ``src_lens`` (B,)."""
+        _check_lengths(src, src_lens, "src_lens")
+        memory = _encode(self, self.encoder, self.wte(src), src_lens)
+        return [block.cross.memory_kv(memory) for block in self.decoder.h]
+
+    def decode(self, tgt: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
+               src_lens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed decoder states (B, T, C) for target ids ``tgt`` (B, T) (continuing ``cache``)."""
+        start = 0 if cache is None else cache.length
+        h, rope = self._embed(self.decoder, self.wte(tgt), start)
+        residual = None
+        for layer, block in enumerate(self.decoder.h):
+            h, residual = block(h, residual, rope, cache, layer, memory_kv[layer], src_lens)
+        x, _ = add_norm(self.decoder.ln_f, h, residual)
+        if cache is not None:
+            cache.length += tgt.size(1)
+        return x
+
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: decoder inputs ``tgt_in`` (B, T) (the target shifted right behind a start
+        token). With ``tgt_out`` (B, T) (the next tokens, ``-100`` where padded): the mean cross-entropy
+        over the real target tokens, through the fused head + loss. Without: logits (B, T, vocab)."""
+        x = self.decode(tgt_in, self.encode(src, src_lens), src_lens)
+        weight = self.head_weight
+        if tgt_out is None:
+            return F.linear(x, weight)
+        dtype = _compute_dtype(x)
+        return kernels.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
+                                            tgt_out.reshape(-1))
+
+    def next_logits(self, tgt: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                    src_lens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, vocab) for the token after ``tgt`` (the new tokens only, when ``cache`` holds the rest)."""
+        return F.linear(self.decode(tgt, memory_kv, src_lens, cache)[:, -1], self.head_weight)
+
+
+MODELS = {"lm": GPT, "classify": Classifier, "seq2seq": Seq2Seq}
+
+
+def build_model(config: ModelConfig, task: str = "lm") -> nn.Module:
+    """The model for a training task: ``lm`` (GPT), ``classify`` (Classifier) or ``seq2seq`` (Seq2Seq)."""
+    if task not in MODELS:
+        raise ValueError(f"task must be one of {', '.join(MODELS)}; got {task!r}")
+    return MODELS[task](config)

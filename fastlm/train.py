@@ -1,8 +1,10 @@
 """The training loop, top to bottom: run directory, data, model, optimizer, steps, evals, checkpoints.
 
-A run directory holds ``config.json``, ``tokenizer.json``, ``data.json`` (the
-corpus hash and split sizes), ``metrics.jsonl``, ``loss.png`` and
-``checkpoints/``. Nothing in it is pickled. A step's batches depend only on
+The same loop trains every task (:mod:`fastlm.tasks`: the language model, the
+encoder classifier, the encoder-decoder); the task supplies data, model,
+batches and evaluation. A run directory holds ``config.json``, ``tokenizer.json``,
+``data.json`` (the data's hash, split sizes and, for a classifier, its labels),
+``metrics.jsonl``, ``loss.png`` and ``checkpoints/``. Nothing in it is pickled. A step's batches depend only on
 (seed, step), the learning rate only on the step, and a checkpoint restores
 weights, optimizer and RNG states, so resuming on CPU reproduces an
 uninterrupted run bit for bit.
@@ -16,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,14 +26,13 @@ from tqdm import tqdm
 
 import kernels
 
-from . import data as data_lib
 from . import distributed
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
-from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes, perplexity
 from .hf import load_hf_weights
+from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
-from .tokenizer import load_tokenizer
+from .tasks import make_task
 
 # Fields a resumed run may change: none of them alters what is computed at a step.
 RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
@@ -50,6 +51,7 @@ class TrainResult:
     val_loss: float | None
     tokens_per_sec: float
     seconds: float
+    evals: dict = field(default_factory=dict)  # the last evaluation's metrics (the task's own)
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -125,20 +127,6 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def evaluate(model: GPT, tokens: data_lib.TokenData, cfg: Config, device: torch.device) -> float:
-    """Mean loss over the fixed validation batches (each rank evaluates its part of each)."""
-    model.eval()
-    losses = []
-    shard = (distributed.rank(), distributed.world_size())
-    for i in range(cfg.train.eval_batches):
-        x, y = data_lib.val_batch(tokens, cfg.train.seed, i, cfg.train.batch_size, cfg.train.seq_len, shard)
-        with autocast_context(cfg, device):
-            losses.append(model(x.to(device), y.to(device)).float())
-    model.train()
-    return distributed.mean(torch.stack(losses).mean()).item()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -167,26 +155,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
             raise TrainingError(f"{run_dir} is not a resumable fastlm run: {e}") from None
         check_resumable(saved, cfg)
 
-    # 2. Data: documents, tokenizer (the run's own when resuming), cached token files (built by rank 0).
-    docs = data_lib.load_documents(t.data)
-    chash = data_lib.corpus_hash(docs)
-    with distributed.main_first():
-        if resume_from is not None:
-            if saved_data["corpus_hash"] != chash:
-                raise TrainingError(f"the data at {t.data or 'the standard library'} changed since {run_dir} "
-                                    "started (its hash differs), so the run cannot continue exactly")
-            tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        elif init_from is not None and (Path(init_from) / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(Path(init_from) / "tokenizer.json")  # the imported weights' own tokens
-        else:
-            tokenizer = data_lib.cached_tokenizer(docs, chash, t.val_fraction, cfg.model.vocab_size)
-        if tokenizer.get_vocab_size() > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is "
-                              f"{cfg.model.vocab_size}")
-        tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
-    data_lib.check_lengths(tokens, t.seq_len)
-    say(f"data: {len(docs)} documents from {t.data or 'the Python standard library'}, "
-        f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens, vocabulary {tokenizer.get_vocab_size()} "
+    # 2. Data and tokenizer, as the task defines them (the run's own tokenizer when resuming).
+    task = make_task(cfg)
+    prepared = task.prepare(run_dir, saved_data, init_from)
+    tokenizer = prepared.tokenizer
+    say(f"data: {prepared.summary}, vocabulary {tokenizer.get_vocab_size()} "
         f"({time.perf_counter() - started:.1f} s)")
 
     # 3. The run directory: config, tokenizer and data description next to the checkpoints.
@@ -195,15 +168,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
-        _write_json(run_dir / "data.json", {
-            "source": t.data or "python-stdlib", "corpus_hash": chash, "documents": tokens.num_documents,
-            "train_tokens": len(tokens.train), "val_tokens": len(tokens.val),
-            "tokenizer_vocab": tokenizer.get_vocab_size()})
+        _write_json(run_dir / "data.json", prepared.info)
         _write_json(run_dir / "config.json", cfg.to_dict())
 
     # 4. Model and optimizer, restored from the checkpoint when resuming.
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model)
+    model = task.build_model()
+    num_params = sum(p.numel() for p in model.parameters())
     if init_from is not None and resume_from is None:
         load_hf_weights(init_from, model)
     model = distributed.parallelize(model.to(device), t.parallel, device, bf16=uses_bf16(cfg, device))
@@ -217,19 +188,20 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
     forward = torch.compile(model) if t.compile else model
-    say(f"model: {cfg.model.num_params() / 1e6:.1f}M parameters on {device}, kernels backend {t.backend}; "
-        f"{t.max_steps} steps of {t.tokens_per_step:,} tokens" + (f", from step {step}" if step else "")
+    say(f"model: {type(model).__name__}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
+        f"{t.backend}; {t.max_steps} steps of {t.batch_size * t.grad_accum} "
+        + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")
         + (f"; {t.parallel} over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
     # 5. Steps.
-    flops_per_token = cfg.model.flops_per_token(t.seq_len)
     peak = peak_flops(device)
     peak = peak * distributed.world_size() if peak else None  # tokens/s and MFU are the whole job's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     last_good = resume_from
-    loss_value, val_loss, tokens_per_sec = float("nan"), None, 0.0
-    window_start, window_steps = time.perf_counter(), 0
+    loss_value, evals, tokens_per_sec = float("nan"), None, 0.0
+    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    shard = (distributed.rank(), distributed.world_size())
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     with kernels.use_backend(t.backend), bar:
         while step < t.max_steps:
@@ -238,13 +210,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
-                x, y = data_lib.train_batch(tokens, t.seed, step, micro, t.batch_size, t.seq_len,
-                                            (distributed.rank(), distributed.world_size()))
+                batch = task.train_batch(step, micro, shard)
                 with distributed.gradient_sync(model, micro == t.grad_accum - 1):
                     with autocast_context(cfg, device):
-                        loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                        loss = forward(*(x.to(device, non_blocking=True) for x in batch.tensors))
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach().float()
+                window_tokens += batch.tokens
+                window_flops += batch.flops
             grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                          if t.grad_clip > 0 else None)
             loss_value = distributed.mean(loss_sum).item() / t.grad_accum
@@ -255,37 +228,40 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_steps += 1
 
             if step % t.log_interval == 0 or step == t.max_steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_steps * t.tokens_per_step / elapsed
+                # This rank's tokens and FLOPs, times the ranks: each holds an equal share of the batch.
+                tokens_per_sec = window_tokens * distributed.world_size() / elapsed
                 if distributed.is_main():
                     metrics.log({"step": step, "loss": loss_value, "lr": lr,
                                  "grad_norm": None if grad_norm is None else grad_norm.item(),
-                                 "tokens_per_sec": tokens_per_sec, "mfu": mfu(flops_per_token, tokens_per_sec, peak),
-                                 "peak_mem_bytes": peak_memory_bytes(device), "tokens": step * t.tokens_per_step})
+                                 "tokens_per_sec": tokens_per_sec,
+                                 "mfu": mfu(window_flops * distributed.world_size() / elapsed, 1.0, peak),
+                                 "peak_mem_bytes": peak_memory_bytes(device)})
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
             bar.update(1)
 
             paused = time.perf_counter()  # evals and saves do not count against tokens/s
             if step % t.eval_interval == 0 or step == t.max_steps:
-                val_loss = evaluate(forward, tokens, cfg, device)
+                model.eval()
+                evals = task.evaluate(forward, device, lambda: autocast_context(cfg, device))
+                model.train()
                 if distributed.is_main():
-                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                    metrics.log({"step": step, **evals})
                     metrics.plot(run_dir / "loss.png")
-                    bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f} "
-                              f"(ppl {perplexity(val_loss):.1f})")
+                    bar.write(f"step {step}: train loss {loss_value:.4f}, {task.describe(evals)}")
             if step % t.save_interval == 0 or step == t.max_steps:
                 last_good = save_checkpoint(run_dir, step, model, optimizer,
                                             {"data_position": {"seed": t.seed, "step": step, "micro_step": 0}},
                                             t.keep_last)
             window_start += time.perf_counter() - paused
 
-    return TrainResult(run_dir, step, loss_value, val_loss, tokens_per_sec, time.perf_counter() - started)
+    return TrainResult(run_dir, step, loss_value, None if evals is None else evals["val_loss"], tokens_per_sec,
+                       time.perf_counter() - started, evals or {})
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:

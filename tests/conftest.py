@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_GPU = torch.cuda.is_available()
+
+# Under pytest-xdist, share the cores among the workers: two workers each spinning up a thread
+# per core oversubscribe a small machine and run the CPU-heavy tests many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 

@@ -51,14 +51,20 @@ def test_fused_path_matches_reference_over_training_steps(family):
     Adam turns the rounding noise of a zero gradient, such as the key bias's, into full steps.)"""
     torch.manual_seed(1)
     batches = [(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))) for _ in range(3)]
+    assert_fused_trains_like_reference(lambda: micro_model(FAMILIES[family]), batches)
+
+
+def assert_fused_trains_like_reference(make_model, batches) -> None:
+    """SGD steps on ``batches`` (each the model's positional arguments) on the Triton kernels and on
+    the references, from the same initial model: the same losses and final weights to fp32 accuracy."""
     results = {}
     for backend in ("triton", "reference"):
-        model = micro_model(FAMILIES[family])
+        model = make_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         step_losses = []
         with kernels.use_backend(backend):
-            for x, y in batches:
-                loss = model(x, y)
+            for batch in batches:
+                loss = model(*batch)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()

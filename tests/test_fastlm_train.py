@@ -61,17 +61,22 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
     assert record["mfu"] is None  # no GPU peak on CPU
 
 
+def stop_after_checkpoint(run: Path, copy: Path, drop: str, metric_lines: int) -> None:
+    """``copy``: ``run`` as if it had stopped before checkpoint ``drop``, having logged ``metric_lines`` lines
+    (the step-4 checkpoint and a step past it, in the tests)."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / drop)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text("\n".join(lines[:metric_lines]) + "\n")
+
+
 def test_resume_is_bit_exact(tmp_path, corpus):
     cfg = micro_config(corpus)
     straight = tmp_path / "straight"
     train(cfg, straight, progress=False)
 
-    # A run that stopped right after its step-4 checkpoint (and logged a step past it).
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("\n".join(lines[:7]) + "\n")
+    stop_after_checkpoint(straight, resumed, "step_00000008", 7)
     train(cfg, resumed, resume_from=resumed / "checkpoints" / "step_00000004", progress=False)
 
     assert losses(resumed) == losses(straight)  # every step's loss, bit for bit

@@ -1,0 +1,430 @@
+"""What the training loop trains: a task brings its data, model, batches and evaluation.
+
+One loop (:func:`fastlm.train.train`) serves three tasks, chosen by ``TrainConfig.task``:
+
+- ``lm``: next-token prediction with :class:`~fastlm.model.GPT` on a text corpus
+  (:mod:`fastlm.data`); evaluated by validation loss and perplexity.
+- ``classify``: a label per text with :class:`~fastlm.model.Classifier`, from a CSV or
+  JSONL file of ``text,label`` (:mod:`fastlm.taskdata`); evaluated on the whole held-out
+  split by loss, accuracy, macro-F1 and a confusion matrix.
+- ``seq2seq``: a target text per source text with :class:`~fastlm.model.Seq2Seq`, from a
+  JSONL file of ``{"source", "target"}``; evaluated by teacher-forced loss on the held-out
+  split, and BLEU (sacrebleu) and exact match of greedy decodes of its first
+  ``eval_batches * batch_size`` examples.
+
+Everything a task returns is a pure function of (seed, step, micro-step) and the data,
+so resuming stays exact. Inputs longer than ``seq_len`` (and seq2seq targets longer
+than ``target_len``) are truncated, with a :class:`TruncationWarning` that counts them.
+Padded batches are right-padded to their longest row; the models mask the padding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tokenizers import Tokenizer
+
+from . import data as data_lib
+from . import distributed
+from . import taskdata
+from .config import Config, ConfigError
+from .metrics import perplexity
+from .model import build_model
+from .tokenizer import eot_id, load_tokenizer
+
+IGNORE = -100  # target id of padded positions: skipped by the loss
+_TRAIN, _VAL = 0, 1
+
+
+class TruncationWarning(UserWarning):
+    """Some inputs were longer than the model takes and were cut."""
+
+
+@dataclass
+class Batch:
+    tensors: tuple[torch.Tensor, ...]  # the model's positional arguments, on CPU
+    tokens: int  # real (unpadded) tokens in it, for tokens/s
+    flops: float  # model FLOPs of its forward + backward, for MFU
+
+
+@dataclass
+class Prepared:
+    """What a task's data set-up hands back to the loop."""
+
+    tokenizer: Tokenizer
+    info: dict[str, Any]  # written to data.json (corpus_hash included)
+    summary: str  # one line for the log
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _shard_rows(rows: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
+    """This rank's part of a global batch's rows: W processes together see exactly the batch one would."""
+    rank, world = shard
+    return rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+
+
+def _pad(seqs: list[np.ndarray], value: int) -> torch.Tensor:
+    """Right-pad 1-D int arrays to the longest: (B, T) int64."""
+    out = np.full((len(seqs), max(len(s) for s in seqs)), value, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return torch.from_numpy(out)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, what: str,
+                 append: int | None = None) -> list[np.ndarray]:
+    """Token ids of each text (plus ``append``, kept last), cut to ``max_len`` tokens; warns with a count
+    when any was cut. An empty text encodes to no tokens: callers reject those first."""
+    out, cut = [], 0
+    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids = enc.ids
+        room = max_len - (append is not None)
+        if len(ids) > room:
+            ids, cut = ids[:room], cut + 1
+        if append is not None:
+            ids = ids + [append]
+        out.append(np.asarray(ids, dtype=np.int64))
+    if cut:
+        warnings.warn(f"{cut} of {len(texts)} {what} were longer than {max_len} tokens and were truncated "
+                      f"to it; raise {'target_len' if what.startswith('target') else 'seq_len'} (and block_size) "
+                      "to keep them whole", TruncationWarning, stacklevel=2)
+    return out
+
+
+# ----------------------------------------------------------------------------- language modelling
+
+
+class LanguageModeling:
+    """Next-token prediction on a corpus of documents (fastlm.data)."""
+
+    name = "lm"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def prepare(self, run_dir: Path, saved_info: dict | None, init_from: str | Path | None) -> Prepared:
+        t = self.cfg.train
+        docs = data_lib.load_documents(t.data)
+        chash = data_lib.corpus_hash(docs)
+        _check_unchanged(saved_info, chash, t.data)
+        with distributed.main_first():  # caches are built once per machine
+            if saved_info is not None:
+                tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+            elif init_from is not None and (Path(init_from) / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(Path(init_from) / "tokenizer.json")  # the imported weights' own
+            else:
+                tokenizer = data_lib.cached_tokenizer(docs, chash, t.val_fraction, self.cfg.model.vocab_size)
+            _check_vocab(tokenizer, self.cfg)
+            self.tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
+        data_lib.check_lengths(self.tokens, t.seq_len)
+        info = {"task": self.name, "source": t.data or "python-stdlib", "corpus_hash": chash,
+                "documents": self.tokens.num_documents, "train_tokens": len(self.tokens.train),
+                "val_tokens": len(self.tokens.val), "tokenizer_vocab": tokenizer.get_vocab_size()}
+        summary = (f"{len(docs)} documents from {t.data or 'the Python standard library'}, "
+                   f"{len(self.tokens.train):,} train / {len(self.tokens.val):,} val tokens")
+        return Prepared(tokenizer, info, summary)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.name)
+
+    def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
+        t = self.cfg.train
+        x, y = data_lib.train_batch(self.tokens, t.seed, step, micro, t.batch_size, t.seq_len, shard)
+        return Batch((x, y), x.numel(), x.numel() * self.cfg.model.flops_per_token(t.seq_len))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
+        """Mean loss over the fixed validation batches (each rank evaluates its part of each)."""
+        t = self.cfg.train
+        losses = []
+        shard = (distributed.rank(), distributed.world_size())
+        for i in range(t.eval_batches):
+            x, y = data_lib.val_batch(self.tokens, t.seed, i, t.batch_size, t.seq_len, shard)
+            with autocast():
+                losses.append(model(x.to(device), y.to(device)).float())
+        val_loss = distributed.mean(torch.stack(losses).mean()).item()
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        return f"val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})"
+
+
+def _check_unchanged(saved_info: dict | None, chash: str, data: str | None) -> None:
+    if saved_info is not None and saved_info["corpus_hash"] != chash:
+        raise data_lib.DataError(f"the data at {data or 'the built-in data set'} changed since the run started "
+                                 "(its hash differs), so the run cannot continue exactly")
+
+
+def _check_vocab(tokenizer: Tokenizer, cfg: Config) -> None:
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is "
+                          f"{cfg.model.vocab_size}")
+
+
+# ----------------------------------------------------------------------------- labelled examples
+
+
+class _ExampleTask:
+    """Shared by classification and seq2seq: examples split by group, a tokenizer trained on the
+    train split's text, deterministic sampled batches, evaluation over fixed padded batches."""
+
+    name = ""
+    stratify = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def load_examples(self) -> list[taskdata.Example]:
+        raise NotImplementedError
+
+    def tokenizer_texts(self, train: list[taskdata.Example]):
+        raise NotImplementedError
+
+    def encode(self, tokenizer: Tokenizer, examples: list[taskdata.Example], what: str) -> dict[str, list]:
+        raise NotImplementedError
+
+    def prepare(self, run_dir: Path, saved_info: dict | None, init_from: str | Path | None) -> Prepared:
+        if init_from is not None:
+            raise ConfigError(f"--init-from imports decoder-only language models; task {self.name} trains from "
+                              "scratch")
+        t = self.cfg.train
+        examples = self.load_examples()
+        chash = taskdata.examples_hash(examples)
+        _check_unchanged(saved_info, chash, t.data)
+        train, val = taskdata.split_examples(examples, t.val_fraction, stratify=self.stratify)
+        self.val_examples = val
+        with distributed.main_first():
+            if saved_info is not None:
+                tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+            else:
+                key = f"{data_lib.CACHE_FORMAT}:{self.name}:{chash}:{t.val_fraction}:{self.cfg.model.vocab_size}"
+                tokenizer = data_lib.tokenizer_from_cache(key, lambda: self.tokenizer_texts(train),
+                                                          self.cfg.model.vocab_size)
+        _check_vocab(tokenizer, self.cfg)
+        self.tokenizer, self.eot = tokenizer, eot_id(tokenizer)
+        self.train = self.encode(tokenizer, train, "training")
+        self.val = self.encode(tokenizer, val, "validation")
+        info = {"task": self.name, "source": t.data or f"python-stdlib-{self.name}", "corpus_hash": chash,
+                "examples": len(examples), "train_examples": len(train), "val_examples": len(val),
+                "tokenizer_vocab": tokenizer.get_vocab_size()}
+        summary = (f"{len(examples):,} examples from {t.data or 'the built-in ' + self.name + ' task'}, "
+                   f"{len(train):,} train / {len(val):,} val (split by {'file' if t.data is None else 'row'})")
+        return Prepared(tokenizer, info, summary)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.name)
+
+    def _sample(self, step: int, micro: int, shard: tuple[int, int]) -> np.ndarray:
+        t = self.cfg.train
+        rng = np.random.default_rng([t.seed, _TRAIN, step, micro])
+        rows = rng.integers(0, len(self.train["source"]), size=t.batch_size)  # the whole batch's, then our part
+        return _shard_rows(rows, shard)
+
+    def _eval_batches(self, count: int):
+        """Rows [0, count) of the validation split in global batches of ``batch_size``, this rank's part of each.
+        Every rank runs the same number of forwards (FSDP gathers weights in each); a rank with no row in a
+        batch runs row 0 and gives it weight 0."""
+        t = self.cfg.train
+        shard = (distributed.rank(), distributed.world_size())
+        for start in range(0, count, t.batch_size):
+            rows = _shard_rows(np.arange(start, min(start + t.batch_size, count)), shard)
+            yield (rows, 1.0) if len(rows) else (np.zeros(1, dtype=np.int64), 0.0)
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+class Classification(_ExampleTask):
+    name = "classify"
+    stratify = True
+
+    def load_examples(self) -> list[taskdata.Example]:
+        examples = taskdata.load_classification(self.cfg.train.data)
+        self.labels = taskdata.label_names(examples)
+        return examples
+
+    def prepare(self, run_dir: Path, saved_info: dict | None, init_from: str | Path | None) -> Prepared:
+        prepared = super().prepare(run_dir, saved_info, init_from)
+        m = self.cfg.model
+        if saved_info is not None and saved_info.get("labels") != self.labels:
+            raise data_lib.DataError("the label set differs from the run's")
+        if m.num_classes == 0:
+            m.num_classes = len(self.labels)  # written into the run's config.json
+        elif m.num_classes != len(self.labels):
+            raise ConfigError(f"num_classes is {m.num_classes} but the data has {len(self.labels)} labels: "
+                              f"{', '.join(self.labels)}")
+        prepared.info["labels"] = self.labels
+        prepared.summary += f", {len(self.labels)} labels"
+        return prepared
+
+    def tokenizer_texts(self, train):
+        return (e.source for e in train)
+
+    def encode(self, tokenizer, examples, what):
+        index = {label: i for i, label in enumerate(self.labels)}
+        return {"source": encode_texts(tokenizer, [e.source for e in examples], self.cfg.train.seq_len,
+                                       f"{what} texts"),
+                "label": np.array([index[e.target] for e in examples], dtype=np.int64)}
+
+    def _batch(self, split: dict, rows: np.ndarray) -> Batch:
+        seqs = [split["source"][r] for r in rows]
+        lens = torch.tensor([len(s) for s in seqs])
+        m = self.cfg.model
+        layer = m.layer_weights()
+        flops = 6.0 * m.n_layer * layer * lens.sum().item() + 12.0 * m.n_layer * m.n_embd * (lens ** 2).sum().item()
+        return Batch((_pad(seqs, 0), lens, torch.from_numpy(split["label"][rows])), int(lens.sum()), flops)
+
+    def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
+        return self._batch(self.train, self._sample(step, micro, shard))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
+        """Loss, accuracy, macro-F1 and the confusion matrix over the whole validation split."""
+        k = len(self.labels)
+        confusion = torch.zeros(k, k, dtype=torch.float64)  # rows: true label, columns: predicted
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for rows, weight in self._eval_batches(len(self.val["label"])):
+            x, lens, y = (t.to(device) for t in self._batch(self.val, rows).tensors)
+            with autocast():
+                logits = model(x, lens)
+            logits = logits.float()
+            loss_sum += weight * torch.nn.functional.cross_entropy(logits, y, reduction="sum").double().cpu()
+            pred = logits.argmax(dim=-1)
+            confusion += weight * torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k).double()
+        confusion, loss_sum = distributed.total(confusion), distributed.total(loss_sum)
+        return {"val_loss": loss_sum.item() / confusion.sum().item(), **classification_metrics(confusion)}
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        return (f"val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}, "
+                f"macro-F1 {metrics['val_macro_f1']:.3f}")
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over the labels that occur as truth or prediction) and the matrix as lists."""
+    tp = confusion.diag()
+    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    return {"val_accuracy": (tp.sum() / confusion.sum()).item(),
+            "val_macro_f1": f1[present].mean().item() if present.any() else 0.0,
+            "val_confusion": confusion.round().long().tolist()}
+
+
+def format_confusion(confusion: list[list[int]], labels: list[str]) -> str:
+    """The confusion matrix as a table: a row per true label, a column per predicted label."""
+    corner = "true \\ predicted"
+    width = max(5, min(10, max(len(label) for label in labels)), *(len(str(v)) for row in confusion for v in row))
+    name_w = max(len(corner), *(len(label) for label in labels))
+    short = [label[:width] for label in labels]
+    lines = [f"{corner:<{name_w}}  " + " ".join(f"{s:>{width}}" for s in short)]
+    for label, row in zip(labels, confusion):
+        lines.append(f"{label:<{name_w}}  " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sequence to sequence
+
+
+class SequenceToSequence(_ExampleTask):
+    name = "seq2seq"
+
+    def load_examples(self) -> list[taskdata.Example]:
+        return taskdata.load_seq2seq(self.cfg.train.data)
+
+    def tokenizer_texts(self, train):
+        return (text for e in train for text in (e.source, e.target))
+
+    def encode(self, tokenizer, examples, what):
+        t = self.cfg.train
+        return {"source": encode_texts(tokenizer, [e.source for e in examples], t.seq_len, f"{what} sources"),
+                # The end token is kept when a target is cut, so the model still learns to stop.
+                "target": encode_texts(tokenizer, [e.target for e in examples], t.target_len, f"{what} targets",
+                                       append=self.eot)}
+
+    def _batch(self, split: dict, rows: np.ndarray) -> Batch:
+        src = [split["source"][r] for r in rows]
+        tgt = [split["target"][r] for r in rows]
+        src_lens = torch.tensor([len(s) for s in src])
+        tgt_lens = torch.tensor([len(s) for s in tgt])
+        tgt_in = [np.concatenate([[self.eot], s[:-1]]) for s in tgt]  # the target shifted behind a start token
+        tensors = (_pad(src, 0), src_lens, _pad(tgt_in, 0), _pad(tgt, IGNORE))
+        return Batch(tensors, int(src_lens.sum() + tgt_lens.sum()), self._flops(src_lens, tgt_lens))
+
+    def _flops(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> float:
+        m = self.cfg.model
+        n_src, n_tgt = src_lens.sum().item(), tgt_lens.sum().item()
+        kv = 2 * m.kv_heads * m.head_dim * m.n_embd  # cross-attention keys and values: once per source token
+        encoder = 6.0 * m.encoder_layers * m.layer_weights() * n_src
+        encoder += 12.0 * m.encoder_layers * m.n_embd * (src_lens ** 2).sum().item()
+        decoder = 6.0 * (m.n_layer * m.layer_weights(cross_attention=True) + m.vocab_size * m.n_embd) * n_tgt
+        decoder += 6.0 * m.n_layer * kv * n_src
+        decoder += 6.0 * m.n_layer * m.n_embd * (tgt_lens ** 2).sum().item()  # causal: half the scores
+        decoder += 12.0 * m.n_layer * m.n_embd * (src_lens * tgt_lens).sum().item()
+        return encoder + decoder
+
+    def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
+        return self._batch(self.train, self._sample(step, micro, shard))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
+        """Teacher-forced loss over the validation split (per target token); BLEU and exact match of greedy
+        decodes of its first ``eval_batches * batch_size`` examples."""
+        from .generate import decode_batch
+
+        t = self.cfg.train
+        sums = torch.zeros(2, dtype=torch.float64)  # loss x tokens, tokens
+        for rows, weight in self._eval_batches(len(self.val["source"])):
+            batch = self._batch(self.val, rows)
+            src, src_lens, tgt_in, tgt_out = (x.to(device) for x in batch.tensors)
+            with autocast():
+                loss = model(src, src_lens, tgt_in, tgt_out).float()
+            n = (tgt_out != IGNORE).sum().item()
+            sums += weight * torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        sums = distributed.total(sums)
+
+        count = min(len(self.val["source"]), t.eval_batches * t.batch_size)
+        hyps: list[tuple[int, list[int]]] = []
+        core = getattr(model, "_orig_mod", model)  # decoding calls the model's methods, not its forward:
+        core = getattr(core, "module", core)  # unwrap torch.compile and DDP
+        for rows, weight in self._eval_batches(count):
+            src = [self.val["source"][r] for r in rows]
+            with autocast():
+                out = decode_batch(core, src, t.target_len, self.eot, beam_size=1,
+                                   fixed_steps=distributed.world_size() > 1)
+            if weight:
+                hyps += list(zip(rows.tolist(), out))
+        hyps = sorted(distributed.gather_objects(hyps))
+        texts = [self.tokenizer.decode(ids) for _, ids in hyps]
+        refs = [self.val_examples[i].target for i, _ in hyps]
+        return {"val_loss": (sums[0] / sums[1]).item(), **seq2seq_metrics(texts, refs)}
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        return (f"val loss {metrics['val_loss']:.4f}, BLEU {metrics['val_bleu']:.2f}, "
+                f"exact match {metrics['val_exact_match']:.3f}")
+
+
+def seq2seq_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, its default 13a tokenisation) and the share of exact matches (whitespace-stripped)."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ImportError("BLEU needs sacrebleu: pip install 'fastlm[train]' (or pip install sacrebleu)") from None
+    if not hypotheses:
+        return {"val_bleu": 0.0, "val_exact_match": 0.0}
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(hypotheses)
+    return {"val_bleu": bleu, "val_exact_match": exact}
+
+
+TASKS = {"lm": LanguageModeling, "classify": Classification, "seq2seq": SequenceToSequence}
+
+
+def make_task(cfg: Config):
+    return TASKS[cfg.train.task](cfg)

@@ -1,0 +1,309 @@
+"""The encoder classifier and the encoder-decoder: learning, fused against reference, padding,
+decoding, exact resume, the command line and bad input. Training runs on the PyTorch references
+(fast on CPU); the fused path is compared against them step by step on micro models."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from fastlm.cli import main
+from fastlm.config import Config, ModelConfig, TrainConfig
+from fastlm.data import DataError
+from safetensors.torch import load_file
+from fastlm.generate import beam_search, decode_batch, greedy_decode
+from fastlm.model import Classifier, Seq2Seq
+from fastlm.tasks import TruncationWarning, classification_metrics, format_confusion
+from fastlm.train import train
+from test_fastlm_model import assert_fused_trains_like_reference
+from test_fastlm_train import losses, stop_after_checkpoint
+
+MICRO = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, num_classes=3)
+MICRO_ROPE = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, num_classes=3,
+                         norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False,
+                         n_encoder_layer=1)
+FAMILIES = {"gpt2": MICRO, "llama": MICRO_ROPE}
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
+TOPICS = {"fruit": "apple pear plum cherry grape lemon".split(), "tool": "hammer saw drill chisel wrench file".split(),
+          "color": "red green blue yellow purple orange".split()}
+
+
+def write_classification(path: Path, rows: int = 240, seed: int = 0) -> Path:
+    """Texts of filler words with a few words of one topic; the topic is the label."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.write("id,text,label\n")
+        for i in range(rows):
+            label = rng.choice(sorted(TOPICS))
+            words = rng.sample(WORDS, rng.randint(2, 6)) + rng.sample(TOPICS[label], 2)
+            rng.shuffle(words)
+            f.write(f"{i},{' '.join(words)},{label}\n")
+    return path
+
+
+def write_copy_task(path: Path, rows: int = 300, seed: int = 0) -> Path:
+    """Target = source: learnable in a few hundred steps only if cross-attention works."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            text = " ".join(rng.sample(WORDS, rng.randint(2, 5)))
+            f.write(json.dumps({"source": text, "target": text}) + "\n")
+    return path
+
+
+def task_config(task: str, data: Path, **overrides) -> Config:
+    cfg = Config(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=64),
+                 TrainConfig(task=task, data=str(data), seq_len=32, target_len=16, batch_size=16, max_steps=8,
+                             lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1,
+                             save_interval=4, keep_last=5, backend="reference", seed=0, val_fraction=0.2))
+    for name, value in overrides.items():
+        cfg.set(name, value)
+    return cfg.validate()
+
+
+def micro(cls, config: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    return cls(config)
+
+
+def padded_batch(seed: int = 0, B: int = 3, T: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 300, (B, T), generator=g), torch.tensor([T, 4, 7][:B])
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_classifier_learns_and_reports_accuracy_f1_confusion(tmp_path):
+    cfg = task_config("classify", write_classification(tmp_path / "topics.csv"), max_steps=60, eval_interval=30,
+                      save_interval=30)
+    result = train(cfg, tmp_path / "run", progress=False)
+    train_losses = losses(tmp_path / "run")
+    assert math.isclose(train_losses[1], math.log(3), rel_tol=0.1)  # starts near uniform over 3 labels
+    assert train_losses[60] < 0.5 * train_losses[1]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "val_accuracy" in line]
+    assert [e["step"] for e in evals] == [30, 60]
+    assert result.evals["val_accuracy"] > 0.8 and result.evals["val_macro_f1"] > 0.8
+    confusion = torch.tensor(result.evals["val_confusion"])
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["labels"] == ["color", "fruit", "tool"]
+    assert confusion.shape == (3, 3) and confusion.sum() == data["val_examples"]  # the whole held-out split
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["num_classes"] == 3
+
+
+def test_seq2seq_learns_to_copy_and_reports_bleu(tmp_path):
+    cfg = task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), max_steps=400, warmup_steps=10,
+                      eval_interval=200, save_interval=400, log_interval=10)
+    result = train(cfg, tmp_path / "run", progress=False)
+    train_losses = losses(tmp_path / "run")
+    assert train_losses[400] < train_losses[10] - 2.0
+    assert result.evals["val_bleu"] > 50 and result.evals["val_exact_match"] > 0.5
+    bleu = losses(tmp_path / "run", "val_bleu")
+    assert bleu[400] > bleu[200]
+
+
+def test_classification_metrics():
+    confusion = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])  # label 2 absent: not averaged
+    m = classification_metrics(confusion)
+    assert m["val_accuracy"] == pytest.approx(5 / 6)
+    assert m["val_macro_f1"] == pytest.approx((2 * 3 / (4 + 3) + 2 * 2 / (2 + 3)) / 2)
+    table = format_confusion(m["val_confusion"], ["a", "b", "c"])
+    assert table.splitlines()[1].split() == ["a", "3", "1", "0"]
+
+
+# ----------------------------------------------------------------------------- fused path, padding
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cls", [Classifier, Seq2Seq])
+def test_fused_path_matches_reference_over_training_steps(cls, family):
+    """Three SGD steps with ragged, right-padded batches on the Triton kernels (the interpreter on CPU) and
+    on the references: the same losses and final weights to fp32 accuracy."""
+    batches = []
+    for i in range(3):
+        x, lens = padded_batch(i)
+        if cls is Classifier:
+            batches.append((x, lens, torch.tensor([0, 2, 1])))
+        else:
+            tgt_in, tgt_out = padded_batch(10 + i, T=6)[0], padded_batch(20 + i, T=6)[0]
+            tgt_out[1, 4:] = -100  # padded target positions
+            batches.append((x, lens, tgt_in, tgt_out))
+    assert_fused_trains_like_reference(lambda: micro(cls, FAMILIES[family]), batches)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_is_ignored(backend, family):
+    """Changing the tokens past each sequence's length changes no output and no loss: the classifier's
+    logits, the encoder-decoder's logits (source padding), and its loss (target padding past the end)."""
+    x, lens = padded_batch()
+    other = x.clone()
+    for b, n in enumerate(lens.tolist()):
+        other[b, n:] = torch.randint(0, 300, (x.size(1) - n,))
+    assert not torch.equal(x, other)
+    clf, s2s = micro(Classifier, FAMILIES[family]).eval(), micro(Seq2Seq, FAMILIES[family]).eval()
+    tgt = torch.randint(0, 300, (3, 6))
+    tgt_out = torch.randint(0, 300, (3, 6))
+    tgt_out[:, 4:] = -100
+    tgt_other = tgt.clone()
+    tgt_other[:, 4:] = 7  # the inputs at ignored target positions
+    with kernels.use_backend(backend), torch.no_grad():
+        torch.testing.assert_close(clf(other, lens), clf(x, lens), rtol=0, atol=0)
+        torch.testing.assert_close(s2s(other, lens, tgt), s2s(x, lens, tgt), rtol=0, atol=0)
+        torch.testing.assert_close(s2s(x, lens, tgt_other, tgt_out), s2s(x, lens, tgt, tgt_out), rtol=0, atol=0)
+        # ...while a real token does matter.
+        changed = x.clone()
+        changed[1, 0] = (x[1, 0] + 1) % 300
+        assert not torch.allclose(clf(changed, lens), clf(x, lens))
+
+
+def test_lengths_are_checked():
+    clf = micro(Classifier, MICRO)
+    x, _ = padded_batch()
+    for lens, message in ((torch.tensor([10, 0, 3]), r"\[1, 10\]"), (torch.tensor([11, 4, 3]), r"\[1, 10\]"),
+                          (torch.tensor([1.0, 2.0, 3.0]), "integer"), (torch.tensor([3, 4]), r"shape \(3,\)")):
+        with pytest.raises(ValueError, match=message):
+            clf(x, lens)
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        Classifier(ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_one_equals_greedy_and_cache_equals_recompute(family):
+    model = micro(Seq2Seq, FAMILIES[family]).eval()
+    sources = [[5, 17, 42, 8], [9], [100, 3, 3, 3, 3, 250, 7]]
+    eot = 11
+    with kernels.use_backend("reference"):
+        greedy = greedy_decode(model, sources, 12, eot)
+        assert beam_search(model, sources, 12, eot, beam_size=1) == greedy
+        assert greedy_decode(model, sources, 12, eot, use_cache=False) == greedy
+        assert decode_batch(model, sources, 12, eot) == greedy
+        beams = beam_search(model, sources, 12, eot, beam_size=3)
+        assert beam_search(model, sources, 12, eot, beam_size=3, use_cache=False) == beams
+        # Each source decodes the same alone as in a batch (padding of the others does not leak in).
+        assert [greedy_decode(model, [s], 12, eot)[0] for s in sources] == greedy
+        assert [beam_search(model, [s], 12, eot, beam_size=3)[0] for s in sources] == beams
+    assert all(len(ids) <= 12 and eot not in ids for ids in greedy + beams)
+
+
+def test_beam_search_finds_a_better_sequence_than_greedy():
+    """A model whose first step prefers token 1, which leads to a poor continuation, while token 2 leads
+    to a certain one: greedy takes 1, a beam of 2 finds 2."""
+    eot, V = 0, 4
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.config = ModelConfig(vocab_size=300, block_size=8, n_layer=1, n_head=1, n_embd=4)
+
+        def encode(self, src, src_lens):
+            return []
+
+        def next_logits(self, tgt, memory, src_lens, cache=None):
+            assert cache is None  # the toy recomputes from the whole prefix
+            last, n = tgt[:, -1], tgt.size(1)
+            probs = torch.full((tgt.size(0), V), 1e-6)
+            if n == 1:
+                probs[:, 1], probs[:, 2] = 0.6, 0.4
+            else:
+                probs[last == 1] = 0.25  # uncertain after 1
+                probs[last == 2, eot] = 1.0  # certain after 2
+                probs[last == 3, eot] = 1.0
+            return probs.log()
+
+    toy = Toy()
+    assert greedy_decode(toy, [[5]], 2, eot, use_cache=False) == [[1]]
+    assert beam_search(toy, [[5]], 2, eot, beam_size=2, use_cache=False) == [[2]]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("task", ["classify", "seq2seq"])
+def test_resume_is_exact(tmp_path, task):
+    data = (write_classification(tmp_path / "d.csv") if task == "classify"
+            else write_copy_task(tmp_path / "d.jsonl"))
+    cfg = task_config(task, data)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(cfg, straight, progress=False)
+    stop_after_checkpoint(straight, resumed, "step_00000008", 6)
+    train(cfg, resumed, resume_from=resumed / "checkpoints" / "step_00000004", progress=False)
+    assert losses(resumed) == losses(straight)  # every step's loss, bit for bit
+    for key in ("val_loss", "val_accuracy" if task == "classify" else "val_bleu"):
+        assert losses(resumed, key) == losses(straight, key)
+    a = load_file(str(straight / "checkpoints" / "step_00000008" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- bad input, truncation
+
+
+def test_long_inputs_are_truncated_with_a_warning(tmp_path):
+    path = tmp_path / "long.csv"
+    write_classification(path, rows=60)
+    with open(path, "a") as f:
+        f.write("999," + " ".join(WORDS * 20) + ",fruit\n")
+    cfg = task_config("classify", path, max_steps=2, eval_interval=2, save_interval=2, seq_len=16, block_size=16)
+    with pytest.warns(TruncationWarning, match=r"1 of \d+ (training|validation) texts were longer than 16 tokens"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_data_errors_reach_the_user(tmp_path):
+    missing = tmp_path / "missing.csv"
+    missing.write_text("text,category\nhello,a\nworld,b\n")
+    with pytest.raises(DataError, match="label"):
+        train(task_config("classify", missing), tmp_path / "run", progress=False)
+    one_label = tmp_path / "one.csv"
+    one_label.write_text("text,label\nhello,a\nworld,a\n")
+    with pytest.raises(DataError, match="at least two classes"):
+        train(task_config("classify", one_label), tmp_path / "run", progress=False)
+    no_target = tmp_path / "pairs.jsonl"
+    no_target.write_text(json.dumps({"source": "a b"}) + "\n")
+    with pytest.raises(DataError, match="target"):
+        train(task_config("seq2seq", no_target), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_classifier_and_translator_end_to_end(tmp_path, capsys):
+    small = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--vocab_size", "320", "--block_size", "32",
+             "--seq_len", "32", "--target_len", "16", "--batch_size", "16", "--warmup_steps", "10", "--lr", "3e-3",
+             "--min_lr", "3e-4", "--eval_interval", "300", "--save_interval", "300", "--backend", "reference",
+             "--val_fraction", "0.2", "--seed", "1", "--quiet"]
+    csv = write_classification(tmp_path / "topics.csv")
+    assert main(["train-classifier", "--data", str(csv), "--out", str(tmp_path / "clf"), "--max_steps", "60",
+                 *small]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro-F1" in out and "confusion matrix" in out
+    assert main(["classify", "--run", str(tmp_path / "clf"), "alpha apple pear beta", "hammer drill gamma"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["fruit", "tool"]
+
+    jsonl = write_copy_task(tmp_path / "copy.jsonl")
+    assert main(["train", "--task", "seq2seq", "--data", str(jsonl), "--out", str(tmp_path / "s2s"),
+                 "--max_steps", "300", *small]) == 0
+    assert "BLEU" in capsys.readouterr().out
+    assert main(["translate", "--run", str(tmp_path / "s2s"), "--beam", "2", "beta gamma delta"]) == 0
+    assert capsys.readouterr().out.strip() == "beta gamma delta"
+
+    # Each run answers only its own command.
+    assert main(["sample", "--run", str(tmp_path / "clf")]) == 1
+    assert "fastlm classify" in capsys.readouterr().err
+    assert main(["classify", "--run", str(tmp_path / "s2s"), "x"]) == 1
+    assert "fastlm translate" in capsys.readouterr().err
+    assert main(["classify", "--run", str(tmp_path / "clf"), "  "]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["train", "--task", "classify", "--data", str(jsonl), "--out", str(tmp_path / "bad"), *small]) == 2
+    assert "text" in capsys.readouterr().err

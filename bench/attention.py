@@ -1,4 +1,4 @@
-"""Attention throughput on a GPU: the fused kernel against torch SDPA's backends and flash-attn.
+"""Attention throughput on a GPU: the fused kernel against its reference, torch SDPA's backends and flash-attn.
 
     python -m bench.attention [--dtype bf16] [--heads 16] [--head-dim 128] [--tokens 16384]
                               [--seqlens 4096,8192,16384] [--causal both|yes|no] [--json FILE]
@@ -13,6 +13,12 @@ ones. Times are the median of ``triton.testing.do_bench``, inputs created outsid
 timed closure; each provider's peak memory for a forward+backward is recorded too. The
 same run measures a large bf16 matmul as the device's ceiling. Without a GPU it says so
 and exits.
+
+The reference (``kernels.reference.attention``) materialises the fp32 scores: in bf16 or
+fp16 it is the math the kernel is tested against, at its cost: B*H*seq^2*4 bytes of
+scores (16 GiB at seq 16k), several times over in a forward+backward, so on a smaller
+GPU that case may run out of memory, recorded as the row's error. In fp32 it is a call
+to torch's SDPA, which the SDPA rows already time, so it is left out.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def attention_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, cau
     return flops * FLOP_MULTIPLIER[mode]
 
 
-def _providers(causal: bool):
+def _providers(causal: bool, dtype: torch.dtype):
     """name -> (wants (batch, seq, heads, head_dim) inputs, call). Only those importable here."""
     import kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -51,8 +57,10 @@ def _providers(causal: bool):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return call
 
-    providers = {
-        "fastlm": (False, lambda q, k, v: kernels.attention(q, k, v, causal=causal)),
+    providers = {"fastlm": (False, lambda q, k, v: kernels.attention(q, k, v, causal=causal))}
+    if dtype != torch.float32:
+        providers["reference"] = (False, lambda q, k, v: kernels.reference.attention(q, k, v, causal=causal))
+    providers |= {
         "sdpa-flash": (False, sdpa(SDPBackend.FLASH_ATTENTION)),
         "sdpa-cudnn": (False, sdpa(SDPBackend.CUDNN_ATTENTION)),
         "sdpa-efficient": (False, sdpa(SDPBackend.EFFICIENT_ATTENTION)),
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.heads} heads x dim {args.head_dim}, {args.tokens} tokens per batch")
     rows = []
     for causal in causals:
-        providers = _providers(causal)
+        providers = _providers(causal, dtype)
         for seq in (int(s) for s in args.seqlens.split(",")):
             batch = max(1, args.tokens // seq)
             rows += bench_case(providers, batch, args.heads, seq, args.head_dim, dtype, causal)

@@ -15,11 +15,13 @@ over vocabularies 32000, 50257, 128256 and 262144 (``--vocabs``) at 16384 rows b
 (8192 rows above 131072), timed with ``triton.testing.do_bench``, in GB/s (logits
 read once + gradient written once) against a device-to-device copy measured in the
 same run, with each provider's peak memory for a forward+backward: ``kernels.cross_entropy``,
-``F.cross_entropy``, ``torch.compile(F.cross_entropy)`` and Liger-Kernel's when installed.
-Then ``linear_cross_entropy`` at N=8192, H=4096, C=128256 bf16 against the naive
-``F.linear`` + ``F.cross_entropy``, its ``torch.compile`` and Liger's fused linear
-cross-entropy when installed: peak memory above the inputs and time. A provider that
-fails is recorded in the report, not fatal.
+our pure-PyTorch reference (``kernels.reference.cross_entropy``: fp32 logits, torch's
+per-token loss, an fp64 sum), ``F.cross_entropy``, ``torch.compile(F.cross_entropy)`` and
+Liger-Kernel's when installed. Then ``linear_cross_entropy`` at N=8192, H=4096, C=128256
+bf16 against its reference (the same chunk loop in PyTorch), the naive ``F.linear`` +
+``F.cross_entropy``, its ``torch.compile`` and Liger's fused linear cross-entropy when
+installed: peak memory above the inputs and time. A provider that fails is recorded in
+the report, not fatal.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def _ce_providers() -> list[tuple[str, object, bool]]:
 
     providers = [
         ("kernels.cross_entropy", kernels.cross_entropy, True),
+        ("reference", kernels.reference.cross_entropy, False),
         ("F.cross_entropy", F.cross_entropy, False),
         ("torch.compile(F.cross_entropy)", torch.compile(F.cross_entropy, dynamic=False), False),
     ]
@@ -161,9 +164,12 @@ def _ce_providers() -> list[tuple[str, object, bool]]:
 
 def _linear_providers() -> dict[str, object]:
     """name -> fn(x, w, t) for the GPU linear cross-entropy comparison; the first is the baseline."""
+    import kernels
+
     providers = {
         "F.linear + F.cross_entropy": _naive,
         "kernels.linear_cross_entropy": _fused,
+        "reference": kernels.reference.linear_cross_entropy,
         "torch.compile(F.linear + F.cross_entropy)": torch.compile(_naive, dynamic=False),
     }
     if common.installed("liger_kernel"):

@@ -41,9 +41,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 step gpu-tests      140 python -m pytest tests -m gpu -q -x --no-header -p no:cacheprovider
 step selfcheck       25 python -m kernels.selfcheck
-step bench-norm      55 python -m bench.norm --hidden 2048,4096,8192
-step bench-xent      85 python -m bench.cross_entropy --gpu --vocabs 32000,128256
-step bench-attention 95 python -m bench.attention --seqlens 4096,8192
+step bench-norm      60 python -m bench.norm --hidden 2048,4096,8192
+step bench-xent      90 python -m bench.cross_entropy --gpu --vocabs 32000,128256
+step bench-attention 105 python -m bench.attention --seqlens 4096,8192
 step bench-train     60 python -m bench.train
 
 {

@@ -2,12 +2,14 @@
 
     python -m bench.norm [--rows 16384] [--hidden 1024,2048,4096,8192,16384] [--dtype bf16]
 
-Providers: fastlm's Triton kernels, torch eager (``F.layer_norm``/``F.rms_norm``),
-``torch.compile`` of the same, and Liger-Kernel when installed; on CPU, our
-PyTorch reference against torch eager. Forward, backward and forward+backward
-separately. Each row: median time, achieved GB/s over the bytes the op must
-move, that as a fraction of the device-to-device copy bandwidth measured in the
-same run, and peak memory. Results go to bench/results/<device>/norm.*.
+Providers: fastlm's Triton kernels, our pure-PyTorch reference (``kernels.reference``:
+statistics on fp32 copies of the inputs; skipped in fp32, where it is the same call as
+torch eager), torch eager (``F.layer_norm``/``F.rms_norm``), ``torch.compile`` of the
+same, and Liger-Kernel when installed; on CPU, our PyTorch reference against torch
+eager. Forward, backward and forward+backward separately. Each row: median time,
+achieved GB/s over the bytes the op must move, that as a fraction of the
+device-to-device copy bandwidth measured in the same run, and peak memory. Results
+go to bench/results/<device>/norm.*.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from bench import common
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _providers(op: str, device: str) -> dict:
+def _providers(op: str, device: str, dtype: torch.dtype) -> dict:
     if op == "layer_norm":
         torch_fn = lambda x, r, w, b: F.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
         ours = lambda x, r, w, b: kernels.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
@@ -42,15 +44,34 @@ def _providers(op: str, device: str) -> dict:
         ref = lambda x, r, w, b: kernels.reference.add_rms_norm(x, r, x.shape[-1:], w, 1e-6)  # noqa: E731
     if device != "cuda":
         return {"fastlm-reference": ref, "torch": torch_fn}
-    providers = {"fastlm": ours, "torch": torch_fn, "torch.compile": torch.compile(torch_fn, dynamic=False)}
-    if common.installed("liger_kernel"):
-        from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
-
-        if op == "layer_norm":
-            providers["liger"] = lambda x, r, w, b: liger_layer_norm(x, w, b, 1e-5)
-        elif op == "rms_norm":
-            providers["liger"] = lambda x, r, w, b: liger_rms_norm(x, w, 1e-6)
+    providers = {"fastlm": ours}
+    if dtype != torch.float32:  # in fp32 the reference's upcasts are no-ops: it is the "torch" call itself
+        providers["reference"] = ref
+    providers.update({"torch": torch_fn, "torch.compile": torch.compile(torch_fn, dynamic=False)})
+    liger = _liger(op)
+    if liger is not None:
+        providers["liger"] = liger
     return providers
+
+
+def _liger(op: str):
+    """Liger-Kernel's function for ``op`` (liger-kernel 0.8's functional API), or None when it is not importable."""
+    if not common.installed("liger_kernel"):
+        return None
+    try:
+        from liger_kernel.transformers import functional as liger
+    except Exception as e:  # an installed Liger that does not import here (version skew) is skipped
+        print(f"liger_kernel installed but does not import: {type(e).__name__}: {e}")
+        return None
+    if op == "layer_norm":
+        return lambda x, r, w, b: liger.liger_layer_norm(x, w, b, 1e-5)
+    # Liger's RMSNorms default to in_place=True: the backward overwrites the upstream gradient
+    # with dx. bench_op's upstream gradients belong to each provider, so only Liger's own change.
+    if op == "rms_norm":
+        return lambda x, r, w, b: liger.liger_rms_norm(x, w, 1e-6)
+    if hasattr(liger, "liger_fused_add_rms_norm"):  # (normed, x + r), like kernels.add_rms_norm
+        return lambda x, r, w, b: liger.liger_fused_add_rms_norm(x, r, w, 1e-6)
+    return None
 
 
 def _bytes_moved(op: str, mode: str, m: int, n: int, elem: int) -> int:
@@ -72,7 +93,7 @@ def bench_op(op: str, m: int, n: int, dtype: torch.dtype, device: str, copy_gbps
     w = torch.randn(n, device=device, dtype=dtype, generator=g).requires_grad_()
     b = torch.randn(n, device=device, dtype=dtype, generator=g).requires_grad_() if op == "layer_norm" else None
     leaves = [t for t in (x, r, w, b) if t is not None]
-    for name, fn in _providers(op, device).items():
+    for name, fn in _providers(op, device, dtype).items():
         try:
             outs = fn(x, r, w, b)
             outs = outs if isinstance(outs, tuple) else (outs,)

@@ -151,6 +151,20 @@ def gradient_sync(model: nn.Module, enabled: bool):
         yield
 
 
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Gather FSDP2's root parameters (embeddings, final norms, head) for the block, for code that calls
+    the model's methods rather than its forward (decoding); the blocks gather their own as they run."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of a (scalar) tensor over the ranks."""
     if not dist.is_initialized():
@@ -161,10 +175,10 @@ def mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def total(value: torch.Tensor) -> torch.Tensor:
-    """The sum of a CPU tensor over the ranks (counts, confusion matrices)."""
+    """The sum of a tensor over the ranks (losses, counts, confusion matrices), on the tensor's device."""
     if not dist.is_initialized():
         return value
-    out = value.to(_collective_device())
+    out = value.to(_collective_device(), copy=True)
     dist.all_reduce(out)
     return out.to(value.device)
 

@@ -98,9 +98,22 @@ class MetricsLog:
         if val:
             ax.plot(*zip(*val), "o-", label="validation")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("loss (nats)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles = ax.get_legend_handles_labels()
+        # A task's own validation metric (classifier accuracy and macro-F1, seq2seq BLEU) on a second axis.
+        extra = [(key, label) for key, label in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"),
+                                                 ("val_bleu", "BLEU"))
+                 if any(key in r for r in self.records)]
+        if extra:
+            right = ax.twinx()
+            for (key, label), style in zip(extra, ("s--", "^--")):
+                right.plot(*zip(*[(r["step"], r[key]) for r in self.records if key in r]), style, label=label,
+                           color="tab:green" if style == "s--" else "tab:red")
+            right.set_ylabel(" / ".join(label for _, label in extra))
+            more = right.get_legend_handles_labels()
+            handles = (handles[0] + more[0], handles[1] + more[1])
+        ax.legend(*handles)
         fig.tight_layout()
         tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
         fig.savefig(tmp, dpi=100)

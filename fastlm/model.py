@@ -43,7 +43,7 @@ from the encoder output, ``kv_lens`` again) between self-attention and the MLP.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -106,22 +106,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for incremental decoding; ``length`` positions are filled."""
+    """Keys and values of every layer for incremental decoding; ``length`` positions are filled.
+    An encoder-decoder also keeps each layer's cross-attention keys and values of the source in
+    ``cross``, computed by the layer on its first step."""
 
     k: list[torch.Tensor]  # per layer (B, n_kv_head, block_size, head_dim)
     v: list[torch.Tensor]
     length: int = 0
+    cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
         shape = (batch, config.kv_heads, config.block_size, config.head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)])
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+                   cross=[None] * config.n_layer)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows ``index`` (beam search: each surviving beam continues its parent's cache)."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -163,7 +169,7 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """Decoder queries over the encoder output ("memory"). Its keys and values depend on the
-    source alone, so decoding computes them once (:meth:`memory_kv`) and reuses them every step."""
+    source alone, so decoding computes them once and keeps them in the KV cache."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -178,11 +184,16 @@ class CrossAttention(nn.Module):
         k, v = self.kv_proj(memory).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
-                src_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, src_lens: torch.Tensor,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = memory_kv
+        if cache is None:
+            k, v = self.memory_kv(memory)
+        else:
+            if cache.cross[layer] is None:
+                cache.cross[layer] = self.memory_kv(memory)
+            k, v = cache.cross[layer]
         y = kernels.attention(q, k.to(q.dtype), v.to(q.dtype), causal=False, kv_lens=src_lens)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -235,11 +246,11 @@ class DecoderBlock(nn.Module):
         self.ln_3 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, h, residual, rope, cache, layer, memory_kv, src_lens):
+    def forward(self, h, residual, rope, cache, layer, memory, src_lens):
         x, residual = add_norm(self.ln_1, h, residual)
         h = self.attn(x, rope, cache, layer)
         x, residual = add_norm(self.ln_2, h, residual)
-        h = self.cross(x, memory_kv, src_lens)
+        h = self.cross(x, memory, src_lens, cache, layer)
         x, residual = add_norm(self.ln_3, h, residual)
         return self.mlp(x), residual
 
@@ -420,21 +431,20 @@ class Seq2Seq(_Transformer):
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The cross-attention keys and values of every decoder layer for source ids ``src`` (B, S),
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> torch.Tensor:
+        """The encoder output ("memory", (B, S, C), final-normed) for source ids ``src`` (B, S),
         right-padded, true lengths ``src_lens`` (B,)."""
         _check_lengths(src, src_lens, "src_lens")
-        memory = _encode(self, self.encoder, self.wte(src), src_lens)
-        return [block.cross.memory_kv(memory) for block in self.decoder.h]
+        return _encode(self, self.encoder, self.wte(src), src_lens)
 
-    def decode(self, tgt: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-               src_lens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_lens: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
         """Final normed decoder states (B, T, C) for target ids ``tgt`` (B, T) (continuing ``cache``)."""
         start = 0 if cache is None else cache.length
         h, rope = self._embed(self.decoder, self.wte(tgt), start)
         residual = None
         for layer, block in enumerate(self.decoder.h):
-            h, residual = block(h, residual, rope, cache, layer, memory_kv[layer], src_lens)
+            h, residual = block(h, residual, rope, cache, layer, memory, src_lens)
         x, _ = add_norm(self.decoder.ln_f, h, residual)
         if cache is not None:
             cache.length += tgt.size(1)
@@ -453,10 +463,10 @@ class Seq2Seq(_Transformer):
         return kernels.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
                                             tgt_out.reshape(-1))
 
-    def next_logits(self, tgt: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                    src_lens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def next_logits(self, tgt: torch.Tensor, memory: torch.Tensor, src_lens: torch.Tensor,
+                    cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, vocab) for the token after ``tgt`` (the new tokens only, when ``cache`` holds the rest)."""
-        return F.linear(self.decode(tgt, memory_kv, src_lens, cache)[:, -1], self.head_weight)
+        return F.linear(self.decode(tgt, memory, src_lens, cache)[:, -1], self.head_weight)
 
 
 MODELS = {"lm": GPT, "classify": Classifier, "seq2seq": Seq2Seq}

@@ -51,6 +51,7 @@ class Batch:
     tensors: tuple[torch.Tensor, ...]  # the model's positional arguments, on CPU
     tokens: int  # real (unpadded) tokens in it, for tokens/s
     flops: float  # model FLOPs of its forward + backward, for MFU
+    loss_terms: int  # what its mean loss averages over (target tokens, examples)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, what: str
         out.append(np.asarray(ids, dtype=np.int64))
     if cut:
         warnings.warn(f"{cut} of {len(texts)} {what} were longer than {max_len} tokens and were truncated "
-                      f"to it; raise {'target_len' if what.startswith('target') else 'seq_len'} (and block_size) "
+                      f"to it; raise {'target_len' if 'target' in what else 'seq_len'} (and block_size) "
                       "to keep them whole", TruncationWarning, stacklevel=2)
     return out
 
@@ -137,7 +138,12 @@ class LanguageModeling:
     def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
         t = self.cfg.train
         x, y = data_lib.train_batch(self.tokens, t.seed, step, micro, t.batch_size, t.seq_len, shard)
-        return Batch((x, y), x.numel(), x.numel() * self.cfg.model.flops_per_token(t.seq_len))
+        return Batch((x, y), x.numel(), x.numel() * self.cfg.model.flops_per_token(t.seq_len), y.numel())
+
+    def step_loss_terms(self, step: int) -> int:
+        """Loss terms of a whole step (every micro-batch, every rank): a token each."""
+        t = self.cfg.train
+        return t.grad_accum * t.batch_size * t.seq_len
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
@@ -227,6 +233,14 @@ class _ExampleTask:
         rows = rng.integers(0, len(self.train["source"]), size=t.batch_size)  # the whole batch's, then our part
         return _shard_rows(rows, shard)
 
+    def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
+        return self._batch(self.train, self._sample(step, micro, shard))
+
+    def step_loss_terms(self, step: int) -> int:
+        """Loss terms of a whole step (every micro-batch, every rank), from the batches' rows alone."""
+        return sum(self._loss_terms(self.train, self._sample(step, micro, (0, 1)))
+                   for micro in range(self.cfg.train.grad_accum))
+
     def _eval_batches(self, count: int):
         """Rows [0, count) of the validation split in global batches of ``batch_size``, this rank's part of each.
         Every rank runs the same number of forwards (FSDP gathers weights in each); a rank with no row in a
@@ -279,10 +293,11 @@ class Classification(_ExampleTask):
         m = self.cfg.model
         layer = m.layer_weights()
         flops = 6.0 * m.n_layer * layer * lens.sum().item() + 12.0 * m.n_layer * m.n_embd * (lens ** 2).sum().item()
-        return Batch((_pad(seqs, 0), lens, torch.from_numpy(split["label"][rows])), int(lens.sum()), flops)
+        return Batch((_pad(seqs, 0), lens, torch.from_numpy(split["label"][rows])), int(lens.sum()), flops,
+                     self._loss_terms(split, rows))
 
-    def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
-        return self._batch(self.train, self._sample(step, micro, shard))
+    def _loss_terms(self, split: dict, rows: np.ndarray) -> int:
+        return len(rows)  # an example each
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
@@ -355,7 +370,11 @@ class SequenceToSequence(_ExampleTask):
         tgt_lens = torch.tensor([len(s) for s in tgt])
         tgt_in = [np.concatenate([[self.eot], s[:-1]]) for s in tgt]  # the target shifted behind a start token
         tensors = (_pad(src, 0), src_lens, _pad(tgt_in, 0), _pad(tgt, IGNORE))
-        return Batch(tensors, int(src_lens.sum() + tgt_lens.sum()), self._flops(src_lens, tgt_lens))
+        return Batch(tensors, int(src_lens.sum() + tgt_lens.sum()), self._flops(src_lens, tgt_lens),
+                     int(tgt_lens.sum()))
+
+    def _loss_terms(self, split: dict, rows: np.ndarray) -> int:
+        return sum(len(split["target"][r]) for r in rows)  # a target token each
 
     def _flops(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> float:
         m = self.cfg.model
@@ -368,9 +387,6 @@ class SequenceToSequence(_ExampleTask):
         decoder += 6.0 * m.n_layer * m.n_embd * (tgt_lens ** 2).sum().item()  # causal: half the scores
         decoder += 12.0 * m.n_layer * m.n_embd * (src_lens * tgt_lens).sum().item()
         return encoder + decoder
-
-    def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
-        return self._batch(self.train, self._sample(step, micro, shard))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
@@ -395,7 +411,7 @@ class SequenceToSequence(_ExampleTask):
         core = getattr(core, "module", core)  # unwrap torch.compile and DDP
         for rows, weight in self._eval_batches(count):
             src = [self.val["source"][r] for r in rows]
-            with autocast():
+            with autocast(), distributed.unsharded(core):
                 out = decode_batch(core, src, t.target_len, self.eot, beam_size=1,
                                    fixed_steps=distributed.world_size() > 1)
             if weight:

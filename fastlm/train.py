@@ -208,19 +208,24 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # Every loss term (target token, example) of the step weighs the same, however the step's
+            # batch is split into micro-batches and ranks: each micro-batch's mean loss is scaled by its
+            # share of the step's terms (times the ranks, as gradients are averaged over them).
+            step_terms = task.step_loss_terms(step)
             loss_sum = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 batch = task.train_batch(step, micro, shard)
+                share = batch.loss_terms / step_terms
                 with distributed.gradient_sync(model, micro == t.grad_accum - 1):
                     with autocast_context(cfg, device):
                         loss = forward(*(x.to(device, non_blocking=True) for x in batch.tensors))
-                    (loss / t.grad_accum).backward()
-                loss_sum += loss.detach().float()
+                    (loss * (share * distributed.world_size())).backward()
+                loss_sum += loss.detach().float() * share
                 window_tokens += batch.tokens
                 window_flops += batch.flops
             grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                          if t.grad_clip > 0 else None)
-            loss_value = distributed.mean(loss_sum).item() / t.grad_accum
+            loss_value = distributed.total(loss_sum).item()
             if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
                 kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise TrainingError(f"non-finite loss ({loss_value}) or gradient at step {step + 1}; training "

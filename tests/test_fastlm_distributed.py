@@ -136,3 +136,23 @@ def test_batch_that_does_not_split_evenly_is_refused(tmp_path, corpus):
     assert result.returncode != 0
     assert "batch_size 3 is the global micro-batch and must divide evenly among the 2 processes" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("task, parallel", [("classify", "ddp"), ("seq2seq", "fsdp")])
+def test_other_tasks_in_two_processes_match_one(tmp_path, task, parallel):
+    """The classifier and the encoder-decoder through the same machinery: evaluation sums its counts (and
+    gathers its decodes) over the ranks, each rank running the same number of forwards even when the
+    held-out split does not divide evenly, so the metrics equal a single process's."""
+    from test_fastlm_tasks import write_classification, write_copy_task
+
+    data = write_classification(tmp_path / "d.csv", rows=90) if task == "classify" \
+        else write_copy_task(tmp_path / "d.jsonl", rows=90)
+    args = ["--task", task, "--data", str(data), *MICRO, "--target_len", "16", "--val_fraction", "0.2"]
+    assert main(["train", "--out", str(tmp_path / "one"), *args]) == 0
+    train_2("--out", str(tmp_path / "two"), "--parallel", parallel, *args)
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    for key in ("val_loss", "val_accuracy", "val_macro_f1") if task == "classify" else \
+            ("val_loss", "val_bleu", "val_exact_match"):
+        assert_close(losses(tmp_path / "two", key), losses(tmp_path / "one", key))
+    val_examples = json.loads((tmp_path / "one" / "data.json").read_text())["val_examples"]
+    assert val_examples % 4 != 0  # a last, partial evaluation batch

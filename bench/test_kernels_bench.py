@@ -1,10 +1,23 @@
-"""pytest-benchmark suite: every op, fastlm against what a user would otherwise call.
+"""pytest-benchmark suite: every op, fastlm against its reference and what a user would otherwise call.
 
     pytest bench --benchmark-only [--benchmark-group-by=param:op]
 
-On a GPU it times the Triton kernels (synchronising after each call) against
-torch eager; on CPU, where fastlm runs its PyTorch references, it times those
-against torch, so it runs anywhere. Forward + backward in each case. For
+Forward + backward of each op (attention, layer_norm, rms_norm, add_rms_norm,
+cross_entropy, linear_cross_entropy), one benchmark group per op, providers:
+
+- ``fastlm``: the Triton kernels, on a GPU only (synchronising after each call);
+  on CPU fastlm runs its references, which the next row times;
+- ``reference``: the pure-PyTorch reference (``kernels.reference``);
+- ``torch``: torch eager as a user would write it (``F.layer_norm``, ``F.rms_norm``,
+  ``F.cross_entropy``, ``F.linear`` + ``F.cross_entropy``, and for attention
+  :func:`bench.attention.eager_attention`, softmax(q k^T) v with the scores materialised);
+- ``torch.compile``: the same compiled (``dynamic=False``; its compile falls in the
+  untimed warm-up round);
+- ``sdpa`` (attention): ``F.scaled_dot_product_attention``. In fp32, the CPU dtype,
+  the attention reference is this very call (``kernels.reference.attention`` says why).
+
+Small shapes on CPU (each step tens of milliseconds at most, 20 rounds), so the whole
+suite runs anywhere in well under a minute. For
 bandwidth/TFLOP/s figures and the fraction of the device's ceiling use the
 ``python -m bench.<op>`` scripts; this suite is for regression tracking with
 pytest-benchmark's own comparison tools (``--benchmark-autosave``,
@@ -16,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from bench.attention import eager_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -32,61 +46,97 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _summed(fn):
+    """add+norm returns (normed, x + residual): one scalar through both, as a block's two uses would."""
+    return lambda *args: sum(t.float().sum() for t in fn(*args))
+
+
+def _providers(ours, reference, eager, **extra):
+    providers = {"fastlm": ours} if DEVICE == "cuda" else {}
+    return providers | {"reference": reference, "torch": eager,
+                        "torch.compile": torch.compile(eager, dynamic=False)} | extra
+
+
 def _cases():
-    rows, hidden = (16384, 4096) if BIG else (2048, 1024)
-    tokens, vocab, h = (8192, 128256, 4096) if BIG else (1024, 8192, 256)
+    """op -> (make the inputs, {provider: fn})."""
+    rows, hidden = (16384, 4096) if BIG else (1024, 1024)
+    tokens, vocab, h = (8192, 128256, 4096) if BIG else (256, 4096, 128)
     b, nh, seq, d = (4, 16, 4096, 128) if BIG else (2, 4, 256, 64)
     target = torch.randint(0, vocab, (tokens,), device=DEVICE)
-    cases = {
+    ref = kernels.reference
+
+    def add_rms_norm(x, r, w):
+        s = x + r
+        return F.rms_norm(s, (hidden,), w, 1e-6), s
+
+    return {
+        "attention": (
+            lambda: _inputs((b, nh, seq, d), (b, nh, seq, d), (b, nh, seq, d)),
+            _providers(
+                lambda q, k, v: kernels.attention(q, k, v, causal=True),
+                lambda q, k, v: ref.attention(q, k, v, causal=True),
+                lambda q, k, v: eager_attention(q, k, v, causal=True),
+                sdpa=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            ),
+        ),
         "layer_norm": (
             lambda: _inputs((rows, hidden), (hidden,), (hidden,)),
-            lambda x, w, b_: kernels.layer_norm(x, (hidden,), w, b_),
-            lambda x, w, b_: F.layer_norm(x, (hidden,), w, b_),
+            _providers(
+                lambda x, w, b_: kernels.layer_norm(x, (hidden,), w, b_),
+                lambda x, w, b_: ref.layer_norm(x, (hidden,), w, b_),
+                lambda x, w, b_: F.layer_norm(x, (hidden,), w, b_),
+            ),
         ),
         "rms_norm": (
             lambda: _inputs((rows, hidden), (hidden,)),
-            lambda x, w: kernels.rms_norm(x, (hidden,), w, 1e-6),
-            lambda x, w: F.rms_norm(x, (hidden,), w, 1e-6),
+            _providers(
+                lambda x, w: kernels.rms_norm(x, (hidden,), w, 1e-6),
+                lambda x, w: ref.rms_norm(x, (hidden,), w, 1e-6),
+                lambda x, w: F.rms_norm(x, (hidden,), w, 1e-6),
+            ),
         ),
         "add_rms_norm": (
             lambda: _inputs((rows, hidden), (rows, hidden), (hidden,)),
-            lambda x, r, w: sum(t.float().sum() for t in kernels.add_rms_norm(x, r, (hidden,), w, 1e-6)),
-            lambda x, r, w: (lambda s: F.rms_norm(s, (hidden,), w, 1e-6).float().sum() + s.float().sum())(x + r),
+            _providers(
+                _summed(lambda x, r, w: kernels.add_rms_norm(x, r, (hidden,), w, 1e-6)),
+                _summed(lambda x, r, w: ref.add_rms_norm(x, r, (hidden,), w, 1e-6)),
+                _summed(add_rms_norm),
+            ),
         ),
         "cross_entropy": (
             lambda: _inputs((tokens, vocab)),
-            lambda x: kernels.cross_entropy(x, target),
-            lambda x: F.cross_entropy(x, target),
+            _providers(
+                lambda x: kernels.cross_entropy(x, target),
+                lambda x: ref.cross_entropy(x, target),
+                lambda x: F.cross_entropy(x, target),
+            ),
         ),
         "linear_cross_entropy": (
             lambda: _inputs((tokens, h), (vocab, h)),
-            lambda x, w: kernels.linear_cross_entropy(x, w, target),
-            lambda x, w: F.cross_entropy(F.linear(x, w), target),
-        ),
-        "attention": (
-            lambda: _inputs((b, nh, seq, d), (b, nh, seq, d), (b, nh, seq, d)),
-            lambda q, k, v: kernels.attention(q, k, v, causal=True),
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            _providers(
+                lambda x, w: kernels.linear_cross_entropy(x, w, target),
+                lambda x, w: ref.linear_cross_entropy(x, w, target),
+                lambda x, w: F.cross_entropy(F.linear(x, w), target),
+            ),
         ),
     }
-    return cases
 
 
 CASES = _cases()
 
 
-@pytest.mark.parametrize("provider", ["fastlm", "torch"])
-@pytest.mark.parametrize("op", list(CASES))
+@pytest.mark.parametrize(("op", "provider"), [(op, p) for op, (_, providers) in CASES.items() for p in providers])
 def test_forward_backward(benchmark, op, provider):
-    make, ours, theirs = CASES[op]
-    fn = ours if provider == "fastlm" else theirs
+    make, providers = CASES[op]
+    fn = providers[provider]
     inputs = make()
     benchmark.group = op
-    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), backend="triton" if DEVICE == "cuda" else "reference")
+    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE),
+                                backend="triton" if provider == "fastlm" else "pytorch")
 
     def step():
         out = fn(*inputs)
         out.float().sum().backward()
         _sync()
 
-    benchmark.pedantic(step, rounds=5 if DEVICE == "cpu" else 20, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=20, warmup_rounds=1)

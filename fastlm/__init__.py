@@ -1,11 +1,13 @@
 """fastlm: a lean language-model trainer whose hot ops are the fused kernels of :mod:`kernels`.
 
 Modules: :mod:`~fastlm.config` (typed config and presets), :mod:`~fastlm.model`
-(the transformer), :mod:`~fastlm.tokenizer` and :mod:`~fastlm.data` (corpus,
-BPE, token cache, batches), :mod:`~fastlm.train` (the loop),
-:mod:`~fastlm.checkpoint`, :mod:`~fastlm.metrics`, :mod:`~fastlm.generate`
-(sampling), :mod:`~fastlm.hf` (Hugging Face checkpoints in and out) and
-:mod:`~fastlm.cli`.
+(the decoder LM, the encoder classifier, the encoder-decoder), :mod:`~fastlm.tokenizer`
+and :mod:`~fastlm.data` (corpus, BPE, token cache, batches), :mod:`~fastlm.taskdata`
+(labelled examples: files and the built-in data sets), :mod:`~fastlm.tasks` (what the
+loop trains: data, model, batches, evaluation per task), :mod:`~fastlm.train` (the
+loop), :mod:`~fastlm.checkpoint`, :mod:`~fastlm.metrics`, :mod:`~fastlm.generate`
+(sampling, greedy and beam decoding, label prediction), :mod:`~fastlm.hf` (Hugging
+Face checkpoints in and out) and :mod:`~fastlm.cli`.
 """
 
 import os

@@ -75,6 +75,11 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) ->
     return kernels.add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def _dropout(config: ModelConfig) -> nn.Module:
+    """Dropout at ``config.dropout``; none at all (not even a no-op call) when it is 0."""
+    return nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return kernels.nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -226,12 +231,13 @@ class Block(nn.Module):
         self.attn = SelfAttention(config, causal)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.drop = _dropout(config)  # on each branch's output, before it joins the residual
 
     def forward(self, h, residual, rope, cache, layer, kv_lens=None):
         x, residual = add_norm(self.ln_1, h, residual)
-        h = self.attn(x, rope, cache, layer, kv_lens)
+        h = self.drop(self.attn(x, rope, cache, layer, kv_lens))
         x, residual = add_norm(self.ln_2, h, residual)
-        return self.mlp(x), residual
+        return self.drop(self.mlp(x)), residual
 
 
 class DecoderBlock(nn.Module):
@@ -245,14 +251,15 @@ class DecoderBlock(nn.Module):
         self.cross = CrossAttention(config)
         self.ln_3 = make_norm(config)
         self.mlp = MLP(config)
+        self.drop = _dropout(config)
 
     def forward(self, h, residual, rope, cache, layer, memory, src_lens):
         x, residual = add_norm(self.ln_1, h, residual)
-        h = self.attn(x, rope, cache, layer)
+        h = self.drop(self.attn(x, rope, cache, layer))
         x, residual = add_norm(self.ln_2, h, residual)
-        h = self.cross(x, memory, src_lens, cache, layer)
+        h = self.drop(self.cross(x, memory, src_lens, cache, layer))
         x, residual = add_norm(self.ln_3, h, residual)
-        return self.mlp(x), residual
+        return self.drop(self.mlp(x)), residual
 
 
 # ----------------------------------------------------------------------------- shared by the models
@@ -281,7 +288,11 @@ class _Transformer(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if "wpe" in stack:
-            return h + stack.wpe(torch.arange(start, start + T, device=h.device)), None
+            h = h + stack.wpe(torch.arange(start, start + T, device=h.device))
+        if self.config.dropout:
+            h = F.dropout(h, self.config.dropout, self.training)
+        if "wpe" in stack:
+            return h, None
         return h, (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
 
     def reset_parameters(self) -> None:

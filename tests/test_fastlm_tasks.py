@@ -162,6 +162,17 @@ def test_padding_is_ignored(backend, family):
         assert not torch.allclose(clf(changed, lens), clf(x, lens))
 
 
+def test_dropout_trains_noisy_and_evaluates_deterministic():
+    config = ModelConfig(**{**MICRO.__dict__, "dropout": 0.2})
+    model = micro(Classifier, config)
+    x, lens = padded_batch()
+    with kernels.use_backend("reference"):
+        assert not torch.equal(model(x, lens), model(x, lens))  # training mode: masks differ per call
+        model.eval()
+        assert torch.equal(model(x, lens), model(x, lens))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in micro(Classifier, MICRO).modules())  # none at 0
+
+
 def test_lengths_are_checked():
     clf = micro(Classifier, MICRO)
     x, _ = padded_batch()
@@ -244,7 +255,8 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
 def test_resume_is_exact(tmp_path, task):
     data = (write_classification(tmp_path / "d.csv") if task == "classify"
             else write_copy_task(tmp_path / "d.jsonl"))
-    cfg = task_config(task, data)
+    # With dropout, so the restored RNG state matters too.
+    cfg = task_config(task, data, dropout=0.1)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(cfg, straight, progress=False)
     stop_after_checkpoint(straight, resumed, "step_00000008", 6)

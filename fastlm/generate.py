@@ -180,9 +180,11 @@ def greedy_decode(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, 
 
 
 def _cache_dtype(model: nn.Module) -> torch.dtype:
-    device = next(model.parameters()).device
-    return torch.bfloat16 if device.type == "cuda" and torch.is_autocast_enabled("cuda") else \
-        next(model.parameters()).dtype
+    """The dtype keys and values are computed in: autocast's where it is on, else the weights'."""
+    param = next(model.parameters())
+    if torch.is_autocast_enabled(param.device.type):
+        return torch.get_autocast_dtype(param.device.type)
+    return param.dtype
 
 
 @torch.no_grad()

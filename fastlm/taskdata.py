@@ -22,10 +22,11 @@ import hashlib
 import json
 import textwrap
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, Document, corpus_files, split_documents
+from .data import DataError, Document, _name_hash, corpus_files, split_documents
 
 # Stdlib packages big enough to give hundreds of windows each and distinct enough to tell apart.
 CLASSIFY_PACKAGES: tuple[str, ...] = ("asyncio", "email", "http", "importlib", "json", "logging",
@@ -258,33 +259,49 @@ def _jsonl_rows(path: Path, columns: tuple[str, ...]):
 
 def split_examples(examples: list[Example], val_fraction: float, *,
                    stratify: bool) -> tuple[list[Example], list[Example]]:
-    """Train and validation examples (each in the original order), split by group with the LM corpus's
-    rule (``fastlm.data.split_documents``): validation gets the groups whose name hashes below
-    ``val_fraction``, and at least one group goes to each side.
+    """Train and validation examples (each in the original order), split by group: all examples of a
+    group land on the same side.
 
-    With ``stratify`` the rule runs within each label's groups (a group's label is its first
-    example's), so every label with two or more groups is on both sides; a label with a single
-    group stays in training.
+    Without ``stratify`` the LM corpus's rule applies (``fastlm.data.split_documents``): validation
+    gets the groups whose name hashes below ``val_fraction``, at least one group each side.
+
+    With ``stratify`` (classification) each label is split on its own (a group's label is its
+    first example's): its groups are taken in name-hash order until they hold ``val_fraction`` of
+    the label's examples, at least one group and never all of them, so every label has about the
+    same share held out however unevenly its examples spread over groups (files). A label with a
+    single group stays in training.
     """
     groups = list(dict.fromkeys(e.group for e in examples))
     if len(groups) < 2:
         raise DataError(f"cannot hold out a validation set from {len(groups)} group(s) of examples; need at least two")
     if stratify:
-        label_of, by_label = {}, {}
+        label_of, by_label, sizes = {}, {}, Counter(e.group for e in examples)
         for e in examples:
             label_of.setdefault(e.group, e.target)
         for g in groups:
             by_label.setdefault(label_of[g], []).append(g)
-        strata = list(by_label.values())
+        val_groups = set()
+        for stratum in by_label.values():
+            val_groups.update(_held_out(stratum, sizes, val_fraction))
+        if not val_groups:
+            raise DataError(f"cannot hold out a validation set: each of the {len(by_label)} labels has a single group")
     else:
-        strata = [groups]
-    val_groups = set()
-    for stratum in strata:  # split_documents keeps a lone group in training
-        _, held_out = split_documents([Document(g, "") for g in stratum], val_fraction)
-        val_groups.update(d.name for d in held_out)
-    if not val_groups:
-        raise DataError(f"cannot hold out a validation set: each of the {len(strata)} labels has a single group")
+        _, held_out = split_documents([Document(g, "") for g in groups], val_fraction)
+        val_groups = {d.name for d in held_out}
     return [e for e in examples if e.group not in val_groups], [e for e in examples if e.group in val_groups]
+
+
+def _held_out(groups: list[str], sizes: Counter, val_fraction: float) -> list[str]:
+    """Groups in name-hash order until they hold ``val_fraction`` of these groups' examples: at least one,
+    never all (none of a single group)."""
+    target = val_fraction * sum(sizes[g] for g in groups)
+    chosen, held = [], 0
+    for g in sorted(groups, key=_name_hash)[:-1]:
+        if chosen and held >= target:
+            break
+        chosen.append(g)
+        held += sizes[g]
+    return chosen
 
 
 def examples_hash(examples: list[Example]) -> str:

@@ -97,6 +97,16 @@ def test_stratified_split_of_builtin_task(classification):
             assert any(e.target == label for e in val), label
             assert any(e.target == label for e in train), label
     assert [e for e in classification if e.group in train_groups] == train  # original order kept
+    # Every label holds out about the same share of its windows, however they spread over files.
+    for label in files_per_label:
+        share = sum(e.target == label for e in val) / sum(e.target == label for e in classification)
+        assert 0.15 <= share <= 0.45, (label, share)
+
+
+def test_stratified_split_of_rows_holds_out_the_fraction_of_each_label():
+    examples = [Example(f"row {i}", f"text {i}", "rare" if i % 10 == 0 else "common") for i in range(200)]
+    train, val = split_examples(examples, 0.25, stratify=True)
+    assert sum(e.target == "rare" for e in val) == 5 and sum(e.target == "common" for e in val) == 45
 
 
 # ----------------------------------------------------------------------------- built-in seq2seq

@@ -10,15 +10,16 @@ loop), :mod:`~fastlm.checkpoint`, :mod:`~fastlm.metrics`, :mod:`~fastlm.generate
 Face checkpoints in and out) and :mod:`~fastlm.cli`.
 """
 
-import os
-
-# CPU training runs many short parallel ops. With OpenMP's default of spinning between
-# them, two threads ran 3-5x slower than one whenever another process shared our 2 cores;
-# with threads that sleep, two were faster than one. Read when torch loads OpenMP, so this
-# only takes effect if torch is not imported yet; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from .config import Config, ModelConfig, TrainConfig, preset
-from .model import GPT
 
 __all__ = ["Config", "ModelConfig", "TrainConfig", "preset", "GPT"]
+
+
+def __getattr__(name: str):
+    # The model (and with it torch) loads on first use, so the command line can set up the
+    # process (OpenMP's wait policy, fastlm.cli) before torch starts.
+    if name == "GPT":
+        from .model import GPT
+
+        return GPT
+    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")

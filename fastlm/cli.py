@@ -12,9 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
+
+# CPU training runs many short parallel ops. With OpenMP's default of spinning between them, two
+# threads ran 3-5x slower than one whenever another process shared our 2 cores; with threads that
+# sleep, two were faster than one. OpenMP reads this when torch loads it, so it is set here, before
+# the first import of torch, by the program alone (importing fastlm as a library changes nothing);
+# an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import PRESETS, Config, ConfigError, describe_fields, preset
@@ -325,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as e:
         print(f"fastlm: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output was piped into a reader that stopped early (head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CheckpointError, RuntimeError, OSError, ValueError) as e:
         print(f"fastlm: error: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
 """The command line: overrides, the error paths, train -> resume -> sample through main(argv)."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,15 @@ def test_resume_refuses_a_corrupted_checkpoint(trained_run, tmp_path, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastlm", "presets"], capture_output=True, text=True, check=True)
     assert "tiny" in out.stdout and "llama-1b" in out.stdout
+
+
+def test_importing_fastlm_leaves_the_process_alone():
+    """A library import loads no torch and sets no environment; the command line sets OpenMP's wait policy
+    before torch starts."""
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import fastlm; "
+            "assert 'torch' not in sys.modules and 'OMP_WAIT_POLICY' not in os.environ; "
+            "import fastlm.cli; assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'; print(fastlm.GPT.__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "GPT", result.stderr

@@ -22,6 +22,7 @@ its local shards, so a checkpoint from any world size loads in any other.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import warnings
@@ -130,8 +131,10 @@ def parallelize(model: nn.Module, parallel: str, device: torch.device, bf16: boo
         fully_shard(model, mp_policy=mp)
         return model
     # The model's only buffers are constant RoPE tables: nothing to broadcast before each forward.
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    # torch 2.13 renamed the switch (the old name now warns); older versions only know the old one.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 @contextlib.contextmanager

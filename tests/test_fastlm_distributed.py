@@ -147,7 +147,9 @@ def test_other_tasks_in_two_processes_match_one(tmp_path, task, parallel):
 
     data = write_classification(tmp_path / "d.csv", rows=90) if task == "classify" \
         else write_copy_task(tmp_path / "d.jsonl", rows=90)
-    args = ["--task", task, "--data", str(data), *MICRO, "--target_len", "16", "--val_fraction", "0.2"]
+    # No dropout (tiny-classify has 0.1): its masks depend on how the batch is split over processes.
+    args = ["--task", task, "--data", str(data), *MICRO, "--target_len", "16", "--val_fraction", "0.25",
+            "--dropout", "0"]
     assert main(["train", "--out", str(tmp_path / "one"), *args]) == 0
     train_2("--out", str(tmp_path / "two"), "--parallel", parallel, *args)
     assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))

@@ -190,8 +190,14 @@ def _cache_dtype(model: nn.Module) -> torch.dtype:
 @torch.no_grad()
 def beam_search(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *, beam_size: int,
                 length_penalty: float = 1.0, use_cache: bool = True, fixed_steps: bool = False) -> list[list[int]]:
-    """The ``beam_size`` best partial targets by summed log-probability, kept step by step (see
-    :func:`decode_batch`); a finished beam stays, extended by the end token at no cost."""
+    """Beam search (see :func:`decode_batch`): each source keeps ``beam_size`` live partial targets,
+    the best by summed log-probability. A candidate ending in the end token among a step's best
+    ``beam_size`` is set aside as finished (the live beams are the best candidates that do not end);
+    a source is done once it has ``beam_size`` finished targets. The answer is the target with the
+    best ``score / length ** length_penalty`` (the end token counted in the length) among the
+    finished ones and, for a source cut off by ``max_new_tokens``, its live ones. With one beam
+    this is greedy decoding.
+    """
     device = next(model.parameters()).device
     B, K = len(sources), beam_size
     src, src_lens = _padded(sources, device)
@@ -200,29 +206,53 @@ def beam_search(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *,
     tokens = torch.full((B * K, 1), eot, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam per source at the start, so the first step does not pick K copies
-    done = torch.zeros(B * K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * K, device=device)  # generated tokens, the end token included
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]  # (normalised score, ids)
+    done = [False] * B
     cache = KVCache.empty(model.config, B * K, device, _cache_dtype(model)) if use_cache else None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model.next_logits(tokens[:, -1:] if use_cache else tokens, memory, src_lens, cache)
         logp = torch.log_softmax(logits.float(), dim=-1)
         V = logp.size(-1)
-        logp[done] = float("-inf")  # a finished beam continues only with the end token, at no cost
-        logp[done, eot] = 0.0
-        top, index = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=-1)
-        parent = (torch.arange(B, device=device)[:, None] * K + index // V).view(-1)
-        token = (index % V).view(-1)
-        tokens = torch.cat([tokens[parent], token[:, None]], dim=1)
-        lengths = lengths[parent] + (~done[parent]).float()
-        done = done[parent] | (token == eot)
-        scores = top
+        top, index = (scores.view(B * K, 1) + logp).view(B, K * V).topk(2 * K, dim=-1)
+        top, index = top.tolist(), index.tolist()
+        parents, next_tokens, next_scores = [], [], []
+        for b in range(B):
+            live: list[tuple[int, int, float]] = []
+            if not done[b]:
+                for rank, (value, i) in enumerate(zip(top[b], index[b])):
+                    parent, token = b * K + i // V, i % V
+                    if value == float("-inf"):
+                        break
+                    if token == eot:
+                        if rank < K:  # a finished target must be among the step's best K
+                            ids = tokens[parent, 1:].tolist()
+                            finished[b].append((value / (step + 1) ** length_penalty, ids))
+                    else:
+                        live.append((parent, token, value))
+                        if len(live) == K:
+                            break
+                done[b] = len(finished[b]) >= K or not live
+            live += [(b * K, eot, float("-inf"))] * (K - len(live))  # placeholders for a done source
+            for parent, token, value in live:
+                parents.append(parent)
+                next_tokens.append(token)
+                next_scores.append(value)
+        parent = torch.tensor(parents, device=device)
+        tokens = torch.cat([tokens[parent], torch.tensor(next_tokens, device=device)[:, None]], dim=1)
+        scores = torch.tensor(next_scores, device=device).view(B, K)
         if cache is not None:
             cache.reorder(parent)
-        if done.all() and not fixed_steps:
+        if all(done) and not fixed_steps:
             break
-    best = (scores / lengths.view(B, K).clamp(min=1) ** length_penalty).argmax(dim=-1)
-    rows = torch.arange(B, device=device) * K + best
-    return [_cut(row, eot) for row in tokens[rows, 1:].tolist()]
+    out = []
+    for b in range(B):
+        pool = list(finished[b])
+        if not done[b]:  # cut off by max_new_tokens: its live beams compete too, unfinished
+            length = tokens.size(1) - 1
+            pool += [(scores[b, k].item() / length ** length_penalty, tokens[b * K + k, 1:].tolist())
+                     for k in range(K) if scores[b, k].item() > float("-inf")]
+        out.append(max(pool, key=lambda item: item[0])[1])
+    return out
 
 
 def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], *, max_new_tokens: int, max_source_len: int,

@@ -2,6 +2,7 @@
 decoding, exact resume, the command line and bad input. Training runs on the PyTorch references
 (fast on CPU); the fused path is compared against them step by step on micro models."""
 
+import itertools
 import json
 import math
 import random
@@ -215,6 +216,40 @@ def test_fused_decoding_matches_reference():
         with kernels.use_backend(backend):
             out[backend] = (greedy_decode(model, sources, 6, 11), beam_search(model, sources, 6, 11, beam_size=2))
     assert out["triton"] == out["reference"]
+
+
+def test_wide_beam_search_finds_the_most_likely_target():
+    """With a beam wider than every candidate, beam search returns the exhaustive search's best target
+    (finished, or cut off at max_new_tokens), with and without a length penalty."""
+    torch.manual_seed(0)
+    V, eot, L = 5, 0, 3
+    model = Seq2Seq(ModelConfig(vocab_size=V, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(40)  # peaked distributions, so the best target is well separated
+
+    def log_prob(src, seqs):
+        """Summed log-probability of each target (token ids, all of one length) after ``src``."""
+        tgt = torch.tensor(seqs)
+        logits = model(torch.tensor([src] * len(seqs)), torch.tensor([len(src)] * len(seqs)),
+                       torch.cat([torch.full((len(seqs), 1), eot), tgt[:, :-1]], dim=1))
+        return torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None]).sum(dim=(1, 2)).tolist()
+
+    with kernels.use_backend("reference"), torch.no_grad():
+        for trial in range(4):
+            src = torch.randint(1, V, (4,), generator=torch.Generator().manual_seed(trial)).tolist()
+            candidates = []  # (ids without the end token, the ids scored, length)
+            for n in range(1, L + 1):
+                candidates += [(list(body), list(body) + [eot], n)
+                               for body in itertools.product(range(1, V), repeat=n - 1)]
+            candidates += [(list(body), list(body), L) for body in itertools.product(range(1, V), repeat=L)]
+            scores = {}
+            for n in range(1, L + 1):
+                group = [c for c in candidates if len(c[1]) == n]
+                scores.update(zip((tuple(c[1]) for c in group), log_prob(src, [c[1] for c in group])))
+            for penalty in (0.0, 1.0):
+                best = max(candidates, key=lambda c: scores[tuple(c[1])] / c[2] ** penalty)[0]
+                assert beam_search(model, [src], L, eot, beam_size=200, length_penalty=penalty) == [best]
 
 
 def test_beam_search_finds_a_better_sequence_than_greedy():

@@ -5,7 +5,7 @@ One directory per saved step, ``checkpoints/step_00000100/``:
     model.safetensors      the weights (state_dict keys of :class:`fastlm.model.GPT`)
     optimizer.safetensors  the optimizer's per-parameter tensors, keyed ``<param name>.<state key>``
     optimizer.json         its param groups (hyper-parameters, parameter names)
-    rng.safetensors        torch's CPU and CUDA generator states
+    rng.safetensors        torch's CPU and CUDA generator states of every rank (``rank_R.torch_cpu``, ...)
     state.json             step, data position, and the sha256 and size of each file above
 
 A checkpoint is written under a temporary name and renamed into place, so a
@@ -96,18 +96,31 @@ def _optimizer_from_files(model, optimizer, tensors: dict[str, torch.Tensor], me
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's generator states: CPU, and its current GPU's."""
     states = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"torch_cuda_{i}"] = s
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
     return states
 
 
+def _all_ranks_rng() -> dict[str, torch.Tensor]:
+    """Every rank's generator states, keyed ``rank_R.NAME`` (a collective; rank 0's result is the full one).
+    Each rank draws its own dropout masks, so each must get its own states back on resume."""
+    per_rank = distributed.gather_objects([_rng_tensors()])
+    return {f"rank_{r}.{name}": t for r, states in enumerate(per_rank) for name, t in states.items()}
+
+
 def _restore_rng(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["torch_cpu"])
-    cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    """This rank's generator states (rank 0's when the checkpoint was written by fewer processes)."""
+    if "torch_cpu" in states:  # written before per-rank states: one process's
+        states = {"rank_0.torch_cpu": states["torch_cpu"],
+                  **({"rank_0.torch_cuda": states["torch_cuda_0"]} if "torch_cuda_0" in states else {})}
+    prefix = f"rank_{distributed.rank()}."
+    if prefix + "torch_cpu" not in states:
+        prefix = "rank_0."
+    torch.set_rng_state(states[prefix + "torch_cpu"])
+    if prefix + "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[prefix + "torch_cuda"])
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -122,6 +135,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     """
     final = checkpoint_dir(run_dir, step)
     weights, optimizer_state = distributed.full_state_dicts(model, optimizer)
+    rng = _all_ranks_rng()
     if not distributed.is_main():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +148,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1))
-    save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+    save_file(rng, str(tmp / "rng.safetensors"))
     files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
              for name in (*_TENSOR_FILES, "optimizer.json")}
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1))

@@ -172,9 +172,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
         _write_json(run_dir / "config.json", cfg.to_dict())
 
     # 4. Model and optimizer, restored from the checkpoint when resuming.
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = task.build_model()
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params, model_name = sum(p.numel() for p in model.parameters()), type(model).__name__
+    if distributed.rank():  # but each rank its own dropout masks (rank 0's stream is a single process's)
+        torch.manual_seed(t.seed * 1_000_003 + distributed.rank())
     if init_from is not None and resume_from is None:
         load_hf_weights(init_from, model)
     model = distributed.parallelize(model.to(device), t.parallel, device, bf16=uses_bf16(cfg, device))
@@ -188,7 +190,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
     forward = torch.compile(model) if t.compile else model
-    say(f"model: {type(model).__name__}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
+    say(f"model: {model_name}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
         f"{t.backend}; {t.max_steps} steps of {t.batch_size * t.grad_accum} "
         + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")
         + (f"; {t.parallel} over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))

@@ -158,3 +158,15 @@ def test_other_tasks_in_two_processes_match_one(tmp_path, task, parallel):
         assert_close(losses(tmp_path / "two", key), losses(tmp_path / "one", key))
     val_examples = json.loads((tmp_path / "one" / "data.json").read_text())["val_examples"]
     assert val_examples % 4 != 0  # a last, partial evaluation batch
+
+
+def test_resume_with_dropout_is_exact_in_two_processes(tmp_path, corpus):
+    """Each rank draws its own dropout masks, so each gets its own generator states back on resume."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_2("--data", str(corpus), "--out", str(straight), *MICRO, "--dropout", "0.1")
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    train_2("--resume", str(resumed / "checkpoints" / "step_00000003"))
+    assert losses(resumed) == losses(straight)
+    assert set(load_file(str(straight / "checkpoints" / "step_00000006" / "rng.safetensors"))) == \
+        {"rank_0.torch_cpu", "rank_1.torch_cpu"}

@@ -92,6 +92,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.data is not None:
         cfg.train.data = str(Path(args.data).expanduser().resolve())
     _parse_overrides(cfg, args.set, rest)
+    if args.command == "train-classifier" and cfg.train.task != "classify":
+        raise ConfigError(f"train-classifier trains task classify; got task {cfg.train.task!r} "
+                          "(use fastlm train --task ... for the others)")
     if not args.resume:
         run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -139,15 +142,8 @@ def _sample(args: argparse.Namespace) -> int:
     from .generate import complete, load_run
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = args.checkpoint
-    if checkpoint is not None and checkpoint.isdigit():
-        matches = [p for p in list_checkpoints(args.run) if int(p.name.split("_")[1]) == int(checkpoint)]
-        if not matches:
-            raise CheckpointError(f"run {args.run} has no checkpoint for step {checkpoint}; it has: "
-                                  f"{', '.join(p.name for p in list_checkpoints(args.run)) or 'none'}")
-        checkpoint = matches[0]
-    model, tokenizer, _ = load_run(args.run, checkpoint, device, task="lm")
-    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    model, tokenizer, _ = load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), device, task="lm")
+    prompt = _unescape(args.prompt) if args.escapes else args.prompt
     with kernels.use_backend(args.backend):
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, num_samples=args.num_samples,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
@@ -165,13 +161,29 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     if not texts or texts == ["-"]:
         if sys.stdin.isatty():
             raise ConfigError("give the texts as arguments, or pipe them in one per line")
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = sys.stdin.read().rstrip("\n").split("\n")  # one output line per input line, blank ones refused
     if args.escapes:
-        texts = [t.encode().decode("unicode_escape") for t in texts]
+        texts = [_unescape(t) for t in texts]
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise ConfigError(f"text {empty[0] + 1} is empty; every input needs some text")
     return texts
+
+
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and other backslash escapes interpreted; other characters (non-ASCII too) kept."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _checkpoint_arg(run: Path, checkpoint: str | None) -> Path | None:
+    """``--checkpoint``: a checkpoint directory, or a step number of the run's checkpoints."""
+    if checkpoint is None or not checkpoint.isdigit():
+        return None if checkpoint is None else Path(checkpoint)
+    matches = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) == int(checkpoint)]
+    if not matches:
+        raise CheckpointError(f"run {run} has no checkpoint for step {checkpoint}; it has: "
+                              f"{', '.join(p.name for p in list_checkpoints(run)) or 'none'}")
+    return matches[0]
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -179,8 +191,11 @@ def _classify(args: argparse.Namespace) -> int:
 
     from .generate import classify, load_run
 
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
-    model, tokenizer, cfg = load_run(args.run, args.checkpoint, _device(args.device), task="classify")
+    model, tokenizer, cfg = load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), _device(args.device),
+                                     task="classify")
     labels = json.loads((args.run / "data.json").read_text())["labels"]
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
@@ -196,13 +211,20 @@ def _translate(args: argparse.Namespace) -> int:
 
     from .generate import load_run, translate
 
+    if args.beam < 1:
+        raise ConfigError(f"--beam must be at least 1, got {args.beam}")
     texts = _inputs(args)
-    model, tokenizer, cfg = load_run(args.run, args.checkpoint, _device(args.device), task="seq2seq")
+    model, tokenizer, cfg = load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), _device(args.device),
+                                     task="seq2seq")
+    limit = cfg.model.block_size
+    max_new = cfg.train.target_len if args.max_new_tokens is None else args.max_new_tokens
+    if not 1 <= max_new <= limit:
+        raise ConfigError(f"--max-new-tokens must be in [1, {limit}] (the model's block_size), got {max_new}")
     with kernels.use_backend(args.backend):
-        outputs = translate(model, tokenizer, texts, max_new_tokens=args.max_new_tokens or cfg.train.target_len,
-                            max_source_len=cfg.train.seq_len, beam_size=args.beam, length_penalty=args.length_penalty)
+        outputs = translate(model, tokenizer, texts, max_new_tokens=max_new, max_source_len=cfg.train.seq_len,
+                            beam_size=args.beam, length_penalty=args.length_penalty)
     for text in outputs:
-        print(text)
+        print(text.replace("\n", "\\n"))  # one line per input
     return 0
 
 
@@ -297,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=help_text)
         p.add_argument("--run", required=True, type=Path, help="run directory")
         p.add_argument("text", nargs="*", help="input texts (none or '-': one per line of standard input)")
-        p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: the latest)")
+        p.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
         p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the texts")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])

@@ -20,6 +20,7 @@ import ast
 import csv
 import hashlib
 import json
+import sys
 import textwrap
 import warnings
 from collections import Counter
@@ -201,11 +202,17 @@ def _read_records(path: str | Path, columns: tuple[str, ...]) -> list[tuple[str,
     else:
         raise DataError(f"data file {path}: expected a .csv or .jsonl file, got suffix {suffix or '(none)'!r}")
     records = []
-    for line, values in rows:
-        for column, value in zip(columns, values):
-            if not value.strip():
-                raise DataError(f"data file {path}, line {line}: empty {column!r}")
-        records.append(values)
+    try:
+        for line, values in rows:
+            for column, value in zip(columns, values):
+                if not value.strip():
+                    raise DataError(f"data file {path}, line {line}: empty {column!r}")
+            records.append(values)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start} "
+                        "cannot be decoded; convert the file to UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"data file {path}: not a valid CSV file ({e})") from None
     if not records:
         raise DataError(f"data file {path} holds no rows; expected one example per row with {', '.join(columns)}")
     return records
@@ -213,6 +220,7 @@ def _read_records(path: str | Path, columns: tuple[str, ...]) -> list[tuple[str,
 
 def _csv_rows(path: Path, columns: tuple[str, ...]):
     """(line number, values) for each non-blank row; a cell missing from a short row reads as empty."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long document is one cell; the default is 128 KiB
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drop a byte-order mark
         reader = csv.reader(f)
         header = next(reader, None)
@@ -232,7 +240,7 @@ def _csv_rows(path: Path, columns: tuple[str, ...]):
 def _jsonl_rows(path: Path, columns: tuple[str, ...]):
     """(line number, values) for each non-blank line, which must be a JSON object with ``columns`` as keys
     and strings, numbers or booleans as their values."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: drop a byte-order mark, as for CSV
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

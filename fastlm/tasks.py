@@ -39,6 +39,7 @@ from .model import build_model
 from .tokenizer import eot_id, load_tokenizer
 
 IGNORE = -100  # target id of padded positions: skipped by the loss
+SPLIT_VERSION = 2  # bump when taskdata.split_examples draws a different split (tokenizer cache key)
 _TRAIN, _VAL = 0, 1
 
 
@@ -110,11 +111,15 @@ class LanguageModeling:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def load(self) -> str:
+        """Read the documents; their hash (a resumed run checks it before anything else is done)."""
+        self.docs = data_lib.load_documents(self.cfg.train.data)
+        self.data_hash = data_lib.corpus_hash(self.docs)
+        return self.data_hash
+
     def prepare(self, run_dir: Path, saved_info: dict | None, init_from: str | Path | None) -> Prepared:
         t = self.cfg.train
-        docs = data_lib.load_documents(t.data)
-        chash = data_lib.corpus_hash(docs)
-        _check_unchanged(saved_info, chash, t.data)
+        docs, chash = self.docs, self.data_hash
         with distributed.main_first():  # caches are built once per machine
             if saved_info is not None:
                 tokenizer = load_tokenizer(run_dir / "tokenizer.json")
@@ -162,12 +167,6 @@ class LanguageModeling:
         return f"val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})"
 
 
-def _check_unchanged(saved_info: dict | None, chash: str, data: str | None) -> None:
-    if saved_info is not None and saved_info["corpus_hash"] != chash:
-        raise data_lib.DataError(f"the data at {data or 'the built-in data set'} changed since the run started "
-                                 "(its hash differs), so the run cannot continue exactly")
-
-
 def _check_vocab(tokenizer: Tokenizer, cfg: Config) -> None:
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is "
@@ -196,21 +195,26 @@ class _ExampleTask:
     def encode(self, tokenizer: Tokenizer, examples: list[taskdata.Example], what: str) -> dict[str, list]:
         raise NotImplementedError
 
+    def load(self) -> str:
+        """Read the examples; their hash (a resumed run checks it before anything else is done)."""
+        self.examples = self.load_examples()
+        self.data_hash = taskdata.examples_hash(self.examples)
+        return self.data_hash
+
     def prepare(self, run_dir: Path, saved_info: dict | None, init_from: str | Path | None) -> Prepared:
         if init_from is not None:
             raise ConfigError(f"--init-from imports decoder-only language models; task {self.name} trains from "
                               "scratch")
         t = self.cfg.train
-        examples = self.load_examples()
-        chash = taskdata.examples_hash(examples)
-        _check_unchanged(saved_info, chash, t.data)
+        examples, chash = self.examples, self.data_hash
         train, val = taskdata.split_examples(examples, t.val_fraction, stratify=self.stratify)
         self.val_examples = val
         with distributed.main_first():
             if saved_info is not None:
                 tokenizer = load_tokenizer(run_dir / "tokenizer.json")
             else:
-                key = f"{data_lib.CACHE_FORMAT}:{self.name}:{chash}:{t.val_fraction}:{self.cfg.model.vocab_size}"
+                key = (f"{data_lib.CACHE_FORMAT}:{self.name}:{SPLIT_VERSION}:{chash}:{t.val_fraction}:"
+                       f"{self.cfg.model.vocab_size}")  # trained on the train split: keyed by how it is drawn
                 tokenizer = data_lib.tokenizer_from_cache(key, lambda: self.tokenizer_texts(train),
                                                           self.cfg.model.vocab_size)
         _check_vocab(tokenizer, self.cfg)
@@ -351,6 +355,7 @@ class SequenceToSequence(_ExampleTask):
     name = "seq2seq"
 
     def load_examples(self) -> list[taskdata.Example]:
+        _sacrebleu()  # before any training, not at the first evaluation
         return taskdata.load_seq2seq(self.cfg.train.data)
 
     def tokenizer_texts(self, train):
@@ -428,15 +433,21 @@ class SequenceToSequence(_ExampleTask):
 
 def seq2seq_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """Corpus BLEU (sacrebleu, its default 13a tokenisation) and the share of exact matches (whitespace-stripped)."""
-    try:
-        import sacrebleu
-    except ImportError:
-        raise ImportError("BLEU needs sacrebleu: pip install 'fastlm[train]' (or pip install sacrebleu)") from None
+    sacrebleu = _sacrebleu()
     if not hypotheses:
         return {"val_bleu": 0.0, "val_exact_match": 0.0}
     bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
     exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(hypotheses)
     return {"val_bleu": bleu, "val_exact_match": exact}
+
+
+def _sacrebleu():
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ConfigError("task seq2seq reports BLEU with sacrebleu, which is not installed: "
+                          "pip install 'fastlm[train]' (or pip install sacrebleu)") from None
+    return sacrebleu
 
 
 TASKS = {"lm": LanguageModeling, "classify": Classification, "seq2seq": SequenceToSequence}

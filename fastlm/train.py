@@ -101,7 +101,8 @@ def check_resumable(saved: Config, requested: Config) -> None:
     saved_d, req_d = saved.to_dict(), requested.to_dict()
     changed = [f"{name}: {saved_d[s][name]!r} in the run, {req_d[s][name]!r} requested"
                for s in ("model", "train") for name in saved_d[s]
-               if saved_d[s][name] != req_d[s][name] and name not in RESUMABLE_CHANGES]
+               if saved_d[s][name] != req_d[s][name] and name not in RESUMABLE_CHANGES
+               and not (name == "num_classes" and req_d[s][name] == 0)]  # 0: "from the data", as in the run
     if changed:
         raise ConfigError("cannot resume with a different configuration:\n  " + "\n  ".join(changed)
                           + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
@@ -157,6 +158,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 
     # 2. Data and tokenizer, as the task defines them (the run's own tokenizer when resuming).
     task = make_task(cfg)
+    data_hash = task.load()
+    if saved_data is not None and saved_data["corpus_hash"] != data_hash:
+        raise TrainingError(f"the data at {t.data or 'the built-in data set'} changed since {run_dir} started "
+                            "(its hash differs), so the run cannot continue exactly")
     prepared = task.prepare(run_dir, saved_data, init_from)
     tokenizer = prepared.tokenizer
     say(f"data: {prepared.summary}, vocabulary {tokenizer.get_vocab_size()} "
@@ -240,14 +245,18 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
-                # This rank's tokens and FLOPs, times the ranks: each holds an equal share of the batch.
-                tokens_per_sec = window_tokens * distributed.world_size() / elapsed
+                # The whole job's: padded batches hold different numbers of tokens on each rank.
+                job_tokens, job_flops = distributed.total(torch.tensor([window_tokens, window_flops],
+                                                                       dtype=torch.float64)).tolist()
+                tokens_per_sec = job_tokens / elapsed
                 if distributed.is_main():
-                    metrics.log({"step": step, "loss": loss_value, "lr": lr,
-                                 "grad_norm": None if grad_norm is None else grad_norm.item(),
-                                 "tokens_per_sec": tokens_per_sec,
-                                 "mfu": mfu(window_flops * distributed.world_size() / elapsed, 1.0, peak),
-                                 "peak_mem_bytes": peak_memory_bytes(device)})
+                    record = {"step": step, "loss": loss_value, "lr": lr,
+                              "grad_norm": None if grad_norm is None else grad_norm.item(),
+                              "tokens_per_sec": tokens_per_sec, "mfu": mfu(job_flops / elapsed, 1.0, peak),
+                              "peak_mem_bytes": peak_memory_bytes(device)}
+                    if t.task == "lm":
+                        record["tokens"] = step * t.tokens_per_step  # tokens trained on so far
+                    metrics.log(record)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
                 window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
             bar.update(1)

@@ -303,3 +303,17 @@ def test_examples_hash():
     assert examples_hash(changed) != examples_hash(examples)
     # length prefixes: moving a character across a field boundary changes the hash
     assert examples_hash([Example("g", "ab", "c")]) != examples_hash([Example("g", "a", "bc")])
+
+
+def test_files_with_long_cells_a_bom_or_another_encoding(tmp_path):
+    long_text = "word " * 60_000  # 300 KB in one cell: past the csv module's default field limit
+    path = tmp_path / "long.csv"
+    path.write_text(f"text,label\n\"{long_text}\",a\nshort,b\n")
+    assert read_classification(path)[0].source == long_text
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text('\ufeff{"text": "x", "label": "a"}\n{"text": "y", "label": "b"}\n', encoding="utf-8")
+    assert [e.target for e in read_classification(bom)] == ["a", "b"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\u00e9,a\nthe,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv is not UTF-8 text: byte 0xe9"):
+        read_classification(latin)

@@ -295,7 +295,9 @@ def test_resume_is_exact(tmp_path, task):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(cfg, straight, progress=False)
     stop_after_checkpoint(straight, resumed, "step_00000008", 6)
-    train(cfg, resumed, resume_from=resumed / "checkpoints" / "step_00000004", progress=False)
+    # Resumed from Python with a fresh config (num_classes 0: from the data, as the run's was).
+    train(task_config(task, data, dropout=0.1), resumed, resume_from=resumed / "checkpoints" / "step_00000004",
+          progress=False)
     assert losses(resumed) == losses(straight)  # every step's loss, bit for bit
     for key in ("val_loss", "val_accuracy" if task == "classify" else "val_bleu"):
         assert losses(resumed, key) == losses(straight, key)
@@ -366,6 +368,14 @@ def test_cli_classifier_and_translator_end_to_end(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
     assert main(["train", "--task", "classify", "--data", str(jsonl), "--out", str(tmp_path / "bad"), *small]) == 2
     assert "text" in capsys.readouterr().err
+    assert main(["train-classifier", "--task", "seq2seq", "--data", str(csv), "--out", str(tmp_path / "bad")]) == 2
+    assert "train-classifier trains task classify" in capsys.readouterr().err
+    assert main(["classify", "--run", str(tmp_path / "clf"), "--top", "0", "x"]) == 2
+    assert main(["translate", "--run", str(tmp_path / "s2s"), "--max-new-tokens", "0", "x"]) == 2
+    assert "--max-new-tokens must be in [1, 32]" in capsys.readouterr().err
+    # A step number for --checkpoint, and escapes that keep non-ASCII text.
+    assert main(["classify", "--run", str(tmp_path / "clf"), "--checkpoint", "60", "--escapes", "caf\u00e9\\tpear"]) == 0
+    assert capsys.readouterr().out.endswith("'caf\u00e9\\tpear'\n")
 
 
 # ----------------------------------------------------------------------------- on a GPU

@@ -66,7 +66,7 @@ def run_variant(variant: str, preset_name: str, batch_size: int, seq_len: int, s
                 device_name: str) -> dict:
     import kernels
     from fastlm.config import preset
-    from fastlm.metrics import peak_flops, peak_memory_bytes
+    from fastlm.metrics import mfu, peak_flops, peak_memory_bytes
 
     device = torch.device(device_name)
     cfg = preset(preset_name)
@@ -101,7 +101,7 @@ def run_variant(variant: str, preset_name: str, batch_size: int, seq_len: int, s
     peak = peak_flops(device)
     flops = cfg.model.flops_per_token(seq_len)
     return {"variant": variant, "params": params, "step_ms": step_s * 1e3, "tokens_per_sec": tokens_per_sec,
-            "mfu": None if peak is None else flops * tokens_per_sec / peak,
+            "mfu": mfu(flops * tokens_per_sec, peak),
             "peak_mem_bytes": peak_memory_bytes(device), "loss": loss.item()}
 
 

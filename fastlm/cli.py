@@ -74,8 +74,6 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
                               "drop --preset/--out/--overwrite/--task")
         run_dir, checkpoint = find_checkpoint(args.resume)
         cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-        if args.command == "train-classifier" and cfg.train.task != "classify":
-            raise ConfigError(f"{run_dir} trains task {cfg.train.task!r}; resume it with fastlm train --resume")
     else:
         default = {"lm": "tiny", "classify": "tiny-classify", "seq2seq": "tiny-seq2seq"}[args.task or "lm"]
         args.preset = args.preset or default
@@ -92,9 +90,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.data is not None:
         cfg.train.data = str(Path(args.data).expanduser().resolve())
     _parse_overrides(cfg, args.set, rest)
-    if args.command == "train-classifier" and cfg.train.task != "classify":
+    if args.command == "train-classifier" and cfg.train.task != "classify":  # overridden, or a resumed run's
         raise ConfigError(f"train-classifier trains task classify; got task {cfg.train.task!r} "
-                          "(use fastlm train --task ... for the others)")
+                          "(use fastlm train for the others)")
     if not args.resume:
         run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -137,12 +135,10 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     import kernels
-    import torch
 
-    from .generate import complete, load_run
+    from .generate import complete
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), device, task="lm")
+    model, tokenizer, _ = _load(args, "lm")
     prompt = _unescape(args.prompt) if args.escapes else args.prompt
     with kernels.use_backend(args.backend):
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, num_samples=args.num_samples,
@@ -189,13 +185,12 @@ def _checkpoint_arg(run: Path, checkpoint: str | None) -> Path | None:
 def _classify(args: argparse.Namespace) -> int:
     import kernels
 
-    from .generate import classify, load_run
+    from .generate import classify
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
-    model, tokenizer, cfg = load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), _device(args.device),
-                                     task="classify")
+    model, tokenizer, cfg = _load(args, "classify")
     labels = json.loads((args.run / "data.json").read_text())["labels"]
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
@@ -209,13 +204,12 @@ def _classify(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     import kernels
 
-    from .generate import load_run, translate
+    from .generate import translate
 
     if args.beam < 1:
         raise ConfigError(f"--beam must be at least 1, got {args.beam}")
     texts = _inputs(args)
-    model, tokenizer, cfg = load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), _device(args.device),
-                                     task="seq2seq")
+    model, tokenizer, cfg = _load(args, "seq2seq")
     limit = cfg.model.block_size
     max_new = cfg.train.target_len if args.max_new_tokens is None else args.max_new_tokens
     if not 1 <= max_new <= limit:
@@ -228,10 +222,15 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str) -> str:
+def _load(args: argparse.Namespace, task: str):
+    """The model, tokenizer and config of ``--run`` (at ``--checkpoint``) on ``--device``, which must
+    have trained ``task``."""
     import torch
 
-    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from .generate import load_run
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), device, task=task)
 
 
 def _export(args: argparse.Namespace) -> int:

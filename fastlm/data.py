@@ -205,10 +205,21 @@ def tokenize_corpus(docs: list[Document], chash: str, tokenizer: Tokenizer, val_
 # ----------------------------------------------------------------------------- batches
 
 
-def _batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int, shard: tuple[int, int]):
+def shard_rows(rows: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
+    """Rank ``shard[0]``'s part of a global batch's rows (of ``shard[1]`` ranks): W processes together
+    see exactly the batch one process would."""
     rank, world = shard
+    return rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+
+
+def train_rng(seed: int, step: int, micro_step: int) -> np.random.Generator:
+    """The generator that draws micro-batch (step, micro_step): a resumed run needs nothing but the step."""
+    return np.random.default_rng([seed, _TRAIN, step, micro_step])
+
+
+def _batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int, shard: tuple[int, int]):
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # the whole batch's, so any part is the same
-    starts = starts[rank * batch_size // world:(rank + 1) * batch_size // world]
+    starts = shard_rows(starts, shard)
     window = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
     window = torch.from_numpy(window)
     return window[:, :-1], window[:, 1:]  # inputs, next-token targets: (B, T) each
@@ -225,8 +236,7 @@ def train_batch(data: TokenData, seed: int, step: int, micro_step: int, batch_si
                 shard: tuple[int, int] = (0, 1)):
     """The micro-batch for (step, micro_step): a pure function of its arguments. ``shard=(rank, world)``
     picks that rank's rows of it, so W processes together read exactly the batch one process would."""
-    rng = np.random.default_rng([seed, _TRAIN, step, micro_step])
-    return _batch(data.train, rng, batch_size, seq_len, shard)
+    return _batch(data.train, train_rng(seed, step, micro_step), batch_size, seq_len, shard)
 
 
 def val_batch(data: TokenData, seed: int, index: int, batch_size: int, seq_len: int,

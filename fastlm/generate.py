@@ -19,7 +19,6 @@ import contextlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tokenizers import Tokenizer
@@ -27,6 +26,7 @@ from tokenizers import Tokenizer
 from .checkpoint import CheckpointError, list_checkpoints, load_weights, verify_checkpoint
 from .config import Config
 from .model import GPT, Classifier, KVCache, Seq2Seq, build_model
+from .tasks import encode_texts, pad
 from .tokenizer import eot_id, load_tokenizer
 
 
@@ -91,7 +91,6 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples:
     block = model.config.block_size
     generator = torch.Generator(device).manual_seed(seed)
     autocast = _autocast(device)
-    cache_dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
     tokens = torch.tensor([prompt] * num_samples, device=device)  # (B, T)
     window = max(0, tokens.size(1) - block + 1)  # first position the model sees
     cache, fed = None, 0  # the cache holds tokens[:, window:fed]
@@ -104,7 +103,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples:
                 logits = model(tokens[:, window:])
             else:
                 if cache is None:
-                    cache, fed = KVCache.empty(model.config, num_samples, device, cache_dtype), window
+                    cache, fed = KVCache.empty(model.config, num_samples, device, _cache_dtype(model)), window
                 logits = model(tokens[:, fed:], cache=cache)
                 fed = tokens.size(1)
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -131,10 +130,7 @@ def _padded(seqs: list, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     """Token id lists right-padded into (B, S), and their lengths (B,)."""
     if any(len(s) == 0 for s in seqs):
         raise ValueError("every source must hold at least one token")
-    out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
-    return out.to(device), torch.tensor([len(s) for s in seqs], device=device)
+    return pad(seqs, 0).to(device), torch.tensor([len(s) for s in seqs], device=device)
 
 
 def _cut(ids: list[int], eot: int) -> list[int]:
@@ -146,8 +142,7 @@ def decode_batch(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *
                  length_penalty: float = 1.0, use_cache: bool = True, fixed_steps: bool = False) -> list[list[int]]:
     """The decoded target ids (end token excluded) for each source (a list of token ids).
 
-    ``beam_size=1`` is greedy decoding; larger beams keep the ``beam_size`` best partial targets by
-    summed log-probability and return the finished one with the best ``score / length ** length_penalty``.
+    ``beam_size=1`` is greedy decoding (:func:`greedy_decode`), larger beams are :func:`beam_search`.
     Decoding starts from the end token (the start token in training) and stops at it, or after
     ``max_new_tokens``; ``fixed_steps`` always runs them all (every rank the same number of forwards).
     """
@@ -259,8 +254,6 @@ def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], *, max_new
               beam_size: int = 1, length_penalty: float = 1.0, batch_size: int = 16) -> list[str]:
     """The model's target text for each source text; sources longer than ``max_source_len`` tokens are
     truncated with a TruncationWarning."""
-    from .tasks import encode_texts
-
     eot = eot_id(tokenizer)
     sources = encode_texts(tokenizer, list(texts), max_source_len, "sources")
     device = next(model.parameters()).device
@@ -277,8 +270,6 @@ def classify(model: Classifier, tokenizer: Tokenizer, labels: list[str], texts: 
              max_len: int, batch_size: int = 32) -> list[dict[str, float]]:
     """Label probabilities of each text, most likely first; texts longer than ``max_len`` tokens are
     truncated with a TruncationWarning."""
-    from .tasks import encode_texts
-
     seqs = encode_texts(tokenizer, list(texts), max_len, "texts")
     device = next(model.parameters()).device
     out = []

@@ -49,8 +49,9 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> float | None:
-    return None if peak is None else flops_per_token * tokens_per_sec / peak
+def mfu(flops_per_sec: float, peak: float | None) -> float | None:
+    """Achieved model FLOPs/s over the peak (None where the peak is unknown)."""
+    return None if peak is None else flops_per_sec / peak
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:

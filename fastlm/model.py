@@ -287,13 +287,14 @@ class _Transformer(nn.Module):
         T = h.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        rope = None
         if "wpe" in stack:
             h = h + stack.wpe(torch.arange(start, start + T, device=h.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         if self.config.dropout:
             h = F.dropout(h, self.config.dropout, self.training)
-        if "wpe" in stack:
-            return h, None
-        return h, (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        return h, rope
 
     def reset_parameters(self) -> None:
         """GPT-2's init: N(0, 0.02), output projections scaled by 1/sqrt(2 * n_layer), zero biases."""

@@ -21,7 +21,7 @@ Padded batches are right-padded to their longest row; the models mask the paddin
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +40,6 @@ from .tokenizer import eot_id, load_tokenizer
 
 IGNORE = -100  # target id of padded positions: skipped by the loss
 SPLIT_VERSION = 2  # bump when taskdata.split_examples draws a different split (tokenizer cache key)
-_TRAIN, _VAL = 0, 1
 
 
 class TruncationWarning(UserWarning):
@@ -62,18 +61,10 @@ class Prepared:
     tokenizer: Tokenizer
     info: dict[str, Any]  # written to data.json (corpus_hash included)
     summary: str  # one line for the log
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _shard_rows(rows: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
-    """This rank's part of a global batch's rows: W processes together see exactly the batch one would."""
-    rank, world = shard
-    return rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-
-
-def _pad(seqs: list[np.ndarray], value: int) -> torch.Tensor:
-    """Right-pad 1-D int arrays to the longest: (B, T) int64."""
+def pad(seqs: list[np.ndarray], value: int) -> torch.Tensor:
+    """Right-pad 1-D int sequences (arrays or lists) to the longest: (B, T) int64."""
     out = np.full((len(seqs), max(len(s) for s in seqs)), value, dtype=np.int64)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = s
@@ -233,9 +224,9 @@ class _ExampleTask:
 
     def _sample(self, step: int, micro: int, shard: tuple[int, int]) -> np.ndarray:
         t = self.cfg.train
-        rng = np.random.default_rng([t.seed, _TRAIN, step, micro])
+        rng = data_lib.train_rng(t.seed, step, micro)
         rows = rng.integers(0, len(self.train["source"]), size=t.batch_size)  # the whole batch's, then our part
-        return _shard_rows(rows, shard)
+        return data_lib.shard_rows(rows, shard)
 
     def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
         return self._batch(self.train, self._sample(step, micro, shard))
@@ -252,7 +243,7 @@ class _ExampleTask:
         t = self.cfg.train
         shard = (distributed.rank(), distributed.world_size())
         for start in range(0, count, t.batch_size):
-            rows = _shard_rows(np.arange(start, min(start + t.batch_size, count)), shard)
+            rows = data_lib.shard_rows(np.arange(start, min(start + t.batch_size, count)), shard)
             yield (rows, 1.0) if len(rows) else (np.zeros(1, dtype=np.int64), 0.0)
 
 
@@ -297,7 +288,7 @@ class Classification(_ExampleTask):
         m = self.cfg.model
         layer = m.layer_weights()
         flops = 6.0 * m.n_layer * layer * lens.sum().item() + 12.0 * m.n_layer * m.n_embd * (lens ** 2).sum().item()
-        return Batch((_pad(seqs, 0), lens, torch.from_numpy(split["label"][rows])), int(lens.sum()), flops,
+        return Batch((pad(seqs, 0), lens, torch.from_numpy(split["label"][rows])), int(lens.sum()), flops,
                      self._loss_terms(split, rows))
 
     def _loss_terms(self, split: dict, rows: np.ndarray) -> int:
@@ -374,7 +365,7 @@ class SequenceToSequence(_ExampleTask):
         src_lens = torch.tensor([len(s) for s in src])
         tgt_lens = torch.tensor([len(s) for s in tgt])
         tgt_in = [np.concatenate([[self.eot], s[:-1]]) for s in tgt]  # the target shifted behind a start token
-        tensors = (_pad(src, 0), src_lens, _pad(tgt_in, 0), _pad(tgt, IGNORE))
+        tensors = (pad(src, 0), src_lens, pad(tgt_in, 0), pad(tgt, IGNORE))
         return Batch(tensors, int(src_lens.sum() + tgt_lens.sum()), self._flops(src_lens, tgt_lens),
                      int(tgt_lens.sum()))
 
@@ -403,10 +394,9 @@ class SequenceToSequence(_ExampleTask):
         sums = torch.zeros(2, dtype=torch.float64)  # loss x tokens, tokens
         for rows, weight in self._eval_batches(len(self.val["source"])):
             batch = self._batch(self.val, rows)
-            src, src_lens, tgt_in, tgt_out = (x.to(device) for x in batch.tensors)
             with autocast():
-                loss = model(src, src_lens, tgt_in, tgt_out).float()
-            n = (tgt_out != IGNORE).sum().item()
+                loss = model(*(x.to(device) for x in batch.tensors)).float()
+            n = batch.loss_terms  # the real target tokens the mean ran over
             sums += weight * torch.tensor([loss.item() * n, n], dtype=torch.float64)
         sums = distributed.total(sums)
 

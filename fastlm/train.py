@@ -252,7 +252,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
                 if distributed.is_main():
                     record = {"step": step, "loss": loss_value, "lr": lr,
                               "grad_norm": None if grad_norm is None else grad_norm.item(),
-                              "tokens_per_sec": tokens_per_sec, "mfu": mfu(job_flops / elapsed, 1.0, peak),
+                              "tokens_per_sec": tokens_per_sec, "mfu": mfu(job_flops / elapsed, peak),
                               "peak_mem_bytes": peak_memory_bytes(device)}
                     if t.task == "lm":
                         record["tokens"] = step * t.tokens_per_step  # tokens trained on so far

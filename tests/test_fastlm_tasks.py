@@ -98,14 +98,17 @@ def test_classifier_learns_and_reports_accuracy_f1_confusion(tmp_path):
 
 
 def test_seq2seq_learns_to_copy_and_reports_bleu(tmp_path):
-    cfg = task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), max_steps=400, warmup_steps=10,
-                      eval_interval=200, save_interval=400, log_interval=10)
+    # Copying is learnt in a sudden transition whose step varies with the seed and the torch build
+    # (400 steps sufficed for seed 0 on torch 2.13, not on 2.14; seeds 1-3 reach BLEU 100 by 400),
+    # so the run is long enough that the transition is behind it, not at its edge.
+    cfg = task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), max_steps=800, warmup_steps=10,
+                      eval_interval=400, save_interval=800, log_interval=10)
     result = train(cfg, tmp_path / "run", progress=False)
     train_losses = losses(tmp_path / "run")
-    assert train_losses[400] < train_losses[10] - 2.0
+    assert train_losses[800] < train_losses[10] - 2.0
     assert result.evals["val_bleu"] > 50 and result.evals["val_exact_match"] > 0.5
     bleu = losses(tmp_path / "run", "val_bleu")
-    assert bleu[400] > bleu[200]
+    assert bleu[800] > bleu[400]
 
 
 def test_classification_metrics():

@@ -212,8 +212,9 @@ class _ExampleTask:
             else:
                 key = (f"{data_lib.CACHE_FORMAT}:{self.name}:{SPLIT_VERSION}:{chash}:{t.val_fraction}:"
                        f"{self.cfg.model.vocab_size}")  # trained on the train split: keyed by how it is drawn
+                chars = sum(len(e.source) + len(e.target) for e in examples)
                 tokenizer = data_lib.tokenizer_from_cache(key, lambda: self.tokenizer_texts(train),
-                                                          self.cfg.model.vocab_size)
+                                                          self.cfg.model.vocab_size, data_lib.show_progress(chars))
         _check_vocab(tokenizer, self.cfg)
         self.tokenizer, self.eot = tokenizer, eot_id(tokenizer)
         self.train = self.encode(tokenizer, train, "training")

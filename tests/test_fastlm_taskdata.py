@@ -343,3 +343,9 @@ def test_undecodable_data_file_error_counts_the_bytes(tmp_path):
     with pytest.raises(DataError, match=r"latin.jsonl is not UTF-8 text: byte 0xe9 at offset 13 cannot be decoded "
                                         r"\(3 undecodable bytes in all\)"):
         read_classification(latin)
+    # Past the decoder's first read (8 KiB), the offset still counts from the start of the file.
+    big = tmp_path / "big.csv"
+    head = b"text,label\n" + b"a,b\n" * 5000 + b"caf"
+    big.write_bytes(head + b"\xe9,c\n")
+    with pytest.raises(DataError, match=rf"byte 0xe9 at offset {len(head)} cannot be decoded \(1 undecodable byte"):
+        read_classification(big)

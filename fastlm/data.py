@@ -2,13 +2,15 @@
 
 - Text comes from a file, a folder (every text file under it, recursively), or by
   default the Python standard library's own source (~9 MB of .py files without
-  its tests and data tables), which every Python ships.
+  its tests and data tables), which every Python ships. Binary files (a NUL byte
+  in their first 8 KiB) in a folder are skipped, with a warning naming them;
+  bytes that are not UTF-8 are read as U+FFFD, with a warning that counts them.
 - A document is a file (a single-file corpus is cut into line-aligned pieces so
   it can still be split); documents, not tokens, are split into train and
   validation, by a hash of their name.
 - The tokenizer and the token files are cached under ``$FASTLM_CACHE`` (default
   ``~/.cache/fastlm``), keyed by a hash of the corpus (and of the tokenizer), so
-  a second run skips both. Token files are flat uint16/uint32 arrays read
+  a second run skips both; a damaged cached tokenizer is trained again. Token files are flat uint16/uint32 arrays read
   through ``numpy.memmap``.
 - Batch ``(step, micro_step)`` is drawn from a generator seeded with
   ``(seed, step, micro_step)``: a resumed run sees exactly the batches an
@@ -20,8 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 import sysconfig
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,16 +34,19 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
-from .tokenizer import encode_documents, train_tokenizer
+from .tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
-CACHE_FORMAT = 1  # bump when the cached files' layout or the tokenizer recipe changes
+CACHE_FORMAT = 2  # bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut)
 SINGLE_FILE_PIECES = 20
 # Not code to learn from: tests, installed third-party packages, and two packages that are mostly data
 # (encodings' character tables, pydoc_data's help text).
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings",
                 "pydoc_data"}
 _TRAIN, _VAL = 0, 1
+PROGRESS_CHARS = 16 * 2**20  # text that takes about ten seconds or more to train a tokenizer on or to tokenize
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # how errors="surrogateescape" reads a byte that is not UTF-8
 
 
 class DataError(ValueError):
@@ -66,9 +74,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTLM_CACHE") or Path.home() / ".cache" / "fastlm")
 
 
+def show_progress(chars: int) -> bool:
+    """Progress bars for preparing ``chars`` characters of text: only when that takes a while, on a terminal."""
+    return chars >= PROGRESS_CHARS and sys.stderr.isatty()
+
+
+def unreadable(path: Path, error: OSError) -> DataError:
+    return DataError(f"cannot read {path}: {error.strerror or error}")
+
+
 def _is_text(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" not in f.read(8192)
+    """No NUL byte in the first 8 KiB (as git and grep tell text from binary)."""
+    try:
+        with path.open("rb") as f:
+            return b"\0" not in f.read(8192)
+    except OSError as e:
+        raise unreadable(path, e) from None
+
+
+def read_text(path: Path) -> tuple[str, int]:
+    """The file's text as UTF-8 (universal newlines, as ``Path.read_text``) and how many of its bytes
+    were not UTF-8: each of those reads as U+FFFD."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.read(), 0
+    except UnicodeDecodeError:
+        with path.open(encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+        return _ESCAPED_BYTE.subn("\ufffd", text)
+    except OSError as e:
+        raise unreadable(path, e) from None
+
+
+def name_list(names: list[str], most: int = 10) -> str:
+    """``a, b, c``; past ``most`` names, the first ``most`` and how many more."""
+    more = f", ... ({len(names) - most:,} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'s' if count != 1 else ''}"
 
 
 def corpus_files(data: str | None) -> tuple[Path, list[Path]]:
@@ -86,18 +131,38 @@ def corpus_files(data: str | None) -> tuple[Path, list[Path]]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.is_file():
+        if not _is_text(path):
+            raise DataError(f"data file {path} is a binary file (it has NUL bytes), not text")
         return path.parent, [path]
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                   and _is_text(p))
+    if not path.is_dir():
+        raise DataError(f"data path {path} is neither a file nor a folder")
+    files, binary = [], []
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
+            (files if _is_text(p) else binary).append(p)
+    skipped = [str(p.relative_to(path)) for p in binary]
     if not files:
-        raise DataError(f"data folder {path} holds no text files")
+        raise DataError(f"data folder {path} holds no text files"
+                        + (f" (skipped {_count(len(skipped), 'binary file')}: {name_list(skipped)})" if skipped else ""))
+    if skipped:
+        warnings.warn(f"data folder {path}: skipped {_count(len(skipped), 'binary file')} "
+                      f"({'they have' if len(skipped) > 1 else 'it has'} NUL bytes): {name_list(skipped)}",
+                      stacklevel=3)
     return path, files
 
 
 def load_documents(data: str | None) -> list[Document]:
     root, files = corpus_files(data)
-    docs = [Document(str(f.relative_to(root)), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    docs, undecodable = [], {}
+    for f in files:
+        text, bad_bytes = read_text(f)
+        docs.append(Document(str(f.relative_to(root)), text))
+        if bad_bytes:
+            undecodable[docs[-1].name] = bad_bytes
+    if undecodable:
+        warnings.warn(f"{_count(len(undecodable), 'file')} {'are' if len(undecodable) > 1 else 'is'} not valid UTF-8 "
+                      f"({sum(undecodable.values()):,} bytes replaced by U+FFFD): {name_list(list(undecodable))}; "
+                      "convert them to UTF-8 to train on their text", stacklevel=2)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise DataError(f"data path {data} is empty (no non-blank text)")
@@ -155,15 +220,21 @@ def cached_tokenizer(docs: list[Document], chash: str, val_fraction: float, voca
     """The tokenizer for this corpus (of hash ``chash``) and vocabulary size: from the cache,
     or trained on the train split."""
     return tokenizer_from_cache(f"{CACHE_FORMAT}:{chash}:{val_fraction}:{vocab_size}",
-                                lambda: (d.text for d in split_documents(docs, val_fraction)[0]), vocab_size)
+                                lambda: (d.text for d in split_documents(docs, val_fraction)[0]), vocab_size,
+                                progress=show_progress(sum(len(d.text) for d in docs)))
 
 
-def tokenizer_from_cache(key: str, texts: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
-    """The tokenizer cached under ``key``, or one trained on ``texts()`` (training text only) and cached."""
+def tokenizer_from_cache(key: str, texts: Callable[[], Iterable[str]], vocab_size: int,
+                         progress: bool = False) -> Tokenizer:
+    """The tokenizer cached under ``key``, or one trained on ``texts()`` (training text only) and cached.
+    A cache entry that does not load (a damaged file) is trained again and replaced."""
     path = cache_dir() / "tokenizers" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path))
-    tokenizer = train_tokenizer(texts(), vocab_size)
+        try:
+            return load_tokenizer(path)
+        except ValueError as e:
+            warnings.warn(f"cached tokenizer {e}; training it again", stacklevel=2)
+    tokenizer = train_tokenizer(texts(), vocab_size, progress)
     _atomic_write_bytes(path, tokenizer.to_str().encode())
     return tokenizer
 
@@ -182,11 +253,14 @@ def tokenize_corpus(docs: list[Document], chash: str, tokenizer: Tokenizer, val_
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
         splits = split_documents(docs, val_fraction)
+        progress = show_progress(sum(len(d.text) for d in docs))
         counts = {}
-        for name, split in zip(("train", "val"), splits):
+        for name, what, split in zip(("train", "val"), ("training", "validation"), splits):
             with open(tmp / f"{name}.bin", "wb") as f:
                 counts[name] = 0
-                for ids in encode_documents(tokenizer, (d.text for d in split)):
+                encoded = encode_documents(tokenizer, (d.text for d in split))
+                for ids in tqdm(encoded, desc=f"tokenizing the {what} split", total=len(split), unit="doc",
+                                disable=not progress):
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                     counts[name] += len(ids)
         meta = {"dtype": dtype.name, "tokens": counts, "documents": {"train": len(splits[0]), "val": len(splits[1])}}

@@ -27,7 +27,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, Document, _name_hash, corpus_files, split_documents
+from .data import (_ESCAPED_BYTE, DataError, Document, _is_text, _name_hash, corpus_files, split_documents,
+                   unreadable)
 
 # Stdlib packages big enough to give hundreds of windows each and distinct enough to tell apart.
 CLASSIFY_PACKAGES: tuple[str, ...] = ("asyncio", "email", "http", "importlib", "json", "logging",
@@ -192,8 +193,13 @@ def load_seq2seq(data: str | None) -> list[Example]:
 def _read_records(path: str | Path, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
     """The values of ``columns`` for every data row of a ``.csv`` or ``.jsonl`` file, none of them blank."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"data path {path} is a folder; this task reads one .csv or .jsonl file with columns "
+                        f"{', '.join(columns)} (a folder of text files is a corpus for task lm)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (or is not a file)")
+    if not _is_text(path):
+        raise DataError(f"data file {path} is a binary file (it has NUL bytes); expected a .csv or .jsonl text file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _csv_rows(path, columns)
@@ -208,9 +214,10 @@ def _read_records(path: str | Path, columns: tuple[str, ...]) -> list[tuple[str,
                 if not value.strip():
                     raise DataError(f"data file {path}, line {line}: empty {column!r}")
             records.append(values)
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start} "
-                        "cannot be decoded; convert the file to UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except OSError as e:
+        raise unreadable(path, e) from None
     except csv.Error as e:
         raise DataError(f"data file {path}: not a valid CSV file ({e})") from None
     if not records:
@@ -218,10 +225,22 @@ def _read_records(path: str | Path, columns: tuple[str, ...]) -> list[tuple[str,
     return records
 
 
+def _not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8: where its first bad byte is and how many there are. (The
+    decoder's own offset counts from the start of the chunk it was decoding, not of the file.)"""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="surrogateescape")
+    bad = _ESCAPED_BYTE.findall(text)
+    offset = len(text[:_ESCAPED_BYTE.search(text).start()].encode("utf-8", errors="surrogateescape"))
+    return DataError(f"data file {path} is not UTF-8 text: byte {data[offset]:#04x} at offset {offset} cannot be "
+                     f"decoded ({len(bad):,} undecodable byte{'s' if len(bad) > 1 else ''} in all); "
+                     "convert the file to UTF-8")
+
+
 def _csv_rows(path: Path, columns: tuple[str, ...]):
     """(line number, values) for each non-blank row; a cell missing from a short row reads as empty."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long document is one cell; the default is 128 KiB
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drop a byte-order mark
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: drop a byte-order mark
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -240,7 +259,7 @@ def _csv_rows(path: Path, columns: tuple[str, ...]):
 def _jsonl_rows(path: Path, columns: tuple[str, ...]):
     """(line number, values) for each non-blank line, which must be a JSON object with ``columns`` as keys
     and strings, numbers or booleans as their values."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: drop a byte-order mark, as for CSV
+    with path.open(encoding="utf-8-sig") as f:  # -sig: drop a byte-order mark, as for CSV
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

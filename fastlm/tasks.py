@@ -6,7 +6,8 @@ One loop (:func:`fastlm.train.train`) serves three tasks, chosen by ``TrainConfi
   (:mod:`fastlm.data`); evaluated by validation loss and perplexity.
 - ``classify``: a label per text with :class:`~fastlm.model.Classifier`, from a CSV or
   JSONL file of ``text,label`` (:mod:`fastlm.taskdata`); evaluated on the whole held-out
-  split by loss, accuracy, macro-F1 and a confusion matrix.
+  split by loss, accuracy, macro-F1 and a confusion matrix (past ``FULL_CONFUSION_LABELS``
+  labels kept out of ``metrics.jsonl``, in ``confusion.json``, and printed as a summary).
 - ``seq2seq``: a target text per source text with :class:`~fastlm.model.Seq2Seq`, from a
   JSONL file of ``{"source", "target"}``; evaluated by teacher-forced loss on the held-out
   split, and BLEU (sacrebleu) and exact match of greedy decodes of its first
@@ -20,6 +21,7 @@ Padded batches are right-padded to their longest row; the models mask the paddin
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,10 @@ from .tokenizer import eot_id, load_tokenizer
 
 IGNORE = -100  # target id of padded positions: skipped by the loss
 SPLIT_VERSION = 2  # bump when taskdata.split_examples draws a different split (tokenizer cache key)
+# Past this many labels a confusion matrix is too big for each metrics.jsonl line (1,000 labels: 3 MB) and for
+# the terminal: it is written to confusion.json and printed as its largest confusions and worst labels.
+FULL_CONFUSION_LABELS = 50
+CONFUSION_FILE = "confusion.json"
 
 
 class TruncationWarning(UserWarning):
@@ -206,8 +212,9 @@ class _ExampleTask:
             else:
                 key = (f"{data_lib.CACHE_FORMAT}:{self.name}:{SPLIT_VERSION}:{chash}:{t.val_fraction}:"
                        f"{self.cfg.model.vocab_size}")  # trained on the train split: keyed by how it is drawn
+                chars = sum(len(e.source) + len(e.target) for e in examples)
                 tokenizer = data_lib.tokenizer_from_cache(key, lambda: self.tokenizer_texts(train),
-                                                          self.cfg.model.vocab_size)
+                                                          self.cfg.model.vocab_size, data_lib.show_progress(chars))
         _check_vocab(tokenizer, self.cfg)
         self.tokenizer, self.eot = tokenizer, eot_id(tokenizer)
         self.train = self.encode(tokenizer, train, "training")
@@ -327,8 +334,25 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
             "val_confusion": confusion.round().long().tolist()}
 
 
-def format_confusion(confusion: list[list[int]], labels: list[str]) -> str:
-    """The confusion matrix as a table: a row per true label, a column per predicted label."""
+def eval_record(step: int, evals: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of an evaluation at ``step``: the metrics themselves, except a confusion
+    matrix of more than ``FULL_CONFUSION_LABELS`` labels, which replaces ``run_dir/confusion.json``
+    (atomically: the latest evaluation's) and is named by ``val_confusion_file`` instead."""
+    confusion = evals.get("val_confusion")
+    if confusion is None or len(confusion) <= FULL_CONFUSION_LABELS:
+        return {"step": step, **evals}
+    data_lib._atomic_write_bytes(run_dir / CONFUSION_FILE,
+                                 json.dumps({"step": step, "val_confusion": confusion}).encode())
+    return {"step": step, **{k: v for k, v in evals.items() if k != "val_confusion"},
+            "val_confusion_file": CONFUSION_FILE}
+
+
+def format_confusion(confusion: list[list[int]], labels: list[str], top: int = 20) -> str:
+    """The confusion matrix as a table: a row per true label, a column per predicted label. Past
+    ``FULL_CONFUSION_LABELS`` labels, its ``top`` largest confusions and the ``top`` labels of lowest
+    recall instead."""
+    if len(labels) > FULL_CONFUSION_LABELS:
+        return _confusion_summary(torch.tensor(confusion, dtype=torch.float64), labels, top)
     corner = "true \\ predicted"
     width = max(5, min(10, max(len(label) for label in labels)), *(len(str(v)) for row in confusion for v in row))
     name_w = max(len(corner), *(len(label) for label in labels))
@@ -336,6 +360,24 @@ def format_confusion(confusion: list[list[int]], labels: list[str]) -> str:
     lines = [f"{corner:<{name_w}}  " + " ".join(f"{s:>{width}}" for s in short)]
     for label, row in zip(labels, confusion):
         lines.append(f"{label:<{name_w}}  " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def _confusion_summary(confusion: torch.Tensor, labels: list[str], top: int) -> str:
+    k = len(labels)
+    name = [label if len(label) <= 60 else label[:57] + "..." for label in labels]  # a label can be any text
+    off_diagonal = (confusion - torch.diag(confusion.diag())).flatten()
+    largest = (-off_diagonal).argsort(stable=True)[:top].tolist()  # ties in label order
+    lines = [f"{k:,} labels, too many for a table (the run directory's {CONFUSION_FILE} holds the whole matrix, "
+             "with the labels in data.json); the most frequent confusions, true -> predicted: count"]
+    lines += [f"  {name[i // k]} -> {name[i % k]}: {round(off_diagonal[i].item())}"
+              for i in largest if off_diagonal[i] > 0] or ["  none"]
+    support = confusion.sum(dim=1)
+    recall = confusion.diag() / support.clamp(min=1)
+    present = (support > 0).nonzero().flatten()
+    worst = present[recall[present].argsort(stable=True)[:top]].tolist()
+    lines.append("the labels of lowest recall: correct of their examples")
+    lines += [f"  {name[i]}: {round(confusion[i, i].item())} of {round(support[i].item())}" for i in worst]
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from .config import Config, ConfigError
 from .hf import load_hf_weights
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
-from .tasks import make_task
+from .tasks import eval_record, make_task
 
 # Fields a resumed run may change: none of them alters what is computed at a step.
 RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
@@ -267,7 +267,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
                 evals = task.evaluate(forward, device, lambda: autocast_context(cfg, device))
                 model.train()
                 if distributed.is_main():
-                    metrics.log({"step": step, **evals})
+                    metrics.log(eval_record(step, evals, run_dir))
                     metrics.plot(run_dir / "loss.png")
                     bar.write(f"step {step}: train loss {loss_value:.4f}, {task.describe(evals)}")
             if step % t.save_interval == 0 or step == t.max_steps:

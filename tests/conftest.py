@@ -5,6 +5,7 @@
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,22 @@ def device():
 def private_cache(tmp_path, monkeypatch):
     """Every test gets its own fastlm token cache: none reads or writes the user's."""
     monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def lock_file(monkeypatch):
+    """``lock_file(path)``: opening ``path`` fails as after ``chmod 000`` (which does not stop root, who may
+    run the tests)."""
+    locked = set()
+    real_open = Path.open
+
+    def open_unless_locked(self, *args, **kwargs):
+        if self in locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_unless_locked)
+    return locked.add
 
 
 @pytest.fixture

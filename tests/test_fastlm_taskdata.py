@@ -317,3 +317,35 @@ def test_files_with_long_cells_a_bom_or_another_encoding(tmp_path):
     latin.write_bytes("text,label\ncaf\u00e9,a\nthe,b\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.csv is not UTF-8 text: byte 0xe9"):
         read_classification(latin)
+
+
+def test_a_folder_a_binary_or_an_unreadable_data_file_is_named(tmp_path, lock_file):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    with pytest.raises(DataError, match=rf"data path {folder} is a folder; this task reads one \.csv or \.jsonl "
+                                        r"file with columns text, label"):
+        read_classification(folder)
+    with pytest.raises(DataError, match=r"columns source, target"):
+        read_seq2seq(folder)
+    binary = tmp_path / "b.csv"
+    binary.write_bytes(b"text,label\nab\x00cd,x\nef,y\n")
+    with pytest.raises(DataError, match=rf"data file {binary} is a binary file \(it has NUL bytes\)"):
+        read_classification(binary)
+    locked = _write(tmp_path / "locked.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    lock_file(locked)
+    with pytest.raises(DataError, match=rf"cannot read {locked}: Permission denied"):
+        read_classification(locked)
+
+
+def test_undecodable_data_file_error_counts_the_bytes(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "caf\u00e9 \u00e0 la cr\u00e8me", "label": "a"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.jsonl is not UTF-8 text: byte 0xe9 at offset 13 cannot be decoded "
+                                        r"\(3 undecodable bytes in all\)"):
+        read_classification(latin)
+    # Past the decoder's first read (8 KiB), the offset still counts from the start of the file.
+    big = tmp_path / "big.csv"
+    head = b"text,label\n" + b"a,b\n" * 5000 + b"caf"
+    big.write_bytes(head + b"\xe9,c\n")
+    with pytest.raises(DataError, match=rf"byte 0xe9 at offset {len(head)} cannot be decoded \(1 undecodable byte"):
+        read_classification(big)

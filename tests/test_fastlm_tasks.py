@@ -418,3 +418,42 @@ def test_gpu_bf16_training_matches_reference(cls):
     assert losses_by["triton"][-1] < losses_by["triton"][0]
     torch.testing.assert_close(torch.tensor(losses_by["triton"]), torch.tensor(losses_by["reference"]),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_many_labels_log_and_print_a_bounded_summary(tmp_path):
+    """1,000 labels: a full matrix per metrics.jsonl line would be megabytes (and 9 MB printed); the line
+    leaves it out, confusion.json holds the latest in full, and the printed form names the worst."""
+    from fastlm.metrics import MetricsLog
+    from fastlm.tasks import eval_record
+
+    k = 1000
+    confusion = torch.zeros(k, k, dtype=torch.float64)
+    confusion.diagonal().fill_(10.0)
+    confusion[7, 7], confusion[7, 3] = 1.0, 9.0  # label_0007 mostly taken for label_0003
+    confusion[500, 500], confusion[500, 501] = 4.0, 6.0
+    evals = {"val_loss": 0.5, **classification_metrics(confusion)}
+    labels = [f"label_{i:04d}" for i in range(k)]
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (10, 20):
+        log.log(eval_record(step, evals, tmp_path))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(len(line) < 10_000 for line in lines)
+    record = json.loads(lines[1])
+    assert record["step"] == 20 and record["val_accuracy"] == evals["val_accuracy"] and "val_confusion" not in record
+    assert record["val_confusion_file"] == "confusion.json"
+    saved = json.loads((tmp_path / "confusion.json").read_text())
+    assert saved["step"] == 20 and saved["val_confusion"] == evals["val_confusion"]
+    assert len(evals["val_confusion"]) == k  # the evaluation itself keeps the whole matrix
+
+    text = format_confusion(evals["val_confusion"], labels)
+    assert len(text) < 5_000
+    assert "1,000 labels" in text and "confusion.json" in text
+    assert "label_0007 -> label_0003: 9" in text and "label_0500 -> label_0501: 6" in text
+    assert "label_0007: 1 of 10" in text  # the worst recall first
+    long_labels = [f"{i} " + "y" * 100_000 for i in range(k)]  # a label is any text a user's file holds
+    assert len(format_confusion(evals["val_confusion"], long_labels)) < 10_000
+
+    # Few labels: the line keeps the matrix, as before, and no confusion.json is written.
+    small = {"val_loss": 0.5, **classification_metrics(confusion[:3, :3])}
+    assert eval_record(30, small, tmp_path / "small") == {"step": 30, **small}
+    assert not (tmp_path / "small").exists()

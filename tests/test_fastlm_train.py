@@ -206,3 +206,81 @@ def test_stdlib_corpus_is_found():
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
     assert files == data_lib.corpus_files(None)[1]  # a fixed order, so the cache key is stable
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+
+
+def test_long_runs_without_whitespace_train_in_linear_time():
+    """One pre-token per run of letters made BPE training quadratic in its length (a 3 MB line: over an
+    hour); runs are cut into pieces of at most MAX_PRETOKEN_BYTES, so 1.2 MB trains in about a second."""
+    import random
+    import string
+    import time
+
+    from tokenizers import pre_tokenizers
+
+    from fastlm.tokenizer import MAX_PRETOKEN_BYTES, train_tokenizer
+
+    rng = random.Random(0)
+    letters = "".join(rng.choice(string.ascii_letters) for _ in range(1_000_000))
+    texts = [letters, "7" * 100_000 + " " * 100_000, "def f(x):\n    return x + 1\n"]
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(texts, 512)
+    assert time.perf_counter() - started < 10  # quadratic, as before: minutes
+    pieces = tokenizer.pre_tokenizer.pre_tokenize_str(letters[:10_000])
+    assert max(len(p) for p, _ in pieces) == MAX_PRETOKEN_BYTES and "".join(p for p, _ in pieces) == letters[:10_000]
+    assert tokenizer.decode(tokenizer.encode(letters[:5000]).ids) == letters[:5000]
+    # Ordinary text (lines under MAX_PRETOKEN_BYTES) pre-tokenizes exactly as GPT-2's byte-level rule does.
+    normal = (Path(__file__).read_text() + "naïve café, 中文 — ok\n\n\t  x")
+    assert tokenizer.pre_tokenizer.pre_tokenize_str(normal) == \
+        pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(normal)
+
+
+def test_long_preparation_shows_progress(tmp_path, corpus, capsys, monkeypatch):
+    docs = data_lib.load_documents(str(corpus))
+    chash = data_lib.corpus_hash(docs)
+    tokenizer = data_lib.cached_tokenizer(docs, chash, 0.1, 320)
+    data_lib.tokenize_corpus(docs, chash, tokenizer, 0.1)
+    assert capsys.readouterr().err == ""  # a small corpus (and no terminal): quiet
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "other-cache"))
+    monkeypatch.setattr(data_lib, "show_progress", lambda chars: True)  # as for a big corpus on a terminal
+    data_lib.tokenize_corpus(docs, chash, tokenizer, 0.1)
+    assert "tokenizing the training split" in capsys.readouterr().err
+
+
+def test_undecodable_and_binary_corpus_files_are_reported(tmp_path, corpus):
+    (corpus / "latin.py").write_bytes("# caf\u00e9 na\u00efve \u00e0\n".encode("latin-1") + b"x = 1\n")
+    (corpus / "blob.dat").write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.warns(UserWarning) as caught:
+        docs = data_lib.load_documents(str(corpus))
+    messages = [str(w.message) for w in caught]
+    assert any("1 file is not valid UTF-8 (3 bytes replaced by U+FFFD): latin.py" in m for m in messages), messages
+    assert any("skipped 1 binary file (it has NUL bytes): blob.dat" in m for m in messages), messages
+    names = [d.name for d in docs]
+    assert "latin.py" in names and "blob.dat" not in names
+    assert next(d.text for d in docs if d.name == "latin.py").count("\ufffd") == 3
+
+    with pytest.raises(data_lib.DataError, match=r"blob.dat is a binary file \(it has NUL bytes\)"):
+        data_lib.load_documents(str(corpus / "blob.dat"))
+    only_binary = tmp_path / "binaries"
+    only_binary.mkdir()
+    (only_binary / "a.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(data_lib.DataError, match=r"holds no text files \(skipped 1 binary file: a.bin\)"):
+        data_lib.load_documents(str(only_binary))
+
+
+def test_unreadable_corpus_file_is_named(corpus, lock_file):
+    locked = corpus / "mod_03.py"
+    lock_file(locked)
+    with pytest.raises(data_lib.DataError, match=rf"cannot read {locked}: Permission denied"):
+        data_lib.load_documents(str(corpus))
+
+
+def test_corrupted_cached_tokenizer_is_rebuilt(corpus):
+    docs = data_lib.load_documents(str(corpus))
+    chash = data_lib.corpus_hash(docs)
+    tokenizer = data_lib.cached_tokenizer(docs, chash, 0.1, 320)
+    [cached] = (data_lib.cache_dir() / "tokenizers").glob("*.json")
+    cached.write_text('{"version": "1.0", "trunc')  # a half-written or damaged cache entry
+    with pytest.warns(UserWarning, match=rf"cached tokenizer {cached} is not a valid tokenizer.json: .*; training it again"):
+        again = data_lib.cached_tokenizer(docs, chash, 0.1, 320)
+    assert again.to_str() == tokenizer.to_str()
+    assert data_lib.cached_tokenizer(docs, chash, 0.1, 320).to_str() == tokenizer.to_str()  # repaired

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
 from ._validate import check_float, check_integer, check_same_device, check_same_dtype
@@ -643,6 +644,7 @@ class _AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @first_order_only(triton_only_first_order("attention"))
     def backward(ctx, do, dlse):
         q, k, v, o, lse, kv_lens = ctx.saved_tensors
         if do is None:  # only the lse was used
@@ -726,7 +728,8 @@ def attention(
 
     Head dims up to 256 (any, padded to a power of two inside the kernel); fp16,
     bf16 and fp32 (fp32 runs exact fp32 dots, not TF32). The backward is
-    deterministic. A ``kv_lens`` tensor costs one host sync for its range check.
+    deterministic, and first-order only (``create_graph=True`` raises; the
+    reference backend supports it). A ``kv_lens`` tensor costs one host sync for its range check.
     """
     scale = _check(q, k, v, kv_lens, scale)
     causal_offset = k.shape[2] - q.shape[2] if causal else None

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, next_power_of_2, unique_specs
 from ._validate import check_float, check_integer, check_same_device, check_same_dtype
@@ -309,6 +310,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return reduce_loss(loss_rows, reduction, scale)
 
     @staticmethod
+    @first_order_only(triton_only_first_order("cross_entropy"))
     def backward(ctx, grad_loss):
         if ctx.grad is None:
             raise RuntimeError(
@@ -397,7 +399,8 @@ def cross_entropy(
     weights sum to 0), ``'mean'`` returns 0 with zero gradients instead of NaN; class
     weights get no gradient. The gradient is computed in the forward and scaled in
     place by the backward, so a second backward through the same graph
-    (``retain_graph=True``) raises.
+    (``retain_graph=True``) raises, and so does a double backward (``create_graph=True``;
+    the reference backend supports it).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -458,6 +461,7 @@ def linear_cross_entropy(
     the backward, so scaling the loss (gradient accumulation: ``(loss / k).backward()``)
     scales them exactly; a second backward through the same graph raises. For
     'none' the backward recomputes the logits with the per-token upstream gradient.
+    First-order only, on both backends: ``create_graph=True`` raises.
     Targets are range-checked as in :func:`cross_entropy` (one device synchronisation).
     """
     check_float("input", input)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, cdiv, next_power_of_2, parallel_programs, unique_specs
 from ._validate import check_float, check_positive, check_same_device, check_same_dtype
@@ -413,11 +414,13 @@ class _NormFunction(torch.autograd.Function):
         ctx.save_for_backward(s if s is not None else x2, w, mean, rstd)
         ctx.is_rms, ctx.has_bias, ctx.has_res, ctx.n, ctx.shape = is_rms, b is not None, r2 is not None, n, shape
         ctx.normalized_dims = len(normalized_shape)
+        ctx.op = f"{'add_' if r2 is not None else ''}{'rms' if is_rms else 'layer'}_norm"
         if s is not None:
             return y.view(shape), s.view(shape)
         return y.view(shape)
 
     @staticmethod
+    @first_order_only(lambda ctx: triton_only_first_order(ctx.op))
     def backward(ctx, dy, *maybe_ds):
         x2, w, mean, rstd = ctx.saved_tensors
         n = ctx.n

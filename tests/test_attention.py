@@ -331,3 +331,38 @@ def test_compile_specs_cover_every_config():
                 for c in attention_module.gpu_configs(kind, block_d, dtype, family):
                     assert (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, c.block_m, c.block_n,
                             c.num_warps, c.num_stages) in seen
+
+
+# ----------------------------------------------------------------------------- double backward
+
+
+def _softmax_attention(q, k, v, scale):
+    """Attention in plain torch ops, every order differentiable: the second-order oracle."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+
+
+def _attention_second_order(fn, q, k, v):
+    g = torch.linspace(-1, 1, q.numel(), device=q.device).view_as(q)
+    (gq,) = torch.autograd.grad((fn(q, k, v) * g).sum(), q, create_graph=True)
+    return torch.autograd.grad(gq.square().sum(), (q, k, v))
+
+
+def test_double_backward_is_an_error_on_triton_and_exact_on_reference():
+    q, k, v, _ = _inputs(1, 2, 1, 5, 6, 8, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    full = torch.tensor([6], device=DEVICE)  # kv_lens that mask nothing: the reference's masked path
+
+    def ours(q, k, v):
+        return kernels.attention(q, k, v, kv_lens=full)
+
+    with kernels.use_backend("triton"):
+        for fn in (ours, lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)):
+            with pytest.raises(RuntimeError, match=r"kernels\.attention \(Triton backend\) does not support double "
+                                                   r"backward \(create_graph=True\).*reference backend"):
+                _attention_second_order(fn, q, k, v)
+    with kernels.use_backend("reference"):
+        want = _attention_second_order(lambda q, k, v: _softmax_attention(q, k, v, 8**-0.5), q, k, v)
+        for got, w in zip(_attention_second_order(ours, q, k, v), want):
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)

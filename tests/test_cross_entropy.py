@@ -610,3 +610,43 @@ def test_gpu_large_vocab_bf16(C):
 def test_gpu_linear(dtype):
     x, w, b, t = (v.cuda() if v is not None else None for v in linear_inputs(1000, 1000, 32000))
     check_linear(x, w, b, t, dtype, reduction="mean", chunk_size=256)
+
+
+# ----------------------------------------------------------------------------- double backward
+
+
+def _ce_second_order(fn, x, t):
+    (gx,) = torch.autograd.grad(fn(x, t), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), x)[0]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_double_backward_is_an_error_on_triton_and_exact_on_reference(reduction):
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, requires_grad=True)
+    t = torch.tensor([1, IGNORE, 8, 0])
+
+    def ours(x, t):
+        return kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1).sum()
+
+    with kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"kernels\.cross_entropy \(Triton backend\) does not support double "
+                                               r"backward \(create_graph=True\)"):
+            _ce_second_order(ours, x, t)
+    with kernels.use_backend("reference"):
+        want = _ce_second_order(lambda x, t: F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1).sum(), x, t)
+        torch.testing.assert_close(_ce_second_order(ours, x, t), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_double_backward_is_a_clear_error(reduction, backend):
+    # Both backends share the chunk loop, whose gradients are computed outside autograd.
+    x, w, b, t = linear_inputs(6, 8, 20)
+    x.requires_grad_(), w.requires_grad_()
+    with kernels.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"linear_cross_entropy does not support double backward "
+                                               r"\(create_graph=True\)"):
+            loss = kernels.linear_cross_entropy(x, w, t, b, reduction=reduction).sum()
+            gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+            torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w))

@@ -278,3 +278,35 @@ def test_gpu_tensor_past_2_31_elements():
     xt = x[tail].detach().float().requires_grad_()
     F.rms_norm(xt, (n,), w.float(), 1e-6).backward(torch.ones_like(xt))
     torch.testing.assert_close(x.grad[tail].float(), xt.grad, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ double backward
+
+_NORM_OPS = {
+    "layer_norm": (lambda x, r, w, b: kernels.layer_norm(x, 8, w, b), lambda x, r, w, b: F.layer_norm(x, (8,), w, b)),
+    "rms_norm": (lambda x, r, w, b: kernels.rms_norm(x, 8, w, 1e-6), lambda x, r, w, b: F.rms_norm(x, (8,), w, 1e-6)),
+    "add_layer_norm": (lambda x, r, w, b: kernels.add_layer_norm(x, r, 8, w, b)[0],
+                       lambda x, r, w, b: F.layer_norm(x + r, (8,), w, b)),
+    "add_rms_norm": (lambda x, r, w, b: kernels.add_rms_norm(x, r, 8, w, 1e-6)[0],
+                     lambda x, r, w, b: F.rms_norm(x + r, (8,), w, 1e-6)),
+}
+
+
+def _second_order(fn, x, r, w, b):
+    """Gradient of a gradient penalty, ||d<y, g>/dx||^2, with respect to x and w."""
+    g = torch.linspace(-1, 1, x.numel(), device=x.device).view_as(x)
+    (gx,) = torch.autograd.grad((fn(x, r, w, b) * g).sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), (x, w))
+
+
+@pytest.mark.parametrize("op", list(_NORM_OPS))
+def test_double_backward_is_an_error_on_triton_and_exact_on_reference(op):
+    ours, theirs = _NORM_OPS[op]
+    torch.manual_seed(0)
+    x, r, w, b = (t.to(DEVICE).requires_grad_() for t in (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)))
+    with kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=rf"kernels\.{op} \(Triton backend\) does not support double backward"):
+            _second_order(ours, x, r, w, b)
+    with kernels.use_backend("reference"):
+        for got, want in zip(_second_order(ours, x, r, w, b), _second_order(theirs, x, r, w, b)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

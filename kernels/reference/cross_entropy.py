@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._autograd import first_order_only
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -302,6 +304,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return reduce_loss(loss_rows, reduction, scale)
 
     @staticmethod
+    @first_order_only(
+        "linear_cross_entropy does not support double backward (create_graph=True): its gradients are computed "
+        "chunk by chunk outside autograd, on every backend; for higher-order gradients use "
+        "cross_entropy(F.linear(input, weight, bias), target) with the reference backend"
+    )
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
             x, weight, bias, t = ctx.saved_tensors

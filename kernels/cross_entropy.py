@@ -298,8 +298,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
         scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
         grad = None
         if compute_grad:
-            grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            if inplace and x.data_ptr() == logits.data_ptr():
+            # Rows that share memory (expanded, stride 0) would read back another row's
+            # gradient as their logits: those get a separate buffer, as the docstring says.
+            rows_overlap = x.shape[0] > 1 and x.stride(0) < x.shape[1]
+            grad = x if inplace and not rows_overlap else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if grad is x and x.data_ptr() == logits.data_ptr():
                 # The logits are about to hold their gradient: autograd must refuse any
                 # other backward that saved them.
                 torch.autograd.graph.increment_version(logits)
@@ -388,7 +391,11 @@ def cross_entropy(
     - ``inplace_backward=True`` writes the gradient into ``input``'s memory during
       the forward, saving one logits-sized buffer. **This destroys the logits**: do
       not read them after the call. (If ``input`` is not stride-1 along classes, a
-      copy is used and ``input`` is left intact.) By default a separate buffer is
+      copy is used and ``input`` is left intact. If rows of ``input`` share memory,
+      e.g. ``expand``-ed logits, the gradient goes to a separate buffer and ``input``
+      is left intact: written in place, one row's gradient would overwrite another
+      row's logits; a separate buffer keeps the result right, where an error would
+      reject an input the default path handles.) By default a separate buffer is
       used and ``input`` is never written.
     - ``check_targets=False`` skips the check (a device synchronisation) that every
       target is ``ignore_index`` or in ``[0, C)``; an unchecked bad target gives

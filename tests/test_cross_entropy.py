@@ -243,6 +243,30 @@ def test_inplace_backward(C):
     torch.testing.assert_close(h.grad, 2 * expected @ w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("C", [1000, 9000])
+def test_inplace_backward_on_overlapping_logits_uses_a_separate_buffer(C):
+    # Expanded (stride-0) rows, and rows overlapping by half: one gradient row written over
+    # the logits would be read back as another row's logits. The option is a memory hint;
+    # on memory whose rows overlap the gradient goes to its own buffer.
+    torch.manual_seed(0)
+    t = make_targets((4,), C, ignore_frac=0.0)
+    base = torch.randn(C, requires_grad=True)
+    flat = torch.randn(C // 2 * 5, requires_grad=True)
+    for name, leaf, make in (("expanded", base, lambda p: p.expand(4, C)),
+                             ("overlapping", flat, lambda p: p.as_strided((4, C), (C // 2, 1)))):
+        before = leaf.detach().clone()
+        loss = kernels.cross_entropy(make(leaf), t, inplace_backward=True)
+        loss.backward()
+        ours = leaf.grad.clone()
+        assert torch.equal(leaf.detach(), before), f"{name}: the logits were written"
+        leaf.grad = None
+        want = torch_cross_entropy(make(leaf), t)
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours, leaf.grad, rtol=1e-5, atol=1e-6, msg=name)
+        leaf.grad = None
+
+
 def test_inplace_backward_refused_when_logits_are_saved():
     # exp saves its output for its backward; overwriting it must make autograd refuse, not compute garbage.
     z = torch.randn(4, 30, requires_grad=True)

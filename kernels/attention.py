@@ -46,7 +46,7 @@ import triton.language as tl
 from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
-from ._validate import check_float, check_integer, check_same_device, check_same_dtype
+from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype
 from . import reference
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: plain globals are not constexpr
@@ -731,6 +731,8 @@ def attention(
     deterministic, and first-order only (``create_graph=True`` raises; the
     reference backend supports it). A ``kv_lens`` tensor costs one host sync for its range check.
     """
+    if kv_lens is not None:
+        kv_lens = as_int64("kv_lens", kv_lens)  # compared and masked in int64 whatever its dtype
     scale = _check(q, k, v, kv_lens, scale)
     causal_offset = k.shape[2] - q.shape[2] if causal else None
     if not use_triton(q.device):

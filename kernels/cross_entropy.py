@@ -35,7 +35,7 @@ import triton.language as tl
 from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, next_power_of_2, unique_specs
-from ._validate import check_float, check_integer, check_same_device, check_same_dtype
+from ._validate import as_int64, check_float, check_same_device, check_same_dtype
 from . import reference
 from .reference.cross_entropy import REDUCTIONS, chunked_linear_cross_entropy, mean_scale, reduce_loss
 
@@ -341,13 +341,15 @@ def _check_options(reduction, label_smoothing, z_loss, ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
-def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str) -> None:
-    check_integer("target", target)
+def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str) -> torch.Tensor:
+    """The checked target as int64: every accepted integer dtype compares with ``ignore_index`` exactly."""
+    target = as_int64("target", target)
     if target.shape != batch_shape:
         raise ValueError(
             f"target must have the shape of {input_name} without its last dimension, {tuple(batch_shape)}; "
             f"got {tuple(target.shape)}"
         )
+    return target
 
 
 def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -417,7 +419,7 @@ def cross_entropy(
     C = input.shape[-1]
     if C == 0:
         raise ValueError("input must have at least one class (last dimension of size 0)")
-    _check_target(target, input.shape[:-1], "input")
+    target = _check_target(target, input.shape[:-1], "input")
     if weight is not None:
         check_float("weight", weight)
         if weight.shape != (C,):
@@ -486,7 +488,7 @@ def linear_cross_entropy(
         if bias.shape != (C,):
             raise ValueError(f"bias must have shape ({C},), one per row of weight; got {tuple(bias.shape)}")
     check_same_dtype(input=input, weight=weight, bias=bias)
-    _check_target(target, input.shape[:-1], "input")
+    target = _check_target(target, input.shape[:-1], "input")
     check_same_device(input=input, weight=weight, target=target, bias=bias)
     _check_options(reduction, label_smoothing, z_loss, ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):

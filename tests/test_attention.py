@@ -366,3 +366,15 @@ def test_double_backward_is_an_error_on_triton_and_exact_on_reference():
         want = _attention_second_order(lambda q, k, v: _softmax_attention(q, k, v, 8**-0.5), q, k, v)
         for got, w in zip(_attention_second_order(ours, q, k, v), want):
             torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_every_integer_kv_lens_dtype(backend):
+    q, k, v, _ = _inputs(2, 2, 1, 5, 9, 8, torch.float32)
+    with kernels.use_backend(backend):
+        want = kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], device=DEVICE))
+        for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32):
+            got = kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], dtype=dtype, device=DEVICE))
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(dtype))
+        with pytest.raises(TypeError, match="kv_lens .*uint64"):
+            kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], dtype=torch.uint64, device=DEVICE))

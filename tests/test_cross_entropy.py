@@ -554,6 +554,46 @@ def test_linear_cross_entropy_module():
     assert "chunk_size=4" in repr(module)
 
 
+# Every integer dtype the validator accepts for targets (uint64 is refused: int64 cannot hold it).
+TARGET_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", TARGET_DTYPES, ids=str)
+def test_every_integer_target_dtype_gives_torchs_loss(dtype, reduction, backend):
+    # ignore_index=-100 compared in uint8 wraps to 156: real class 156 must still count.
+    torch.manual_seed(0)
+    C = 200 if dtype != torch.int8 else 120
+    target = torch.tensor([156, 3, 156, 0, C - 1]) if dtype != torch.int8 else torch.tensor([100, 3, 100, 0, C - 1])
+    x = torch.randn(5, C, requires_grad=True)
+    w = torch.randn(C, 8) / 3
+    h = torch.randn(5, 8, requires_grad=True)
+    with kernels.use_backend(backend):
+        for name, ours, theirs in (
+            ("cross_entropy", lambda t: kernels.cross_entropy(x, t, reduction=reduction, z_loss=1e-3),
+             lambda t: torch_cross_entropy(x, t, reduction=reduction, z_loss=1e-3)),
+            ("linear_cross_entropy", lambda t: kernels.linear_cross_entropy(h, w, t, reduction=reduction, z_loss=1e-3),
+             lambda t: torch_cross_entropy(h @ w.t(), t, reduction=reduction, z_loss=1e-3)),
+        ):
+            got, want = ours(target.to(dtype)), theirs(target)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} loss")
+            leaf = x if name == "cross_entropy" else h
+            g_got, = torch.autograd.grad(got.sum(), leaf)
+            g_want, = torch.autograd.grad(want.sum(), leaf)
+            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6, msg=f"{name} gradient")
+    with pytest.raises(ValueError, match=r"target holds class index 1?20"):
+        kernels.cross_entropy(x, torch.tensor([1, 2, 3, 4, 200]).to(dtype) if dtype != torch.int8 else
+                              torch.tensor([1, 2, 3, 4, 120], dtype=dtype), ignore_index=-100)
+
+
+def test_uint64_targets_are_a_clear_error():
+    x = torch.randn(2, 5)
+    for fn in (lambda t: kernels.cross_entropy(x, t), lambda t: kernels.linear_cross_entropy(x, torch.randn(3, 5), t)):
+        with pytest.raises(TypeError, match="target .*uint64"):
+            fn(torch.tensor([1, 2], dtype=torch.uint64))
+
+
 def test_bad_input_cross_entropy():
     x = torch.randn(4, 10)
     t = torch.tensor([1, 2, 3, IGNORE])

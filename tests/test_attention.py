@@ -378,3 +378,25 @@ def test_every_integer_kv_lens_dtype(backend):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(dtype))
         with pytest.raises(TypeError, match="kv_lens .*uint64"):
             kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], dtype=torch.uint64, device=DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_nan_and_inf_past_kv_lens_change_nothing(backend, causal):
+    # Padded keys/values are garbage the caller never wrote: NaN and inf there must not reach
+    # any output or any gradient, and the padded positions' own gradients are exactly 0.
+    q, k, v, do = _inputs(3, 2, 1, 5, 9, 8, torch.float32)
+    kv_lens = torch.tensor([9, 4, 0], device=DEVICE)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[1, :, 4:6], k_bad[1, :, 6:] = float("nan"), float("inf")
+    v_bad[1, :, 4:6], v_bad[1, :, 6:] = float("-inf"), float("nan")
+    k_bad[2], v_bad[2] = float("nan"), float("inf")
+    with kernels.use_backend(backend):
+        def fn(q, k, v):
+            return kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens)
+        clean, bad = _grads(fn, q, k, v, do), _grads(fn, q, k_bad, v_bad, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, bad):
+        assert torch.isfinite(b).all(), f"{name}: non-finite values"
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for b, n in enumerate(kv_lens.tolist()):
+        assert (bad[2][b, :, n:] == 0).all() and (bad[3][b, :, n:] == 0).all()

@@ -339,6 +339,8 @@ def _check_options(reduction, label_smoothing, z_loss, ignore_index):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:  # targets are compared with it in int64
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
 def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str) -> torch.Tensor:

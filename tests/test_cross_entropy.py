@@ -714,3 +714,11 @@ def test_linear_cross_entropy_double_backward_is_a_clear_error(reduction, backen
             loss = kernels.linear_cross_entropy(x, w, t, b, reduction=reduction).sum()
             gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
             torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w))
+
+
+def test_ignore_index_outside_int64_is_a_clear_error():
+    x, t = torch.randn(3, 5), torch.tensor([1, 2, 3])
+    for fn in (lambda: kernels.cross_entropy(x, t, ignore_index=2**70),
+               lambda: kernels.linear_cross_entropy(x, torch.randn(4, 5), t, ignore_index=-(2**64))):
+        with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+            fn()

@@ -33,6 +33,19 @@ def check_integer(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def as_int64(name: str, t: object) -> torch.Tensor:
+    """An integer tensor (indices, lengths) as int64, the one index dtype the kernels and torch's ops take.
+
+    Compared in their own dtype, narrow indices go wrong without an error: in
+    uint8, ``target != -100`` compares with -100 wrapped to 156, a real class.
+    uint64 is refused: int64 cannot hold its upper half. No copy for int64.
+    """
+    t = check_integer(name, t)
+    if t.dtype == torch.uint64:
+        raise TypeError(f"{name} must be an integer tensor whose values int64 can hold (not uint64), got {t.dtype}")
+    return t.long()
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given tensors on one device; returns it. ``None`` entries are skipped."""
     present = {k: v for k, v in tensors.items() if v is not None}

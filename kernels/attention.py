@@ -43,9 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
-from ._validate import check_float, check_integer, check_same_device, check_same_dtype
+from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype
 from . import reference
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: plain globals are not constexpr
@@ -643,6 +644,7 @@ class _AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @first_order_only(triton_only_first_order("attention"))
     def backward(ctx, do, dlse):
         q, k, v, o, lse, kv_lens = ctx.saved_tensors
         if do is None:  # only the lse was used
@@ -726,8 +728,11 @@ def attention(
 
     Head dims up to 256 (any, padded to a power of two inside the kernel); fp16,
     bf16 and fp32 (fp32 runs exact fp32 dots, not TF32). The backward is
-    deterministic. A ``kv_lens`` tensor costs one host sync for its range check.
+    deterministic, and first-order only (``create_graph=True`` raises; the
+    reference backend supports it). A ``kv_lens`` tensor costs one host sync for its range check.
     """
+    if kv_lens is not None:
+        kv_lens = as_int64("kv_lens", kv_lens)  # compared and masked in int64 whatever its dtype
     scale = _check(q, k, v, kv_lens, scale)
     causal_offset = k.shape[2] - q.shape[2] if causal else None
     if not use_triton(q.device):

@@ -32,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, next_power_of_2, unique_specs
-from ._validate import check_float, check_integer, check_same_device, check_same_dtype
+from ._validate import as_int64, check_float, check_same_device, check_same_dtype
 from . import reference
 from .reference.cross_entropy import REDUCTIONS, chunked_linear_cross_entropy, mean_scale, reduce_loss
 
@@ -297,8 +298,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
         scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
         grad = None
         if compute_grad:
-            grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            if inplace and x.data_ptr() == logits.data_ptr():
+            # Rows that share memory (expanded, stride 0) would read back another row's
+            # gradient as their logits: those get a separate buffer, as the docstring says.
+            rows_overlap = x.shape[0] > 1 and x.stride(0) < x.shape[1]
+            grad = x if inplace and not rows_overlap else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if grad is x and x.data_ptr() == logits.data_ptr():
                 # The logits are about to hold their gradient: autograd must refuse any
                 # other backward that saved them.
                 torch.autograd.graph.increment_version(logits)
@@ -309,6 +313,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return reduce_loss(loss_rows, reduction, scale)
 
     @staticmethod
+    @first_order_only(triton_only_first_order("cross_entropy"))
     def backward(ctx, grad_loss):
         if ctx.grad is None:
             raise RuntimeError(
@@ -334,15 +339,19 @@ def _check_options(reduction, label_smoothing, z_loss, ignore_index):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:  # targets are compared with it in int64
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
-def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str) -> None:
-    check_integer("target", target)
+def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str) -> torch.Tensor:
+    """The checked target as int64: every accepted integer dtype compares with ``ignore_index`` exactly."""
+    target = as_int64("target", target)
     if target.shape != batch_shape:
         raise ValueError(
             f"target must have the shape of {input_name} without its last dimension, {tuple(batch_shape)}; "
             f"got {tuple(target.shape)}"
         )
+    return target
 
 
 def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -386,7 +395,11 @@ def cross_entropy(
     - ``inplace_backward=True`` writes the gradient into ``input``'s memory during
       the forward, saving one logits-sized buffer. **This destroys the logits**: do
       not read them after the call. (If ``input`` is not stride-1 along classes, a
-      copy is used and ``input`` is left intact.) By default a separate buffer is
+      copy is used and ``input`` is left intact. If rows of ``input`` share memory,
+      e.g. ``expand``-ed logits, the gradient goes to a separate buffer and ``input``
+      is left intact: written in place, one row's gradient would overwrite another
+      row's logits; a separate buffer keeps the result right, where an error would
+      reject an input the default path handles.) By default a separate buffer is
       used and ``input`` is never written.
     - ``check_targets=False`` skips the check (a device synchronisation) that every
       target is ``ignore_index`` or in ``[0, C)``; an unchecked bad target gives
@@ -397,7 +410,8 @@ def cross_entropy(
     weights sum to 0), ``'mean'`` returns 0 with zero gradients instead of NaN; class
     weights get no gradient. The gradient is computed in the forward and scaled in
     place by the backward, so a second backward through the same graph
-    (``retain_graph=True``) raises.
+    (``retain_graph=True``) raises, and so does a double backward (``create_graph=True``;
+    the reference backend supports it).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -407,7 +421,7 @@ def cross_entropy(
     C = input.shape[-1]
     if C == 0:
         raise ValueError("input must have at least one class (last dimension of size 0)")
-    _check_target(target, input.shape[:-1], "input")
+    target = _check_target(target, input.shape[:-1], "input")
     if weight is not None:
         check_float("weight", weight)
         if weight.shape != (C,):
@@ -458,6 +472,7 @@ def linear_cross_entropy(
     the backward, so scaling the loss (gradient accumulation: ``(loss / k).backward()``)
     scales them exactly; a second backward through the same graph raises. For
     'none' the backward recomputes the logits with the per-token upstream gradient.
+    First-order only, on both backends: ``create_graph=True`` raises.
     Targets are range-checked as in :func:`cross_entropy` (one device synchronisation).
     """
     check_float("input", input)
@@ -475,7 +490,7 @@ def linear_cross_entropy(
         if bias.shape != (C,):
             raise ValueError(f"bias must have shape ({C},), one per row of weight; got {tuple(bias.shape)}")
     check_same_dtype(input=input, weight=weight, bias=bias)
-    _check_target(target, input.shape[:-1], "input")
+    target = _check_target(target, input.shape[:-1], "input")
     check_same_device(input=input, weight=weight, target=target, bias=bias)
     _check_options(reduction, label_smoothing, z_loss, ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):

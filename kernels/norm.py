@@ -4,6 +4,8 @@ Layout of this module: the kernels, their launchers, the autograd Function, the
 public functions. The math (per row of N features, statistics in fp32):
 
     LayerNorm:  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps),  y = xhat * w + b
+                (mean = x0 + mean(x - x0), x0 the row's first value: exactly x0 on a
+                constant row, so xhat is exactly 0 there, as in exact math)
     RMSNorm:    xhat = x * rstd,           rstd = 1 / sqrt(mean(x^2) + eps),  y = xhat * w
 
     backward, with g = dy * w:
@@ -34,12 +36,27 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, cdiv, next_power_of_2, parallel_programs, unique_specs
 from ._validate import check_float, check_positive, check_same_device, check_same_dtype
 from . import reference
 
 # ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row_shift(X, RES, RES_OUT, rows, row_mask, stride_x, stride_res, HAS_RES: tl.constexpr):
+    # The first value of each row of the normalized input (x, or x + residual rounded as
+    # RES_OUT stores it). LayerNorm's mean is taken over x - shift: on a row whose values
+    # are all equal (every row at hidden size 1) that sum is exactly 0, so x - mean is
+    # exactly 0 whatever the rounding of 1/N, as it is in exact math; 1/sqrt(eps) would
+    # otherwise magnify one rounding of the mean into visible outputs and gradients.
+    shift = tl.load(X + rows * stride_x, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        shift += tl.load(RES + rows * stride_res, mask=row_mask, other=0.0).to(tl.float32)
+        shift = shift.to(RES_OUT.dtype.element_ty).to(tl.float32)
+    return shift
 
 
 @triton.jit
@@ -75,9 +92,11 @@ def _norm_fwd_kernel(
         if IS_RMS:
             xc = x
         else:
-            mean = tl.sum(x, axis=1) * inv_n
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-            tl.store(MEAN + rows, mean, mask=row_mask)
+            shift = _row_shift(X, RES, RES_OUT, rows, row_mask, stride_x, stride_res, HAS_RES)
+            d = tl.where(mask, x - shift[:, None], 0.0)
+            mean_d = tl.sum(d, axis=1) * inv_n
+            xc = tl.where(mask, d - mean_d[:, None], 0.0)
+            tl.store(MEAN + rows, shift + mean_d, mask=row_mask)
         var = tl.sum(xc * xc, axis=1) * inv_n
         rstd = tl.rsqrt(var + eps)
         tl.store(RSTD + rows, rstd, mask=row_mask)
@@ -89,6 +108,8 @@ def _norm_fwd_kernel(
         tl.store(y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Wide rows (BLOCK_M == 1): stream the row in chunks, two-pass statistics.
+        if not IS_RMS:
+            shift = _row_shift(X, RES, RES_OUT, rows, row_mask, stride_x, stride_res, HAS_RES)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for off in range(0, N, BLOCK_N):
             c = off + cols
@@ -102,7 +123,7 @@ def _norm_fwd_kernel(
             if IS_RMS:
                 acc += x * x
             else:
-                acc += x
+                acc += tl.where(mask, x - shift[:, None], 0.0)
         if HAS_RES:
             # Later passes read the sum back from RES_OUT: make this program's stores visible.
             tl.debug_barrier()
@@ -111,7 +132,7 @@ def _norm_fwd_kernel(
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
             var = tl.sum(acc, axis=1) * inv_n
         else:
-            mean = tl.sum(acc, axis=1) * inv_n
+            mean = shift + tl.sum(acc, axis=1) * inv_n  # exactly the shift on a constant row
             tl.store(MEAN + rows, mean, mask=row_mask)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for off in range(0, N, BLOCK_N):
@@ -413,11 +434,13 @@ class _NormFunction(torch.autograd.Function):
         ctx.save_for_backward(s if s is not None else x2, w, mean, rstd)
         ctx.is_rms, ctx.has_bias, ctx.has_res, ctx.n, ctx.shape = is_rms, b is not None, r2 is not None, n, shape
         ctx.normalized_dims = len(normalized_shape)
+        ctx.op = f"{'add_' if r2 is not None else ''}{'rms' if is_rms else 'layer'}_norm"
         if s is not None:
             return y.view(shape), s.view(shape)
         return y.view(shape)
 
     @staticmethod
+    @first_order_only(lambda ctx: triton_only_first_order(ctx.op))
     def backward(ctx, dy, *maybe_ds):
         x2, w, mean, rstd = ctx.saved_tensors
         n = ctx.n

@@ -331,3 +331,72 @@ def test_compile_specs_cover_every_config():
                 for c in attention_module.gpu_configs(kind, block_d, dtype, family):
                     assert (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, c.block_m, c.block_n,
                             c.num_warps, c.num_stages) in seen
+
+
+# ----------------------------------------------------------------------------- double backward
+
+
+def _softmax_attention(q, k, v, scale):
+    """Attention in plain torch ops, every order differentiable: the second-order oracle."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+
+
+def _attention_second_order(fn, q, k, v):
+    g = torch.linspace(-1, 1, q.numel(), device=q.device).view_as(q)
+    (gq,) = torch.autograd.grad((fn(q, k, v) * g).sum(), q, create_graph=True)
+    return torch.autograd.grad(gq.square().sum(), (q, k, v))
+
+
+def test_double_backward_is_an_error_on_triton_and_exact_on_reference():
+    q, k, v, _ = _inputs(1, 2, 1, 5, 6, 8, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    full = torch.tensor([6], device=DEVICE)  # kv_lens that mask nothing: the reference's masked path
+
+    def ours(q, k, v):
+        return kernels.attention(q, k, v, kv_lens=full)
+
+    with kernels.use_backend("triton"):
+        for fn in (ours, lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)):
+            with pytest.raises(RuntimeError, match=r"kernels\.attention \(Triton backend\) does not support double "
+                                                   r"backward \(create_graph=True\).*reference backend"):
+                _attention_second_order(fn, q, k, v)
+    with kernels.use_backend("reference"):
+        want = _attention_second_order(lambda q, k, v: _softmax_attention(q, k, v, 8**-0.5), q, k, v)
+        for got, w in zip(_attention_second_order(ours, q, k, v), want):
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_every_integer_kv_lens_dtype(backend):
+    q, k, v, _ = _inputs(2, 2, 1, 5, 9, 8, torch.float32)
+    with kernels.use_backend(backend):
+        want = kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], device=DEVICE))
+        for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32):
+            got = kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], dtype=dtype, device=DEVICE))
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(dtype))
+        with pytest.raises(TypeError, match="kv_lens .*uint64"):
+            kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], dtype=torch.uint64, device=DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_nan_and_inf_past_kv_lens_change_nothing(backend, causal):
+    # Padded keys/values are garbage the caller never wrote: NaN and inf there must not reach
+    # any output or any gradient, and the padded positions' own gradients are exactly 0.
+    q, k, v, do = _inputs(3, 2, 1, 5, 9, 8, torch.float32)
+    kv_lens = torch.tensor([9, 4, 0], device=DEVICE)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[1, :, 4:6], k_bad[1, :, 6:] = float("nan"), float("inf")
+    v_bad[1, :, 4:6], v_bad[1, :, 6:] = float("-inf"), float("nan")
+    k_bad[2], v_bad[2] = float("nan"), float("inf")
+    with kernels.use_backend(backend):
+        def fn(q, k, v):
+            return kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens)
+        clean, bad = _grads(fn, q, k, v, do), _grads(fn, q, k_bad, v_bad, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, bad):
+        assert torch.isfinite(b).all(), f"{name}: non-finite values"
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for b, n in enumerate(kv_lens.tolist()):
+        assert (bad[2][b, :, n:] == 0).all() and (bad[3][b, :, n:] == 0).all()

@@ -243,6 +243,30 @@ def test_inplace_backward(C):
     torch.testing.assert_close(h.grad, 2 * expected @ w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("C", [1000, 9000])
+def test_inplace_backward_on_overlapping_logits_uses_a_separate_buffer(C):
+    # Expanded (stride-0) rows, and rows overlapping by half: one gradient row written over
+    # the logits would be read back as another row's logits. The option is a memory hint;
+    # on memory whose rows overlap the gradient goes to its own buffer.
+    torch.manual_seed(0)
+    t = make_targets((4,), C, ignore_frac=0.0)
+    base = torch.randn(C, requires_grad=True)
+    flat = torch.randn(C // 2 * 5, requires_grad=True)
+    for name, leaf, make in (("expanded", base, lambda p: p.expand(4, C)),
+                             ("overlapping", flat, lambda p: p.as_strided((4, C), (C // 2, 1)))):
+        before = leaf.detach().clone()
+        loss = kernels.cross_entropy(make(leaf), t, inplace_backward=True)
+        loss.backward()
+        ours = leaf.grad.clone()
+        assert torch.equal(leaf.detach(), before), f"{name}: the logits were written"
+        leaf.grad = None
+        want = torch_cross_entropy(make(leaf), t)
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours, leaf.grad, rtol=1e-5, atol=1e-6, msg=name)
+        leaf.grad = None
+
+
 def test_inplace_backward_refused_when_logits_are_saved():
     # exp saves its output for its backward; overwriting it must make autograd refuse, not compute garbage.
     z = torch.randn(4, 30, requires_grad=True)
@@ -530,6 +554,46 @@ def test_linear_cross_entropy_module():
     assert "chunk_size=4" in repr(module)
 
 
+# Every integer dtype the validator accepts for targets (uint64 is refused: int64 cannot hold it).
+TARGET_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", TARGET_DTYPES, ids=str)
+def test_every_integer_target_dtype_gives_torchs_loss(dtype, reduction, backend):
+    # ignore_index=-100 compared in uint8 wraps to 156: real class 156 must still count.
+    torch.manual_seed(0)
+    C = 200 if dtype != torch.int8 else 120
+    target = torch.tensor([156, 3, 156, 0, C - 1]) if dtype != torch.int8 else torch.tensor([100, 3, 100, 0, C - 1])
+    x = torch.randn(5, C, requires_grad=True)
+    w = torch.randn(C, 8) / 3
+    h = torch.randn(5, 8, requires_grad=True)
+    with kernels.use_backend(backend):
+        for name, ours, theirs in (
+            ("cross_entropy", lambda t: kernels.cross_entropy(x, t, reduction=reduction, z_loss=1e-3),
+             lambda t: torch_cross_entropy(x, t, reduction=reduction, z_loss=1e-3)),
+            ("linear_cross_entropy", lambda t: kernels.linear_cross_entropy(h, w, t, reduction=reduction, z_loss=1e-3),
+             lambda t: torch_cross_entropy(h @ w.t(), t, reduction=reduction, z_loss=1e-3)),
+        ):
+            got, want = ours(target.to(dtype)), theirs(target)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} loss")
+            leaf = x if name == "cross_entropy" else h
+            g_got, = torch.autograd.grad(got.sum(), leaf)
+            g_want, = torch.autograd.grad(want.sum(), leaf)
+            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6, msg=f"{name} gradient")
+    with pytest.raises(ValueError, match=r"target holds class index 1?20"):
+        kernels.cross_entropy(x, torch.tensor([1, 2, 3, 4, 200]).to(dtype) if dtype != torch.int8 else
+                              torch.tensor([1, 2, 3, 4, 120], dtype=dtype), ignore_index=-100)
+
+
+def test_uint64_targets_are_a_clear_error():
+    x = torch.randn(2, 5)
+    for fn in (lambda t: kernels.cross_entropy(x, t), lambda t: kernels.linear_cross_entropy(x, torch.randn(3, 5), t)):
+        with pytest.raises(TypeError, match="target .*uint64"):
+            fn(torch.tensor([1, 2], dtype=torch.uint64))
+
+
 def test_bad_input_cross_entropy():
     x = torch.randn(4, 10)
     t = torch.tensor([1, 2, 3, IGNORE])
@@ -610,3 +674,51 @@ def test_gpu_large_vocab_bf16(C):
 def test_gpu_linear(dtype):
     x, w, b, t = (v.cuda() if v is not None else None for v in linear_inputs(1000, 1000, 32000))
     check_linear(x, w, b, t, dtype, reduction="mean", chunk_size=256)
+
+
+# ----------------------------------------------------------------------------- double backward
+
+
+def _ce_second_order(fn, x, t):
+    (gx,) = torch.autograd.grad(fn(x, t), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), x)[0]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_double_backward_is_an_error_on_triton_and_exact_on_reference(reduction):
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, requires_grad=True)
+    t = torch.tensor([1, IGNORE, 8, 0])
+
+    def ours(x, t):
+        return kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1).sum()
+
+    with kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"kernels\.cross_entropy \(Triton backend\) does not support double "
+                                               r"backward \(create_graph=True\)"):
+            _ce_second_order(ours, x, t)
+    with kernels.use_backend("reference"):
+        want = _ce_second_order(lambda x, t: F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1).sum(), x, t)
+        torch.testing.assert_close(_ce_second_order(ours, x, t), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_double_backward_is_a_clear_error(reduction, backend):
+    # Both backends share the chunk loop, whose gradients are computed outside autograd.
+    x, w, b, t = linear_inputs(6, 8, 20)
+    x.requires_grad_(), w.requires_grad_()
+    with kernels.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"linear_cross_entropy does not support double backward "
+                                               r"\(create_graph=True\)"):
+            loss = kernels.linear_cross_entropy(x, w, t, b, reduction=reduction).sum()
+            gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+            torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w))
+
+
+def test_ignore_index_outside_int64_is_a_clear_error():
+    x, t = torch.randn(3, 5), torch.tensor([1, 2, 3])
+    for fn in (lambda: kernels.cross_entropy(x, t, ignore_index=2**70),
+               lambda: kernels.linear_cross_entropy(x, torch.randn(4, 5), t, ignore_index=-(2**64))):
+        with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+            fn()

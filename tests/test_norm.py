@@ -278,3 +278,86 @@ def test_gpu_tensor_past_2_31_elements():
     xt = x[tail].detach().float().requires_grad_()
     F.rms_norm(xt, (n,), w.float(), 1e-6).backward(torch.ones_like(xt))
     torch.testing.assert_close(x.grad[tail].float(), xt.grad, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ double backward
+
+_NORM_OPS = {
+    "layer_norm": (lambda x, r, w, b: kernels.layer_norm(x, 8, w, b), lambda x, r, w, b: F.layer_norm(x, (8,), w, b)),
+    "rms_norm": (lambda x, r, w, b: kernels.rms_norm(x, 8, w, 1e-6), lambda x, r, w, b: F.rms_norm(x, (8,), w, 1e-6)),
+    "add_layer_norm": (lambda x, r, w, b: kernels.add_layer_norm(x, r, 8, w, b)[0],
+                       lambda x, r, w, b: F.layer_norm(x + r, (8,), w, b)),
+    "add_rms_norm": (lambda x, r, w, b: kernels.add_rms_norm(x, r, 8, w, 1e-6)[0],
+                     lambda x, r, w, b: F.rms_norm(x + r, (8,), w, 1e-6)),
+}
+
+
+def _second_order(fn, x, r, w, b):
+    """Gradient of a gradient penalty, ||d<y, g>/dx||^2, with respect to x and w."""
+    g = torch.linspace(-1, 1, x.numel(), device=x.device).view_as(x)
+    (gx,) = torch.autograd.grad((fn(x, r, w, b) * g).sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), (x, w))
+
+
+@pytest.mark.parametrize("op", list(_NORM_OPS))
+def test_double_backward_is_an_error_on_triton_and_exact_on_reference(op):
+    ours, theirs = _NORM_OPS[op]
+    torch.manual_seed(0)
+    x, r, w, b = (t.to(DEVICE).requires_grad_() for t in (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)))
+    with kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=rf"kernels\.{op} \(Triton backend\) does not support double backward"):
+            _second_order(ours, x, r, w, b)
+    with kernels.use_backend("reference"):
+        for got, want in zip(_second_order(ours, x, r, w, b), _second_order(theirs, x, r, w, b)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ rows whose values are all equal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 20000])  # 20000: the streaming kernels
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_layer_norm_of_constant_rows_is_exact(backend, n, dtype):
+    # x - mean is exactly 0 on a row whose values are all equal (every row at hidden size 1):
+    # y is exactly the bias, dW exactly 0 and, at hidden size 1, dX exactly 0, as in exact math
+    # and in torch at fp64; one rounding in the mean would be magnified by rstd = 1/sqrt(eps).
+    g = torch.Generator().manual_seed(0)
+    m = 16
+    rows = (torch.randn(m, 1, generator=g) * torch.logspace(-2, 3, m)[:, None]).to(dtype)
+    rows[0] = 0.0
+    x, r = (rows.expand(m, n) * 0.5).to(DEVICE), (rows.expand(m, n) * 0.5).to(DEVICE)  # x + r: exactly rows
+    w, b = (torch.randn(n, generator=g).to(DEVICE, dtype) for _ in range(2))
+    dy = torch.randn(m, n, generator=g).to(DEVICE, dtype)
+    with kernels.use_backend(backend):
+        for fused in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            xs = leaves[0] + leaves[1] if not fused else leaves[0]
+            if fused:
+                y, s = kernels.add_layer_norm(leaves[0], leaves[1], n, leaves[2], leaves[3])
+            else:
+                y = kernels.layer_norm(xs, n, leaves[2], leaves[3])
+            dx, dw, db = torch.autograd.grad(y, (leaves[0], leaves[2], leaves[3]), dy)
+            assert torch.equal(y, b.expand_as(y)), f"fused={fused}: y is not exactly the bias"
+            assert torch.equal(dw, torch.zeros_like(dw)), f"fused={fused}: dW {dw.abs().max().item():g}"
+            torch.testing.assert_close(db, dy.sum(0), rtol=1e-3, atol=1e-3)
+            # The exact dX: rstd * (g - mean(g)) with g = dy * w and rstd = 1 / sqrt(eps).
+            g64 = dy.double() * w.double()
+            exact = (g64 - g64.mean(-1, keepdim=True)) / 1e-5**0.5
+            if n == 1:
+                assert torch.equal(dx, torch.zeros_like(dx)), f"fused={fused}: dX {dx.abs().max().item():g}"
+            else:
+                assert (dx.double() - exact).abs().max() <= 4 * torch.finfo(dtype).eps * exact.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rms_norm_of_zero_rows_is_exact(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(3, 7, device=DEVICE, requires_grad=True)
+    w = torch.randn(7, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(3, 7, generator=g).to(DEVICE)
+    with kernels.use_backend(backend):
+        y = kernels.rms_norm(x, 7, w, 1e-6)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dw, torch.zeros_like(dw))
+    torch.testing.assert_close(dx, dy * w / 1e-6**0.5, rtol=1e-6, atol=0)

@@ -8,6 +8,8 @@ and running it on fp32 inputs gives the fp32 reference.
 Masking (see :func:`kernels.attention`): with ``causal_offset`` c, query i sees
 key j only when ``j <= i + c``; with ``kv_lens``, only keys ``j < kv_lens[b]``.
 A query row with no visible key returns zeros, zero gradients and ``lse = -inf``.
+Keys and values past ``kv_lens`` are never read into a result: whatever they hold
+(NaN, inf) changes no output, and their gradients are exactly 0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def masked_attention(
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
+    if kv_lens is not None:
+        # Keys past kv_lens are padding that may hold anything, NaN or inf: a zero probability
+        # times NaN is still NaN, so they are replaced by zeros (which also gives them exactly
+        # zero gradient) before any product, not just masked out of the softmax.
+        real = (torch.arange(Nk, device=q.device) < kv_lens.to(q.device).view(-1, 1))[:, None, :, None]
+        k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
     # Grouped-query attention by broadcasting: q heads h*group..h*group+group-1 share kv head h.
     qg = q.reshape(B, Hkv, group, Nq, D)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp64 for a golden reference

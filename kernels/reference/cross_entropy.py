@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._autograd import first_order_only
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -64,7 +66,7 @@ def cross_entropy(
     C = input.shape[-1]
     dtype = torch.promote_types(input.dtype, torch.float32)  # fp32, or fp64 for a float64 truth
     x = input.reshape(-1, C).to(dtype)
-    t = target.reshape(-1)
+    t = target.reshape(-1).long()  # torch's loss takes int64; ignore_index compares exactly in it
     w = weight.detach().to(dtype) if weight is not None else None
     loss = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     if z_loss:
@@ -302,6 +304,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return reduce_loss(loss_rows, reduction, scale)
 
     @staticmethod
+    @first_order_only(
+        "linear_cross_entropy does not support double backward (create_graph=True): its gradients are computed "
+        "chunk by chunk outside autograd, on every backend; for higher-order gradients use "
+        "cross_entropy(F.linear(input, weight, bias), target) with the reference backend"
+    )
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
             x, weight, bias, t = ctx.saved_tensors
@@ -346,6 +353,7 @@ def chunked_linear_cross_entropy(
 ) -> torch.Tensor:
     """:class:`ChunkedLinearCrossEntropy` with ``rows_fn`` as the per-chunk loss; the default chunk size filled in."""
     chunk = chunk_size or default_chunk_size(target.numel(), weight.shape[0], input.device)
+    target = target.long()  # gather/scatter take int64; ignore_index compares exactly in it
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, weight, bias))
     return ChunkedLinearCrossEntropy.apply(

@@ -7,6 +7,7 @@ dtype, as the kernels do.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -28,8 +29,22 @@ def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    y = F.layer_norm(_upcast(input), _shape(normalized_shape), _upcast(weight), _upcast(bias), eps)
-    return y.to(input.dtype)
+    shape = _shape(normalized_shape)
+    x, w, b = _upcast(input), _upcast(weight), _upcast(bias)
+    if math.prod(shape) == 1:
+        # One feature: x - mean is x - x, exactly 0, so y is exactly the bias and dX exactly
+        # 0. torch's native backward rounds dX = rstd*dy*w - rstd*dy*w two ways (one ulp of
+        # rstd*dy*w, with rstd = 1/sqrt(eps)); here it is g - g.
+        y = x - x
+        y = y * w if w is not None else y
+        y = y + b if b is not None else y
+        return y.to(input.dtype)
+    # LayerNorm is shift-invariant: normalize x minus each row's first value (a constant to
+    # autograd). A row whose values are all equal is then exactly 0, so its x - mean is exactly
+    # 0 (y exactly the bias, dW exactly 0) whatever the rounding of the mean, as in the kernel.
+    lead = x.dim() - len(shape)
+    first = x.flatten(lead)[..., :1].detach().view(*x.shape[:lead], *(1,) * len(shape))
+    return F.layer_norm(x - first, shape, w, b, eps).to(input.dtype)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from .files import atomic_write
 from .tokenizer import encode_documents, train_tokenizer
 
 CACHE_FORMAT = 1  # bump when the cached files' layout or the tokenizer recipe changes
@@ -143,14 +144,6 @@ def corpus_hash(docs: list[Document]) -> str:
 # ----------------------------------------------------------------------------- cache
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def cached_tokenizer(docs: list[Document], chash: str, val_fraction: float, vocab_size: int) -> Tokenizer:
     """The tokenizer for this corpus (of hash ``chash``) and vocabulary size: from the cache,
     or trained on the train split."""
@@ -164,7 +157,8 @@ def tokenizer_from_cache(key: str, texts: Callable[[], Iterable[str]], vocab_siz
     if path.is_file():
         return Tokenizer.from_file(str(path))
     tokenizer = train_tokenizer(texts(), vocab_size)
-    _atomic_write_bytes(path, tokenizer.to_str().encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, tokenizer.to_str())
     return tokenizer
 
 

@@ -5,8 +5,9 @@ Modules: :mod:`~fastlm.config` (typed config and presets), :mod:`~fastlm.model`
 and :mod:`~fastlm.data` (corpus, BPE, token cache, batches), :mod:`~fastlm.taskdata`
 (labelled examples: files and the built-in data sets), :mod:`~fastlm.tasks` (what the
 loop trains: data, model, batches, evaluation per task), :mod:`~fastlm.train` (the
-loop), :mod:`~fastlm.checkpoint`, :mod:`~fastlm.metrics`, :mod:`~fastlm.generate`
-(sampling, greedy and beam decoding, label prediction), :mod:`~fastlm.hf` (Hugging
+loop), :mod:`~fastlm.rundir` (run and export directories: marker, lock, overwrite),
+:mod:`~fastlm.files` (atomic writes), :mod:`~fastlm.checkpoint`, :mod:`~fastlm.metrics`,
+:mod:`~fastlm.generate` (sampling, greedy and beam decoding, label prediction), :mod:`~fastlm.hf` (Hugging
 Face checkpoints in and out) and :mod:`~fastlm.cli`.
 """
 

@@ -9,8 +9,18 @@ One directory per saved step, ``checkpoints/step_00000100/``:
     state.json             step, data position, and the sha256 and size of each file above
 
 A checkpoint is written under a temporary name and renamed into place, so a
-directory named ``step_*`` is always complete; ``state.json``'s hashes catch a
-file damaged afterwards. Only the last ``keep_last`` are kept.
+directory named ``step_*`` is complete when it appears; ``state.json``'s hashes
+catch a file damaged afterwards. A failed write (a full disk) removes the
+temporary folder and names the file it was writing. Only the last
+``keep_last`` up to the step just written are kept; an old one is deleted by
+renaming it to a hidden name first, so a kill mid-deletion never leaves a
+partial ``step_*`` folder. :func:`list_checkpoints` lists only folders with a
+``state.json``, and hidden or partial leftovers are removed at the next save.
+
+A run resumed from an older checkpoint abandons the newer ones (they hold the
+steps about to be redone): :func:`set_aside_newer` moves them, never deleting
+them, to ``checkpoints/abandoned/step_N-TIMESTAMP/``, where retention does not
+look; delete them yourself once they are not needed.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
+from .files import atomic_write, fault_point, remove_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -42,13 +54,35 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (``step_*`` folders with a ``state.json``), oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def set_aside_newer(run_dir: Path, step: int) -> list[tuple[Path, Path]]:
+    """Move the checkpoints newer than ``step`` (abandoned by a run resumed from ``step``) to
+    ``checkpoints/abandoned/step_N-TIMESTAMP``; (was, now) for each. Nothing is deleted."""
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in list_checkpoints(run_dir):
+        if checkpoint_step(path) > step:
+            target = path.parent / "abandoned" / f"{path.name}-{stamp}"
+            target.parent.mkdir(exist_ok=True)
+            n = 1
+            while target.exists():  # set aside twice within a second
+                target, n = target.with_name(f"{path.name}-{stamp}-{n}"), n + 1
+            fault_point(f"set aside {path}")
+            os.rename(path, target)
+            moved.append((path, target))
+    return moved
 
 
 def _sha256(path: Path) -> str:
@@ -142,33 +176,46 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_files(tmp, step, weights, optimizer_state, rng, state)
+    except BaseException:  # a full disk, say: the error names the file; the half-written folder goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
-    weights = {k: v.detach().contiguous() for k, v in weights.items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=1))
-    save_file(rng, str(tmp / "rng.safetensors"))
-    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-             for name in (*_TENSOR_FILES, "optimizer.json")}
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1))
-    for p in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-    if final.exists():  # resumed from an older checkpoint: this step is being redone
+    fault_point(f"rename {tmp}")
+    if final.exists():  # resumed from an older checkpoint without setting newer ones aside: a step redone
         stale = final.parent / f".old-{final.name}-{os.getpid()}"
         os.rename(final, stale)
         os.rename(tmp, final)
-        shutil.rmtree(stale)
+        remove_dir(stale)
     else:
         os.rename(tmp, final)
 
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    for leftover in [*final.parent.glob(".tmp-*"), *final.parent.glob(".old-*")]:  # from a crashed save
-        shutil.rmtree(leftover, ignore_errors=True)
+    # Retention looks only at this step and older ones: never at a newer checkpoint a resumed run
+    # abandoned, which would otherwise count as "last" and push out the one just written.
+    older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
+        remove_dir(old)
+    for leftover in final.parent.iterdir():  # from a crashed save or deletion: hidden, or without state.json
+        if leftover.name.startswith(".") or (_STEP_DIR.match(leftover.name)
+                                             and not (leftover / "state.json").is_file()):
+            shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _write_files(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                 rng: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """A checkpoint's files, each flushed to disk, into ``folder``."""
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
+    atomic_write(folder / "model.safetensors",
+                 lambda p: save_file(weights, str(p), metadata={"format": "pt", "step": str(step)}))
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
+    atomic_write(folder / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
+    atomic_write(folder / "optimizer.json", json.dumps(opt_meta, indent=1))
+    atomic_write(folder / "rng.safetensors", lambda p: save_file(rng, str(p)))
+    files = {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+             for name in (*_TENSOR_FILES, "optimizer.json")}
+    atomic_write(folder / "state.json", json.dumps({**state, "step": step, "files": files}, indent=1))
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:

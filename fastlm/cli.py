@@ -240,7 +240,7 @@ def _export(args: argparse.Namespace) -> int:
 
     model, tokenizer, _ = load_run(args.run, args.checkpoint, task="lm")
     out = export_model(model, args.to, tokenizer_json=args.run / "tokenizer.json", eos_token_id=eot_id(tokenizer),
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, source_run=args.run)
     print(f"exported {args.run} to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
     return 0
 
@@ -279,7 +279,8 @@ def _train_parser(sub, command: str) -> None:
                                    "made from the Python standard library)")
     tr.add_argument("--out", help="run directory (default runs/PRESET-TIMESTAMP)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run (or one of its checkpoint directories)")
-    tr.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing run directory (only fastlm's own files in it are deleted)")
     tr.add_argument("--init-from", "--init_from", metavar="HF_DIR",
                     help="start from a Hugging Face GPT-2/Llama checkpoint directory (its shape, weights, tokenizer)")
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--run", required=True, type=Path, help="run directory")
     ex.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: the latest)")
     ex.add_argument("--to", required=True, type=Path, help="output directory (must be new or empty)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in that directory")
 
     for command, help_text in (("classify", "predict labels with a trained classifier run"),
                                ("translate", "decode target texts with a trained seq2seq run")):

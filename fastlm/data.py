@@ -36,6 +36,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from .files import atomic_write
 from .tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
 CACHE_FORMAT = 2  # bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut)
@@ -208,14 +209,6 @@ def corpus_hash(docs: list[Document]) -> str:
 # ----------------------------------------------------------------------------- cache
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def cached_tokenizer(docs: list[Document], chash: str, val_fraction: float, vocab_size: int) -> Tokenizer:
     """The tokenizer for this corpus (of hash ``chash``) and vocabulary size: from the cache,
     or trained on the train split."""
@@ -235,7 +228,8 @@ def tokenizer_from_cache(key: str, texts: Callable[[], Iterable[str]], vocab_siz
         except ValueError as e:
             warnings.warn(f"cached tokenizer {e}; training it again", stacklevel=2)
     tokenizer = train_tokenizer(texts(), vocab_size, progress)
-    _atomic_write_bytes(path, tokenizer.to_str().encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, tokenizer.to_str())
     return tokenizer
 
 

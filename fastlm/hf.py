@@ -20,8 +20,6 @@ Weights are imported as fp32 (training runs autocast) and exported as fp32.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
+from .files import atomic_write
 from .model import GPT
+from .rundir import DirectoryLock, check_export_target, mark
 
 SUPPORTED = ("gpt2", "llama")
 
@@ -254,31 +254,30 @@ def import_checkpoint(path: str | Path) -> GPT:
 
 
 def export_model(model: GPT, out_dir: str | Path, *, tokenizer_json: str | Path | None = None,
-                 eos_token_id: int | None = None, overwrite: bool = False) -> Path:
+                 eos_token_id: int | None = None, overwrite: bool = False,
+                 source_run: str | Path | None = None) -> Path:
     """Write ``model`` as a transformers checkpoint to ``out_dir`` (config.json, model.safetensors,
-    and the tokenizer when given), atomically. An existing non-empty ``out_dir`` is replaced only with
-    ``overwrite=True``, and only if it is a checkpoint (has a config.json)."""
+    and the tokenizer when given), each file atomically, into a directory marked as an export and locked
+    while it is written. Never into a training run (nor inside or around ``source_run``, the run being
+    exported); an existing non-empty ``out_dir`` is replaced only with ``overwrite=True``, and only if it
+    is an earlier export (see :func:`fastlm.rundir.check_export_target`)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise CheckpointError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-        if not (out_dir / "config.json").is_file():
-            raise CheckpointError(f"refusing to overwrite {out_dir}: it is not a model checkpoint (no config.json)")
+    check_export_target(out_dir, overwrite, source_run)
     hf_config = hf_config_from_model(model.config, eos_token_id)
     tensors = _fastlm_to_hf(hf_config["model_type"], model.config, model.state_dict())
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-             "bos_token": "<|endoftext|>", "model_max_length": model.config.block_size}, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    with DirectoryLock(out_dir, "export directory") as lock:
+        lock.acquire(create=True)
+        check_export_target(out_dir, overwrite, source_run)  # again, now that no other process can change it
+        mark(out_dir, "export")
+        atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        if tokenizer_json is not None:
+            atomic_write(out_dir / "tokenizer.json", Path(tokenizer_json).read_bytes())
+            atomic_write(out_dir / "tokenizer_config.json", json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                 "bos_token": "<|endoftext|>", "model_max_length": model.config.block_size}, indent=2) + "\n")
+        else:  # an earlier export's tokenizer does not belong to this model
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (out_dir / name).unlink(missing_ok=True)
+        atomic_write(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
     return out_dir

@@ -1,5 +1,10 @@
 """What a run reports: ``metrics.jsonl``, ``loss.png``, model FLOPs utilisation.
 
+``metrics.jsonl`` is appended one line per record, so a kill or a full disk can
+tear its last line: on resume a torn last line is dropped with a warning. Any
+other line that is not a JSON object with an integer ``step`` is damage from
+outside fastlm, and stops the resume with an error naming the file and line.
+
 MFU = achieved model FLOPs/s (``ModelConfig.flops_per_token`` x tokens/s) over
 the device's peak dense bf16 tensor FLOPs, looked up by device name in
 :data:`PEAK_BF16_FLOPS`. Unknown devices and CPUs report no MFU rather than a
@@ -10,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write, fault_point, writing
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendors' data sheets.
 # Matched against torch.cuda.get_device_name() in order: longer names before their prefixes.
@@ -65,6 +72,32 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class MetricsError(ValueError):
+    """``metrics.jsonl`` is damaged; the message names the file and line."""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``, without a torn last line (dropped with a warning)."""
+    lines = Path(path).read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if not any(rest.strip() for rest in lines[number:]):  # the last line: torn by a kill or full disk
+                warnings.warn(f"{path}, line {number}: dropped a torn last line (the run was interrupted "
+                              "while writing it)", stacklevel=2)
+                break
+            record = None
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise MetricsError(f"{path}, line {number} is not a metrics record (a JSON object with an integer "
+                               f"\"step\"): {line[:80]!r}; fix or delete that line, then resume again")
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` and keeps the records for the plot."""
 
@@ -73,16 +106,15 @@ class MetricsLog:
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             # Lines past the checkpoint belong to steps that will run again.
-            lines = self.path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            os.replace(tmp, self.path)
+            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with writing(self.path), open(self.path, "a") as f:
+            fault_point(f"append to {self.path}", lambda: (f.write(line[:len(line) // 2]), f.flush()))  # torn
+            f.write(line)
 
     def plot(self, path: Path) -> None:
         """Train and validation loss against step, written atomically."""
@@ -116,10 +148,10 @@ class MetricsLog:
             handles = (handles[0] + more[0], handles[1] + more[1])
         ax.legend(*handles)
         fig.tight_layout()
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        finally:
+            plt.close(fig)
 
 
 def perplexity(loss: float) -> float:

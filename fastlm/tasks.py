@@ -36,6 +36,8 @@ from . import data as data_lib
 from . import distributed
 from . import taskdata
 from .config import Config, ConfigError
+from .files import atomic_write
+from .rundir import CONFUSION_FILE
 from .metrics import perplexity
 from .model import build_model
 from .tokenizer import eot_id, load_tokenizer
@@ -45,7 +47,6 @@ SPLIT_VERSION = 2  # bump when taskdata.split_examples draws a different split (
 # Past this many labels a confusion matrix is too big for each metrics.jsonl line (1,000 labels: 3 MB) and for
 # the terminal: it is written to confusion.json and printed as its largest confusions and worst labels.
 FULL_CONFUSION_LABELS = 50
-CONFUSION_FILE = "confusion.json"
 
 
 class TruncationWarning(UserWarning):
@@ -341,8 +342,7 @@ def eval_record(step: int, evals: dict[str, Any], run_dir: Path) -> dict[str, An
     confusion = evals.get("val_confusion")
     if confusion is None or len(confusion) <= FULL_CONFUSION_LABELS:
         return {"step": step, **evals}
-    data_lib._atomic_write_bytes(run_dir / CONFUSION_FILE,
-                                 json.dumps({"step": step, "val_confusion": confusion}).encode())
+    atomic_write(run_dir / CONFUSION_FILE, json.dumps({"step": step, "val_confusion": confusion}))
     return {"step": step, **{k: v for k, v in evals.items() if k != "val_confusion"},
             "val_confusion_file": CONFUSION_FILE}
 

@@ -4,7 +4,8 @@ The same loop trains every task (:mod:`fastlm.tasks`: the language model, the
 encoder classifier, the encoder-decoder); the task supplies data, model,
 batches and evaluation. A run directory holds ``config.json``, ``tokenizer.json``,
 ``data.json`` (the data's hash, split sizes and, for a classifier, its labels),
-``metrics.jsonl``, ``loss.png`` and ``checkpoints/``. Nothing in it is pickled. A step's batches depend only on
+``metrics.jsonl``, ``loss.png`` and ``checkpoints/``, and is marked, locked and
+overwritten as :mod:`fastlm.rundir` says. Nothing in it is pickled. A step's batches depend only on
 (seed, step), the learning rate only on the step, and a checkpoint restores
 weights, optimizer and RNG states, so resuming on CPU reproduces an
 uninterrupted run bit for bit.
@@ -15,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +25,19 @@ from tqdm import tqdm
 
 import kernels
 
-from . import distributed
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from . import distributed, rundir
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
+from .files import atomic_write
 from .hf import load_hf_weights
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
+from .rundir import TrainingError, check_new_run_dir, find_checkpoint  # noqa: F401 (the trainer's API)
 from .tasks import eval_record, make_task
 
 # Fields a resumed run may change: none of them alters what is computed at a step.
 RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
                      "device", "backend", "compile", "parallel"}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or cannot go on; the message says why and what was kept."""
 
 
 @dataclass
@@ -108,24 +105,8 @@ def check_resumable(saved: Config, requested: Config) -> None:
                           + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
 
 
-def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints"))
-
-
-def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing run directory unless asked to overwrite it, and never one that is not a run."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TrainingError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
-                                "or start over with --overwrite")
-        if not _is_run_dir(run_dir):
-            raise TrainingError(f"refusing to overwrite {run_dir}: it is not a fastlm run directory")
-
-
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -135,7 +116,15 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
           overwrite: bool = False, progress: bool = True, init_from: str | Path | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume_from`` (a checkpoint directory of that run),
     continue from it; with ``init_from`` (a Hugging Face checkpoint directory, see :mod:`fastlm.hf`),
-    start a new run from its weights and, if it has one, its tokenizer."""
+    start a new run from its weights and, if it has one, its tokenizer. Rank 0 holds the run
+    directory's lock from its first use of it to the end (see :mod:`fastlm.rundir`)."""
+    with rundir.DirectoryLock(run_dir) as lock:
+        return _train(cfg, Path(run_dir), lock, resume_from=resume_from, overwrite=overwrite, progress=progress,
+                      init_from=init_from)
+
+
+def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_from: str | Path | None,
+           overwrite: bool, progress: bool, init_from: str | Path | None) -> TrainResult:
     started = time.perf_counter()
     progress = progress and distributed.is_main()  # only rank 0 prints, logs and plots
     say = print if progress else (lambda *_: None)
@@ -146,9 +135,12 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 
     # 1. Where the run goes (or what it resumes), checked before anything is written.
     saved_data = None
+    rundir.check_placement(run_dir, t.data)
     if resume_from is None:
         check_new_run_dir(run_dir, overwrite)
     else:
+        if distributed.is_main():
+            lock.acquire(create=False)  # before reading what another process might be rewriting
         try:
             saved = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
             saved_data = json.loads((run_dir / "data.json").read_text())
@@ -169,10 +161,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 
     # 3. The run directory: config, tokenizer and data description next to the checkpoints.
     if resume_from is None and distributed.is_main():  # the others checked it in step 1, before this
-        if run_dir.exists():  # check_new_run_dir allowed it: an old run being overwritten
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        (run_dir / "tokenizer.json").write_text(tokenizer.to_str())
+        lock.acquire(create=True)  # before anything is deleted or written
+        rundir.start_run(run_dir, overwrite)  # checked again under the lock, emptied if asked, marked
+        atomic_write(run_dir / "tokenizer.json", tokenizer.to_str())
         _write_json(run_dir / "data.json", prepared.info)
         _write_json(run_dir / "config.json", cfg.to_dict())
 
@@ -191,6 +182,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
         state = load_checkpoint(Path(resume_from), model, optimizer)
         step = state["step"]
         if distributed.is_main():
+            for was, now in rundir.continue_run(run_dir, step):  # said even when quiet: files moved
+                print(f"set aside {was.name} (newer than the checkpoint resumed from) as {now}")
             _write_json(run_dir / "config.json", cfg.to_dict())  # only RESUMABLE_CHANGES can differ
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
@@ -278,19 +271,3 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 
     return TrainResult(run_dir, step, loss_value, None if evals is None else evals["val_loss"], tokens_per_sec,
                        time.perf_counter() - started, evals or {})
-
-
-def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint) for ``--resume PATH``: a run directory (its latest checkpoint)
-    or one of its checkpoint directories."""
-    path = Path(path)
-    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        return path.parent.parent, path
-    if not (path / "config.json").is_file():
-        raise TrainingError(f"{path} is not a fastlm run directory (no config.json)")
-    found = list_checkpoints(path)
-    if not found:
-        raise TrainingError(f"run {path} has no checkpoint to resume from; start over with --overwrite")
-    return path, found[-1]

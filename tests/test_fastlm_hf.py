@@ -77,7 +77,8 @@ def test_export_refuses_to_overwrite(tmp_path):
         export_model(model, tmp_path / "busy", overwrite=True)
     export_model(model, tmp_path / "out")
     export_model(model, tmp_path / "out", overwrite=True)  # a previous export may be replaced when asked
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".fastlm-export.json", "config.json",
+                                                                     "model.safetensors"]
     with pytest.raises(CheckpointError, match="no transformers architecture matches"):
         export_model(GPT(ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=32,
                                      norm="rmsnorm")), tmp_path / "other")

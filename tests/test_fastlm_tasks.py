@@ -444,6 +444,9 @@ def test_many_labels_log_and_print_a_bounded_summary(tmp_path):
     saved = json.loads((tmp_path / "confusion.json").read_text())
     assert saved["step"] == 20 and saved["val_confusion"] == evals["val_confusion"]
     assert len(evals["val_confusion"]) == k  # the evaluation itself keeps the whole matrix
+    from fastlm.rundir import check_new_run_dir, mark
+    mark(tmp_path, "run")
+    check_new_run_dir(tmp_path, overwrite=True)  # confusion.json is fastlm's own: --overwrite may replace it
 
     text = format_confusion(evals["val_confusion"], labels)
     assert len(text) < 5_000

@@ -1,0 +1,313 @@
+"""Run and export directories: what is fastlm's in them, who is using them, what may be deleted.
+
+A run directory is marked as one before anything else is written into it: its
+first file is ``.fastlm-run.json`` (``{"kind": "run", "version": 1}``), and a
+Hugging Face export's is ``.fastlm-export.json``. Every other file is then
+written atomically (:func:`fastlm.files.atomic_write`), ``config.json`` last,
+so a run that has a ``config.json`` was fully set up, and one with the marker
+but no ``config.json`` was interrupted while being set up.
+
+``--overwrite`` deletes only what fastlm created: the directory must carry the
+marker and hold nothing but the names in :data:`RUN_ENTRIES` (and their
+temporary files); anything else is listed and the directory left alone. Runs
+made before the marker existed still resume (which marks them), but are not
+overwritten.
+
+A process using a directory (training in it, resuming it, exporting into it)
+holds an exclusive ``flock`` on its ``.fastlm.lock``, which names the process;
+a second one fails at once. The lock is released when the process ends,
+however it ends (a killed process leaves the file, unlocked, behind).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+from .checkpoint import CheckpointError, list_checkpoints, set_aside_newer
+from .files import atomic_write, remove_dir
+
+MARKER = ".fastlm-run.json"
+EXPORT_MARKER = ".fastlm-export.json"
+LOCK = ".fastlm.lock"
+MARKER_VERSION = 1
+# Everything fastlm writes at the top of a run directory; config.json is deleted first and written last.
+CONFUSION_FILE = "confusion.json"  # a classifier's latest confusion matrix, when too big for metrics.jsonl
+RUN_ENTRIES = ("config.json", "tokenizer.json", "data.json", "metrics.jsonl", "loss.png", CONFUSION_FILE,
+               "checkpoints")
+EXPORT_ENTRIES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_LEGACY_ENTRIES = ("metrics.jsonl.tmp",)  # an older fastlm's temporary file
+_CHECKPOINT_ENTRY = re.compile(r"^(step_\d+|abandoned|\..*)$")  # checkpoints, set-aside ones, leftovers
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on; the message says why and what was kept."""
+
+
+class DirectoryInUseError(TrainingError):
+    """Another process holds the lock of a run (or export) directory."""
+
+
+# ----------------------------------------------------------------------------- what a directory is
+
+
+def marker_kind(path: Path) -> str | None:
+    """``"run"`` or ``"export"`` for a directory fastlm marked as one, else None."""
+    for name in (MARKER, EXPORT_MARKER):
+        try:
+            return json.loads((Path(path) / name).read_text())["kind"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def mark(path: Path, kind: str) -> None:
+    atomic_write(Path(path) / (MARKER if kind == "run" else EXPORT_MARKER),
+                 json.dumps({"kind": kind, "version": MARKER_VERSION}) + "\n")
+
+
+def _config(path: Path) -> dict:
+    try:
+        found = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is (or was made as) a training run, marked or made by an older fastlm."""
+    path = Path(path)
+    config = _config(path)
+    return (marker_kind(path) == "run" or {"model", "train"} <= set(config)
+            or (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file())
+
+
+def _entries(path: Path) -> list[str]:
+    """The names in ``path`` apart from its lock file (a lock alone leaves a directory empty)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name != LOCK)
+
+
+def _is_own(name: str, own: tuple[str, ...]) -> bool:
+    """``name`` is one of ``own``, a marker, or one of their temporary files (``.NAME.tmp-*``, ``.NAME.del-*``)."""
+    return (name in own or name in (MARKER, EXPORT_MARKER, LOCK) or name in _LEGACY_ENTRIES
+            or any(name.startswith(f".{entry}.") for entry in (*own, MARKER, EXPORT_MARKER)))
+
+
+def foreign_entries(path: Path, own: tuple[str, ...] = RUN_ENTRIES) -> list[str]:
+    """Entries of ``path`` that fastlm did not create (for a run, inside ``checkpoints/`` too)."""
+    path = Path(path)
+    foreign = [name for name in _entries(path) if not _is_own(name, own)]
+    if own is RUN_ENTRIES and (path / "checkpoints").is_dir():
+        foreign += [f"checkpoints/{p.name}" for p in sorted((path / "checkpoints").iterdir())
+                    if not _CHECKPOINT_ENTRY.match(p.name)]
+    return foreign
+
+
+def _holds_something(path: Path, error: type[Exception], choose: str) -> bool:
+    """Whether ``path`` exists and has entries (its lock file alone does not count); ``error`` if it is
+    not a directory."""
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise error(f"{path} exists and is not a directory; choose another {choose}")
+    return bool(_entries(path))
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def overwrite_problem(run_dir: Path) -> str | None:
+    """Why ``--overwrite`` may not empty ``run_dir`` (None when it may)."""
+    entries = _entries(run_dir)
+    if marker_kind(run_dir) != "run":
+        return (f"it is not a fastlm run directory made by this version of fastlm (it has no {MARKER}), so "
+                f"fastlm cannot tell its files from yours; --overwrite would have deleted {_listing(entries)}. "
+                f"If nothing in it is needed, delete it yourself; otherwise choose another --out")
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        return (f"it holds files fastlm did not create: {_listing(foreign)}. Move them out of {run_dir} "
+                f"(--overwrite deletes only fastlm's own {', '.join(RUN_ENTRIES)}) or choose another --out")
+    return None
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on ``DIR/.fastlm.lock``, which holds the owner's PID, for as long as a process
+    uses ``DIR``. Taken with :meth:`acquire` (where the process first touches the directory), released
+    (and the file removed) on leaving the ``with`` block, or by the system when the process dies."""
+
+    def __init__(self, path: str | Path, what: str = "run"):
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    def acquire(self, create: bool) -> None:
+        """Lock the directory, creating it first if ``create``; a directory that does not exist (and is not
+        to be created) has nothing to protect. Fails at once if another process holds it."""
+        if self._fd is not None:
+            return
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_dir():
+            return
+        lock_file = self.path / LOCK
+        while True:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                try:
+                    holder = int(lock_file.read_text())
+                except (OSError, ValueError):  # it has not written its PID yet
+                    holder = "unknown"
+                raise DirectoryInUseError(f"{self.what} {self.path} is in use by PID {holder}; wait for it to "
+                                          "finish or stop it (two processes writing one directory would "
+                                          "overwrite each other's files)") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(lock_file).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the file we locked was removed by its last owner on release: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            (self.path / LOCK).unlink(missing_ok=True)  # while still held, so no one locks a removed file
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def check_placement(run_dir: Path, data: str | None) -> None:
+    """Refuse a run directory inside its own data (the run's files would become training data, and
+    resuming would find the data changed) and data inside its run directory (--overwrite would delete it)."""
+    if not data:
+        return
+    run, source = Path(run_dir).resolve(), Path(data).resolve()
+    if run == source or source in run.parents:
+        raise TrainingError(f"run directory {run_dir} is inside the data {data}: the run's own files would "
+                            "become training data; choose an --out outside it")
+    if run in source.parents:
+        raise TrainingError(f"the data {data} is inside the run directory {run_dir}, where fastlm writes and "
+                            "deletes its files; move the data or choose another --out")
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing run directory unless asked to overwrite it, and never one that fastlm did not
+    make or that holds anything fastlm did not write."""
+    run_dir = Path(run_dir)
+    if not _holds_something(run_dir, TrainingError, "--out"):
+        return
+    problem = overwrite_problem(run_dir)
+    if overwrite:
+        if problem:
+            raise TrainingError(f"refusing to overwrite {run_dir}: {problem}")
+        return
+    if marker_kind(run_dir) == "run" and not (run_dir / "config.json").is_file():
+        raise TrainingError(f"run directory {run_dir} already exists but was interrupted while being set up "
+                            "(it has no config.json), so there is nothing in it to resume; start it again "
+                            "with --overwrite")
+    if not is_run(run_dir):
+        raise TrainingError(f"{run_dir} already exists and is not a fastlm run directory; choose another --out "
+                            "(a run starts in a new or empty directory)")
+    raise TrainingError(f"run directory {run_dir} already exists; continue it with --resume {run_dir}"
+                        + (" or start over with --overwrite" if problem is None
+                           else f" (--overwrite would refuse: {problem})"))
+
+
+def start_run(run_dir: Path, overwrite: bool) -> None:
+    """Make ``run_dir`` a new run's directory: checked again (its lock is held now, so nothing changes it
+    behind our back), emptied of fastlm's own files if ``overwrite``, and marked."""
+    check_new_run_dir(run_dir, overwrite)
+    if overwrite:
+        for name in sorted(_entries(run_dir), key=lambda n: n != "config.json"):  # no longer a started run
+            if name in (MARKER, EXPORT_MARKER):
+                continue
+            path = run_dir / name
+            remove_dir(path) if path.is_dir() else path.unlink()
+    mark(run_dir, "run")
+
+
+def continue_run(run_dir: Path, step: int) -> list[tuple[Path, Path]]:
+    """Before a resumed run writes anything: mark a run an older fastlm made, and set aside its checkpoints
+    newer than ``step`` (see :func:`fastlm.checkpoint.set_aside_newer`); returns (was, now) for each."""
+    if marker_kind(run_dir) != "run":
+        mark(run_dir, "run")
+    return set_aside_newer(run_dir, step)
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint) for ``--resume PATH``: a run directory (its latest checkpoint)
+    or one of its checkpoint directories."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return path.parent.parent, path
+    again = f"fastlm train --out {path} --overwrite (with the options it was started with)"
+    if not (path / "config.json").is_file():
+        if marker_kind(path) == "run":
+            raise TrainingError(f"run {path} never started: it was interrupted while being set up, before its "
+                                f"config.json was written, so there is nothing to resume; start it again with {again}")
+        raise TrainingError(f"{path} is not a fastlm run directory (no config.json)")
+    config = _config(path)
+    if not {"model", "train"} <= set(config):
+        hf = ("; it is a Hugging Face checkpoint: start a new run from its weights with "
+              f"fastlm train --init-from {path} --out NEW_RUN_DIR") if "model_type" in config else ""
+        raise TrainingError(f"{path} is not a fastlm run directory (its config.json is not a run's){hf}")
+    found = list_checkpoints(path)
+    if not found:
+        problem = overwrite_problem(path)
+        raise TrainingError(f"run {path} has no checkpoint to resume from (it stopped before its first save); "
+                            + (f"start it over with {again}" if problem is None
+                               else f"it cannot be started over with --overwrite either: {problem}"))
+    return path, found[-1]
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def check_export_target(out_dir: Path, overwrite: bool, source_run: Path | None = None) -> None:
+    """Refuse to export into a training run (or inside one, or around the run being exported), into a
+    non-empty directory without ``overwrite``, and over anything but an earlier export."""
+    out_dir = Path(out_dir)
+    target = out_dir.resolve()
+    if source_run is not None:
+        source = Path(source_run).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise CheckpointError(f"refusing to export into {out_dir}: it is, holds or is inside the run being "
+                                  f"exported ({source_run}); choose a directory outside it")
+    for folder in (target, *target.parents):
+        if folder.is_dir() and (marker_kind(folder) == "run" or (folder == target and is_run(folder))):
+            raise CheckpointError(f"refusing to export into {out_dir}: {folder} is a fastlm training run, "
+                                  "which an export must not touch; choose a directory outside it")
+    if not _holds_something(out_dir, CheckpointError, "directory"):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    if marker_kind(out_dir) != "export":
+        raise CheckpointError(f"refusing to overwrite {out_dir}: it is not a model checkpoint fastlm exported (it "
+                              f"has no {EXPORT_MARKER}; a checkpoint from elsewhere, or exported by an older fastlm, "
+                              "is not replaced): delete it yourself if nothing in it is needed, or choose another "
+                              "directory")
+    foreign = foreign_entries(out_dir, EXPORT_ENTRIES)
+    if foreign:
+        raise CheckpointError(f"refusing to overwrite {out_dir}: it holds files an export does not write: "
+                              f"{_listing(foreign)}; move them out or choose another directory")

@@ -6,11 +6,14 @@ One directory per saved step, ``checkpoints/step_00000100/``:
     optimizer.safetensors  the optimizer's per-parameter tensors, keyed ``<param name>.<state key>``
     optimizer.json         its param groups (hyper-parameters, parameter names)
     rng.safetensors        torch's CPU and CUDA generator states of every rank (``rank_R.torch_cpu``, ...)
-    state.json             step, data position, and the sha256 and size of each file above
+    state.json             step, data position, what the run's files were (see fastlm.train.run_record),
+                           the sha256 and size of each file above, and a sha256 of its own content
 
 A checkpoint is written under a temporary name and renamed into place, so a
 directory named ``step_*`` is always complete; ``state.json``'s hashes catch a
-file damaged afterwards. Only the last ``keep_last`` are kept.
+file damaged afterwards, ``state.json`` itself included, and its step must be the
+one in the directory's name and in ``model.safetensors``. Only the last
+``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
+from .jsonfile import content_sha256, read_json_object, require
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -151,7 +155,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     save_file(rng, str(tmp / "rng.safetensors"))
     files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
              for name in (*_TENSOR_FILES, "optimizer.json")}
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1))
+    state = {**state, "step": step, "files": files}
+    (tmp / "state.json").write_text(json.dumps({**state, "state_sha256": content_sha256(state)}, indent=1))
     for p in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(p, "rb") as f:
             os.fsync(f.fileno())
@@ -171,16 +176,47 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     return final
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """``state.json`` of a checkpoint whose files are all present and match their recorded hashes."""
+def read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint at ``path``, checked without reading the other files: well formed,
+    unchanged since it was written (when it records its own hash: older ones did not), and its step the
+    one in the directory's name and in ``model.safetensors``. Errors name state.json."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    state_json = path / "state.json"
     try:
-        state = json.loads((path / "state.json").read_text())
-        files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: state.json is missing or unreadable")
+        state = read_json_object(state_json, CheckpointError)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: {e}") from None
+    recorded = state.pop("state_sha256", None)
+    if recorded is not None and recorded != content_sha256(state):
+        raise CheckpointError(f"{state_json} was changed after the checkpoint was written (its content no longer "
+                              "matches the sha256 recorded in it); resume from another checkpoint")
+    require(state, state_json, {"step": int, "files": dict}, CheckpointError)
+    for name, entry in state["files"].items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{state_json}: files.{name} must be an object, got {entry!r:.60}")
+        require(entry, state_json, {"sha256": str, "bytes": int}, CheckpointError)
+    step = state["step"]
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"{state_json} says step {step}, but the checkpoint's directory is {path.name}")
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            weights_step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError):
+        weights_step = None  # missing or damaged: verify_checkpoint names it
+    if weights_step is not None and weights_step != str(step):
+        raise CheckpointError(f"{state_json} says step {step}, but model.safetensors was written at step "
+                              f"{weights_step}")
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint whose files are all present and match their recorded hashes."""
+    path = Path(path)
+    state = read_state(path)
+    files = state["files"]
     for name in (*_TENSOR_FILES, "optimizer.json"):
         f = path / name
         if name not in files or not f.is_file():

@@ -10,7 +10,6 @@ with status 2; failures while running exit with status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import PRESETS, Config, ConfigError, describe_fields, preset
 from .data import DataError
+from .jsonfile import read_json_object, require
 
 USAGE_ERRORS = (ConfigError, DataError)
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
             raise ConfigError("--resume continues a run with its own config and directory; "
                               "drop --preset/--out/--overwrite/--task")
         run_dir, checkpoint = find_checkpoint(args.resume)
-        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg = Config.from_file(run_dir / "config.json")  # checked against what the checkpoint recorded by train()
     else:
         default = {"lm": "tiny", "classify": "tiny-classify", "seq2seq": "tiny-seq2seq"}[args.task or "lm"]
         args.preset = args.preset or default
@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         print(f", accuracy {e['val_accuracy']:.3f}, macro-F1 {e['val_macro_f1']:.3f} "
               f"(chance {1 / cfg.model.num_classes:.3f})")
-        labels = json.loads((run_dir / "data.json").read_text())["labels"]
+        labels = _labels(run_dir)
         print(f"confusion matrix on the validation split (rows: true label):\n"
               f"{format_confusion(e['val_confusion'], labels)}")
         print(f"run directory: {run_dir}\npredict with it: fastlm classify --run {run_dir} 'TEXT' ...")
@@ -149,6 +149,14 @@ def _sample(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1} ---")
         print(text)
     return 0
+
+
+def _labels(run_dir: Path) -> list:
+    """The label names a classifier run recorded in its data.json."""
+    data_json = run_dir / "data.json"
+    info = read_json_object(data_json, CheckpointError)
+    require(info, data_json, {"labels": list}, CheckpointError)
+    return info["labels"]
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -191,7 +199,7 @@ def _classify(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
     model, tokenizer, cfg = _load(args, "classify")
-    labels = json.loads((args.run / "data.json").read_text())["labels"]
+    labels = _labels(args.run)
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
     for text, probs in zip(texts, results):

@@ -14,11 +14,15 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
+
+from .jsonfile import read_json_object
 
 
 class ConfigError(ValueError):
     """A configuration the user asked for cannot be built; the message says why and what is valid."""
+
 
 
 @dataclass
@@ -158,12 +162,26 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object with model and train sections, got {d!r:.60}")
         cfg = cls()
         for section in ("model", "train"):
-            for name, value in d.get(section, {}).items():
+            fields = d.get(section, {})
+            if not isinstance(fields, dict):
+                raise ConfigError(f"{section} must be a JSON object of fields, got {fields!r:.60}")
+            for name, value in fields.items():
                 cfg.set(name, value)
         cfg.validate()
         return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        """The config in a ``config.json``; an error naming the file (and the field) when it is damaged."""
+        d = read_json_object(Path(path), ConfigError)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -70,6 +70,13 @@ def resolve_device(cfg: Config) -> torch.device:
     return distributed.local_device(torch.device(name))
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory ``device`` has in all: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
     """bf16 compute on GPU (or when asked for), fp32 otherwise."""
     return cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
@@ -207,6 +214,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 
     # 1. Where the run goes (or what it resumes), checked before anything is written.
     saved_data = None
+    cfg.check_memory(device_memory(device), str(device), distributed.world_size())
     if resume_from is None:
         check_new_run_dir(run_dir, overwrite)
     else:

@@ -6,11 +6,14 @@ One directory per saved step, ``checkpoints/step_00000100/``:
     optimizer.safetensors  the optimizer's per-parameter tensors, keyed ``<param name>.<state key>``
     optimizer.json         its param groups (hyper-parameters, parameter names)
     rng.safetensors        torch's CPU and CUDA generator states of every rank (``rank_R.torch_cpu``, ...)
-    state.json             step, data position, and the sha256 and size of each file above
+    state.json             step, data position, what the run's files were (see fastlm.train.run_record),
+                           the sha256 and size of each file above, and a sha256 of its own content
 
 A checkpoint is written under a temporary name and renamed into place, so a
 directory named ``step_*`` is complete when it appears; ``state.json``'s hashes
-catch a file damaged afterwards. A failed write (a full disk) removes the
+catch a file damaged afterwards, ``state.json`` itself included (it records a
+hash of its own content), and its step must be the one in the directory's name
+and in ``model.safetensors``. A failed write (a full disk) removes the
 temporary folder and names the file it was writing. Only the last
 ``keep_last`` up to the step just written are kept; an old one is deleted by
 renaming it to a hidden name first, so a kill mid-deletion never leaves a
@@ -35,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
 from .files import atomic_write, fault_point, remove_dir
+from .jsonfile import content_sha256, read_json_object, require
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -215,19 +219,51 @@ def _write_files(folder: Path, step: int, weights: dict[str, torch.Tensor], opti
     atomic_write(folder / "rng.safetensors", lambda p: save_file(rng, str(p)))
     files = {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
              for name in (*_TENSOR_FILES, "optimizer.json")}
-    atomic_write(folder / "state.json", json.dumps({**state, "step": step, "files": files}, indent=1))
+    state = {**state, "step": step, "files": files}
+    atomic_write(folder / "state.json", json.dumps({**state, "state_sha256": content_sha256(state)}, indent=1))
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint at ``path``, checked without reading the other files: well formed,
+    unchanged since it was written (when it records its own hash: older ones did not), and its step the
+    one in the directory's name and in ``model.safetensors``. Errors name state.json."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    state_json = path / "state.json"
+    try:
+        state = read_json_object(state_json, CheckpointError)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: {e}") from None
+    recorded = state.pop("state_sha256", None)
+    if recorded is not None and recorded != content_sha256(state):
+        raise CheckpointError(f"{state_json} was changed after the checkpoint was written (its content no longer "
+                              "matches the sha256 recorded in it); resume from another checkpoint")
+    require(state, state_json, {"step": int, "files": dict}, CheckpointError)
+    for name, entry in state["files"].items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{state_json}: files.{name} must be an object, got {entry!r:.60}")
+        require(entry, state_json, {"sha256": str, "bytes": int}, CheckpointError)
+    step = state["step"]
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"{state_json} says step {step}, but the checkpoint's directory is {path.name}")
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            weights_step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError):
+        weights_step = None  # missing or damaged: verify_checkpoint names it
+    if weights_step is not None and weights_step != str(step):
+        raise CheckpointError(f"{state_json} says step {step}, but model.safetensors was written at step "
+                              f"{weights_step}")
+    return state
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """``state.json`` of a checkpoint whose files are all present and match their recorded hashes."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = json.loads((path / "state.json").read_text())
-        files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: state.json is missing or unreadable")
+    state = read_state(path)
+    files = state["files"]
     for name in (*_TENSOR_FILES, "optimizer.json"):
         f = path / name
         if name not in files or not f.is_file():

@@ -4,18 +4,20 @@
 Any config field can be overridden on the command line, as ``--n_layer 4``,
 ``--n-layer=4`` or ``--set n_layer=4``; a boolean field alone (``--compile``)
 means true. Errors in what the user asked for print one clear message and exit
-with status 2; failures while running exit with status 1.
+with status 2; failures while running exit with status 1; Ctrl-C prints
+"interrupted" and exits with status 130. Importing this module loads no torch:
+that happens inside :func:`main`, where an interrupt is handled.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 # CPU training runs many short parallel ops. With OpenMP's default of spinning between them, two
 # threads ran 3-5x slower than one whenever another process shared our 2 cores; with threads that
@@ -24,11 +26,9 @@ from pathlib import Path
 # an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .checkpoint import CheckpointError, list_checkpoints
-from .config import PRESETS, Config, ConfigError, describe_fields, preset
-from .data import DataError
+from .config import MAX_SEED, PRESETS, Config, ConfigError, describe_fields, preset
+from .jsonfile import read_json_object, require
 
-USAGE_ERRORS = (ConfigError, DataError)
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
 
@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
             raise ConfigError("--resume continues a run with its own config and directory; "
                               "drop --preset/--out/--overwrite/--task")
         run_dir, checkpoint = find_checkpoint(args.resume)
-        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg = Config.from_file(run_dir / "config.json")  # checked against what the checkpoint recorded by train()
     else:
         default = {"lm": "tiny", "classify": "tiny-classify", "seq2seq": "tiny-seq2seq"}[args.task or "lm"]
         args.preset = args.preset or default
@@ -95,6 +95,8 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
                           "(use fastlm train for the others)")
     if not args.resume:
         run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    from .checkpoint import CheckpointError, list_checkpoints
 
     try:
         with distributed.process_group(cfg):  # under torchrun: one process per GPU (or CPU slot)
@@ -122,7 +124,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         print(f", accuracy {e['val_accuracy']:.3f}, macro-F1 {e['val_macro_f1']:.3f} "
               f"(chance {1 / cfg.model.num_classes:.3f})")
-        labels = json.loads((run_dir / "data.json").read_text())["labels"]
+        labels = _labels(run_dir)
         print(f"confusion matrix on the validation split (rows: true label):\n"
               f"{format_confusion(e['val_confusion'], labels)}")
         print(f"run directory: {run_dir}\npredict with it: fastlm classify --run {run_dir} 'TEXT' ...")
@@ -151,6 +153,16 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(run_dir: Path) -> list:
+    """The label names a classifier run recorded in its data.json."""
+    from .checkpoint import CheckpointError
+
+    data_json = run_dir / "data.json"
+    info = read_json_object(data_json, CheckpointError)
+    require(info, data_json, {"labels": list}, CheckpointError)
+    return info["labels"]
+
+
 def _inputs(args: argparse.Namespace) -> list[str]:
     """The texts to run on: the arguments, or with ``-`` (or none), one per line of standard input."""
     texts = args.text
@@ -173,6 +185,8 @@ def _unescape(text: str) -> str:
 
 def _checkpoint_arg(run: Path, checkpoint: str | None) -> Path | None:
     """``--checkpoint``: a checkpoint directory, or a step number of the run's checkpoints."""
+    from .checkpoint import CheckpointError, list_checkpoints
+
     if checkpoint is None or not checkpoint.isdigit():
         return None if checkpoint is None else Path(checkpoint)
     matches = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) == int(checkpoint)]
@@ -191,7 +205,7 @@ def _classify(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
     model, tokenizer, cfg = _load(args, "classify")
-    labels = json.loads((args.run / "data.json").read_text())["labels"]
+    labels = _labels(args.run)
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
     for text, probs in zip(texts, results):
@@ -263,6 +277,25 @@ def _presets() -> int:
     return 0
 
 
+def _number(kind: type, expected: str, ok: Callable) -> Callable[[str], int | float]:
+    """An argparse type: ``text`` parsed as ``kind`` and accepted when ``ok(value)``; argparse's error names
+    the flag and says ``expected``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # NaN fails every comparison, so no bound lets it through
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, "an integer >= 1", lambda v: v >= 1)
+SEED = _number(int, f"an integer in [0, {MAX_SEED}]", lambda v: 0 <= v <= MAX_SEED)
+
+
 def _train_parser(sub, command: str) -> None:
     if command == "train":
         tr = sub.add_parser("train", help="train a model (any config field can be overridden: --NAME VALUE)",
@@ -298,12 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
     sa.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     sa.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the prompt")
-    sa.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
-    sa.add_argument("--temperature", type=float, default=0.8)
-    sa.add_argument("--top_k", "--top-k", type=int, default=50, help="0 disables")
-    sa.add_argument("--top_p", "--top-p", type=float, default=0.95)
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--num_samples", "--num-samples", type=int, default=1)
+    sa.add_argument("--max_new_tokens", "--max-new-tokens", type=POSITIVE_INT, default=200)
+    sa.add_argument("--temperature", type=_number(float, "a finite number >= 0 (0: greedy)",
+                                                  lambda v: 0 <= v < math.inf), default=0.8)
+    sa.add_argument("--top_k", "--top-k", type=_number(int, "an integer >= 0 (0 disables)", lambda v: v >= 0),
+                    default=50, help="0 disables")
+    sa.add_argument("--top_p", "--top-p", type=_number(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+                    default=0.95)
+    sa.add_argument("--seed", type=SEED, default=0)
+    sa.add_argument("--num_samples", "--num-samples", type=POSITIVE_INT, default=1)
     sa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sa.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     sa.add_argument("--no_cache", "--no-cache", action="store_true", help="recompute the context every step")
@@ -327,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top", type=int, default=3, help="labels shown per text, most likely first")
         else:
             p.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
-            p.add_argument("--length_penalty", "--length-penalty", type=float, default=1.0,
+            p.add_argument("--length_penalty", "--length-penalty", default=1.0,
+                           type=_number(float, "a finite number", math.isfinite),
                            help="beam search ranks finished targets by score / length ** this")
             p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="default: the run's target_len")
 
@@ -336,8 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args = None
+    try:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        return _run(parser, args, rest)
+    except KeyboardInterrupt:  # at any point, start-up (loading torch, the data) included
+        training = args is not None and args.command in ("train", "train-classifier")
+        print("fastlm: interrupted" + ("; continue the run with --resume RUN_DIR from its last checkpoint, if it "
+                                       "saved one" if training else ""), file=sys.stderr)
+        return 130
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
     try:
         if args.command not in ("train", "train-classifier") and rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -352,15 +403,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         return _presets()
-    except USAGE_ERRORS as e:
+    except (ConfigError, DataError) as e:  # what the user asked for
         print(f"fastlm: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the output was piped into a reader that stopped early (head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except MemoryError:
+        print("fastlm: error: out of memory; a smaller batch_size, model or --num_samples needs less",
+              file=sys.stderr)
+        return 1
     except (CheckpointError, RuntimeError, OSError, ValueError) as e:
         print(f"fastlm: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fastlm: interrupted; resume from the last checkpoint with --resume RUN_DIR", file=sys.stderr)
-        return 130

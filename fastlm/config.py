@@ -14,11 +14,22 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
+
+from .jsonfile import read_json_object
 
 
 class ConfigError(ValueError):
     """A configuration the user asked for cannot be built; the message says why and what is valid."""
+
+
+# Sanity bounds, far above anything trained in practice, that catch a typo before it turns into an
+# allocation failure, an overflow or a step that never ends.
+MAX_SEED = 2**32 - 1  # each rank seeds torch with seed * 1_000_003 + rank, which must fit in 64 bits
+MAX_LR = 10.0  # AdamW moves each weight by about lr a step: beyond ~1 every run diverges
+MAX_VOCAB_SIZE = 2**24  # the tokenizer trainer allocates per possible token (1e9 aborts it); real ones are <= 2**18
+MAX_TOKENS_PER_STEP = 2**30  # batch_size x grad_accum x seq_len: ~60x the largest published LLM batches
 
 
 @dataclass
@@ -158,12 +169,26 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object with model and train sections, got {d!r:.60}")
         cfg = cls()
         for section in ("model", "train"):
-            for name, value in d.get(section, {}).items():
+            fields = d.get(section, {})
+            if not isinstance(fields, dict):
+                raise ConfigError(f"{section} must be a JSON object of fields, got {fields!r:.60}")
+            for name, value in fields.items():
                 cfg.set(name, value)
         cfg.validate()
         return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        """The config in a ``config.json``; an error naming the file (and the field) when it is damaged."""
+        d = read_json_object(Path(path), ConfigError)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -225,7 +250,61 @@ class Config:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(t, name)}")
         if t.min_lr > t.lr:
             raise ConfigError(f"min_lr ({t.min_lr}) cannot exceed lr ({t.lr})")
+        self._check_bounds()
         return self
+
+    def _check_bounds(self) -> None:
+        """Values past the sanity bounds above: wrong, whatever the machine."""
+        m, t = self.model, self.train
+        if not 0 <= t.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {t.seed}")
+        if t.lr > MAX_LR:
+            raise ConfigError(f"lr must be at most {MAX_LR:g}, got {t.lr:g}")
+        if m.vocab_size > MAX_VOCAB_SIZE:
+            raise ConfigError(f"vocab_size must be at most {MAX_VOCAB_SIZE} (2**24), got {m.vocab_size}")
+        if t.tokens_per_step > MAX_TOKENS_PER_STEP:
+            raise ConfigError(f"batch_size {t.batch_size} x grad_accum {t.grad_accum} x seq_len {t.seq_len} = "
+                              f"{t.tokens_per_step:,} tokens per step, more than the {MAX_TOKENS_PER_STEP:,} "
+                              "(2**30) allowed; lower grad_accum or batch_size")
+
+    def memory_estimate(self, world_size: int = 1) -> tuple[int, int]:
+        """A lower estimate of the bytes one process holds to train this config: (model state, activations).
+
+        Model state: fp32 weights, gradients and AdamW's two moments, 16 bytes a parameter (the decoder's
+        count: an encoder adds more), sharded under FSDP. Activations: the residual stream twice and the
+        MLP's hidden layer once per token and layer, in 2-byte numbers, for one process's micro-batch
+        (the real figure is several times that, so only a config that cannot fit is refused).
+        """
+        m, t = self.model, self.train
+        state = 16 * m.num_params() // (world_size if t.parallel == "fsdp" else 1)
+        tokens = max(1, t.batch_size // world_size) * (t.seq_len + (t.target_len if t.task == "seq2seq" else 0))
+        layers = m.n_layer + (m.encoder_layers if t.task == "seq2seq" else 0)
+        activations = tokens * layers * (2 * m.n_embd + m.hidden) * 2
+        return state, activations
+
+    def check_memory(self, available: int, device: str, world_size: int = 1) -> None:
+        """Refuse, naming the field that drives it, a config whose lower memory estimate exceeds the
+        ``available`` bytes of ``device`` (a lower bound, so a config refused here cannot train there)."""
+        state, activations = self.memory_estimate(world_size)
+        if state + activations <= available:
+            return
+        m, t = self.model, self.train
+        needs = (f"needs at least {_gib(state + activations)} of {device} memory to train (a lower estimate: "
+                 f"{_gib(state)} for the weights, gradients and AdamW state of {m.num_params():,} parameters, "
+                 f"{_gib(activations)} of activations per micro-batch), but the {device} has {_gib(available)}")
+        if activations >= state:
+            raise ConfigError(f"batch_size={t.batch_size} (x seq_len={t.seq_len}) {needs}; lower batch_size "
+                              "(and raise grad_accum to keep the step's size)")
+        embedding = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
+        positions = m.block_size * m.n_embd if m.position == "learned" else 0
+        field_name, value = max([("vocab_size", m.vocab_size, embedding), ("block_size", m.block_size, positions),
+                                 ("n_layer", m.n_layer, m.num_params() - embedding - positions)],
+                                key=lambda f: f[2])[:2]
+        raise ConfigError(f"{field_name}={value} (with n_embd={m.n_embd}) {needs}; lower {field_name} or n_embd")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 # ----------------------------------------------------------------------------- field parsing

@@ -10,8 +10,10 @@
   validation, by a hash of their name.
 - The tokenizer and the token files are cached under ``$FASTLM_CACHE`` (default
   ``~/.cache/fastlm``), keyed by a hash of the corpus (and of the tokenizer), so
-  a second run skips both; a damaged cached tokenizer is trained again. Token files are flat uint16/uint32 arrays read
-  through ``numpy.memmap``.
+  a second run skips both; a damaged cached tokenizer is trained again. Token
+  files are flat uint16/uint32 arrays read through ``numpy.memmap``, checked when
+  opened against the lengths and sha256s their ``meta.json`` records and against
+  the vocabulary, and rebuilt if damaged.
 - Batch ``(step, micro_step)`` is drawn from a generator seeded with
   ``(seed, step, micro_step)``: a resumed run sees exactly the batches an
   uninterrupted one would have seen, with nothing to save but the step.
@@ -23,11 +25,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,6 +40,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .files import atomic_write
+from .jsonfile import read_json_object, require
 from .tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
 CACHE_FORMAT = 2  # bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut)
@@ -66,6 +70,7 @@ class TokenData:
     val: np.ndarray
     corpus_hash: str
     num_documents: int
+    sha256: dict[str, str] = field(default_factory=dict)  # of the train and val token files' bytes
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -238,36 +243,90 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenize_corpus(docs: list[Document], chash: str, tokenizer: Tokenizer, val_fraction: float) -> TokenData:
-    """Token files for the train and validation splits, memory-mapped; built once per corpus + tokenizer."""
+    """Token files for the train and validation splits, memory-mapped; built once per corpus + tokenizer,
+    and built again when the cached entry is damaged (see :func:`_open_token_cache`)."""
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     key = hashlib.sha256(f"{CACHE_FORMAT}:{chash}:{tok_hash}:{val_fraction}".encode()).hexdigest()[:32]
     folder = cache_dir() / "tokens" / key
+    vocab = tokenizer.get_vocab_size()
+    opened = _open_token_cache(folder, vocab) if (folder / "meta.json").is_file() else None
+    if opened is None:
+        _build_token_cache(folder, docs, tokenizer, val_fraction)
+        opened = _open_token_cache(folder, vocab)
+        if opened is None:
+            raise DataError(f"the token cache {folder} was damaged again as it was rebuilt; is something else "
+                            f"writing under {cache_dir()}?")
+    arrays, digests = opened
+    return TokenData(arrays["train"], arrays["val"], chash, len(docs), digests)
+
+
+def _build_token_cache(folder: Path, docs: list[Document], tokenizer: Tokenizer, val_fraction: float) -> None:
+    """Write the cache entry ``folder`` under a temporary name and rename it into place (replacing a damaged one)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    splits = split_documents(docs, val_fraction)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    if not (folder / "meta.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
-        splits = split_documents(docs, val_fraction)
-        progress = show_progress(sum(len(d.text) for d in docs))
-        counts = {}
-        for name, what, split in zip(("train", "val"), ("training", "validation"), splits):
-            with open(tmp / f"{name}.bin", "wb") as f:
-                counts[name] = 0
-                encoded = encode_documents(tokenizer, (d.text for d in split))
-                for ids in tqdm(encoded, desc=f"tokenizing the {what} split", total=len(split), unit="doc",
-                                disable=not progress):
-                    f.write(np.asarray(ids, dtype=dtype).tobytes())
-                    counts[name] += len(ids)
-        meta = {"dtype": dtype.name, "tokens": counts, "documents": {"train": len(splits[0]), "val": len(splits[1])}}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same cache entry first
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
-    meta = json.loads((folder / "meta.json").read_text())
-    arrays = [np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r") for name in ("train", "val")]
-    return TokenData(arrays[0], arrays[1], chash, len(docs))
+    progress = show_progress(sum(len(d.text) for d in docs))
+    counts, digests = {}, {}
+    for name, what, split in zip(("train", "val"), ("training", "validation"), splits):
+        digest = hashlib.sha256()
+        with open(tmp / f"{name}.bin", "wb") as f:
+            counts[name] = 0
+            encoded = encode_documents(tokenizer, (d.text for d in split))
+            for ids in tqdm(encoded, desc=f"tokenizing the {what} split", total=len(split), unit="doc",
+                            disable=not progress):
+                raw = np.asarray(ids, dtype=dtype).tobytes()
+                f.write(raw)
+                digest.update(raw)
+                counts[name] += len(ids)
+        digests[name] = digest.hexdigest()
+    meta = {"dtype": dtype.name, "tokens": counts, "documents": {"train": len(splits[0]), "val": len(splits[1])},
+            "sha256": digests}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if folder.exists():  # damaged: set aside (a process still reading it keeps its open files) and replaced
+        damaged = folder.parent / f".damaged-{folder.name}-{os.getpid()}"
+        os.rename(folder, damaged)
+        shutil.rmtree(damaged, ignore_errors=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished the same cache entry first
+        shutil.rmtree(tmp)
+
+
+def _open_token_cache(folder: Path, vocab_size: int) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+    """The train and validation arrays of a token cache entry and their sha256s, checked against its meta.json
+    (lengths, and sha256 where recorded) and the vocabulary (one pass over each array); None, with a warning
+    that names the damaged file, when they do not match."""
+    meta_json = folder / "meta.json"
+    try:
+        meta = read_json_object(meta_json, DataError)
+        require(meta, meta_json, {"dtype": str, "tokens": dict}, DataError)
+        arrays, digests = {}, {}
+        for name in ("train", "val"):
+            path = folder / f"{name}.bin"
+            tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+            if len(tokens) != meta["tokens"].get(name):
+                raise DataError(f"{path} holds {len(tokens)} tokens, {meta_json} records {meta['tokens'].get(name)}")
+            digest, top = _digest_and_max(tokens)
+            if digest != meta.get("sha256", {}).get(name, digest):
+                raise DataError(f"{path} does not match the sha256 {meta_json} records")
+            if top >= vocab_size:
+                raise DataError(f"{path} holds token id {top}, past the tokenizer's {vocab_size} ids")
+            arrays[name], digests[name] = tokens, digest
+    except (DataError, OSError, ValueError, TypeError, AttributeError) as e:
+        warnings.warn(f"the token cache {folder} is damaged ({e}); rebuilding it", stacklevel=3)
+        return None
+    return arrays, digests
+
+
+def _digest_and_max(tokens: np.ndarray, chunk: int = 1 << 24) -> tuple[str, int]:
+    """sha256 of an array's bytes and its largest value, reading it once in chunks."""
+    digest, top = hashlib.sha256(), -1
+    for start in range(0, len(tokens), chunk):
+        part = np.ascontiguousarray(tokens[start:start + chunk])
+        digest.update(memoryview(part).cast("B"))
+        top = max(top, int(part.max()))
+    return digest.hexdigest(), top
 
 
 # ----------------------------------------------------------------------------- batches

@@ -16,7 +16,6 @@ that beam search reorders as beams are kept and dropped.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a fastlm run directory (no config.json)")
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = Config.from_file(run_dir / "config.json")
     if task is not None and cfg.train.task != task:
         raise CheckpointError(f"run {run_dir} trained task {cfg.train.task!r}, not {task!r}; use "
                               f"{_COMMAND_FOR[cfg.train.task]} with it")

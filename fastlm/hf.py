@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .files import atomic_write
+from .jsonfile import read_json_object, require
 from .model import GPT
 from .rundir import DirectoryLock, check_export_target, mark
 
@@ -43,12 +44,9 @@ def _read_hf_config(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; expected a Hugging Face checkpoint "
                               "(config.json + *.safetensors)")
-    try:
-        return json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a Hugging Face checkpoint: it has no config.json") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
+    return read_json_object(path / "config.json", CheckpointError)
 
 
 def _require(hf: dict, name: str, ok: bool, detail: str) -> None:
@@ -125,10 +123,12 @@ def hf_config_from_model(config: ModelConfig, eos_token_id: int | None = None) -
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"cannot read {index}: {e}") from None
+        weight_map = read_json_object(index, CheckpointError)
+        require(weight_map, index, {"weight_map": dict}, CheckpointError)
+        shards = list(weight_map["weight_map"].values())
+        if not all(isinstance(name, str) for name in shards):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names, got {shards[:3]!r}")
+        files = sorted(set(shards))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -130,7 +130,8 @@ class LanguageModeling:
         data_lib.check_lengths(self.tokens, t.seq_len)
         info = {"task": self.name, "source": t.data or "python-stdlib", "corpus_hash": chash,
                 "documents": self.tokens.num_documents, "train_tokens": len(self.tokens.train),
-                "val_tokens": len(self.tokens.val), "tokenizer_vocab": tokenizer.get_vocab_size()}
+                "val_tokens": len(self.tokens.val), "tokens_sha256": self.tokens.sha256,
+                "tokenizer_vocab": tokenizer.get_vocab_size()}
         summary = (f"{len(docs)} documents from {t.data or 'the Python standard library'}, "
                    f"{len(self.tokens.train):,} train / {len(self.tokens.val):,} val tokens")
         return Prepared(tokenizer, info, summary)

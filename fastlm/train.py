@@ -8,7 +8,9 @@ batches and evaluation. A run directory holds ``config.json``, ``tokenizer.json`
 overwritten as :mod:`fastlm.rundir` says. Nothing in it is pickled. A step's batches depend only on
 (seed, step), the learning rate only on the step, and a checkpoint restores
 weights, optimizer and RNG states, so resuming on CPU reproduces an
-uninterrupted run bit for bit.
+uninterrupted run bit for bit. A resume first checks, with what the checkpoint
+recorded, that nothing else that decides the computation changed
+(:func:`verify_resume`), and refuses naming the file that did.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +29,12 @@ from tqdm import tqdm
 import kernels
 
 from . import distributed, rundir
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
 from .config import Config, ConfigError
+from .data import cache_dir
 from .files import atomic_write
 from .hf import load_hf_weights
+from .jsonfile import content_sha256, read_json_object, require
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
 from .rundir import TrainingError, check_new_run_dir, find_checkpoint  # noqa: F401 (the trainer's API)
@@ -61,6 +66,13 @@ def resolve_device(cfg: Config) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but CUDA is not available")
     return distributed.local_device(torch.device(name))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory ``device`` has in all: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
@@ -105,6 +117,63 @@ def check_resumable(saved: Config, requested: Config) -> None:
                           + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
 
 
+# ----------------------------------------------------------------------------- resume integrity
+#
+# A checkpoint records in its state.json what decided the computation that led to it: the config
+# (all but RESUMABLE_CHANGES) and the content hashes of tokenizer.json and data.json (see run_record).
+# Resuming compares them with the files as they are now, and the token cache with data.json.
+
+
+def computed_config(cfg: Config) -> dict:
+    """The part of a config that decides what is computed: everything but RESUMABLE_CHANGES."""
+    return {section: {name: value for name, value in fields.items() if name not in RESUMABLE_CHANGES}
+            for section, fields in cfg.to_dict().items()}
+
+
+def run_record(run_dir: Path, cfg: Config) -> dict:
+    """What a checkpoint of the run in ``run_dir`` (trained with ``cfg``) records about its run."""
+    return {"config": computed_config(cfg),
+            "files": {name: content_sha256(read_json_object(run_dir / name, TrainingError))
+                      for name in ("tokenizer.json", "data.json")}}
+
+
+def verify_resume(run_dir: Path, checkpoint: Path, cfg: Config) -> dict:
+    """Check that ``cfg`` may continue the run in ``run_dir`` from ``checkpoint``, before anything is written:
+    config.json, tokenizer.json and data.json are as they were when the checkpoint was saved (when it recorded
+    them: older checkpoints did not), and ``cfg`` changes only RESUMABLE_CHANGES. Returns data.json's content."""
+    saved = Config.from_file(run_dir / "config.json")
+    saved_data = read_json_object(run_dir / "data.json", TrainingError)
+    require(saved_data, run_dir / "data.json", {"corpus_hash": str}, TrainingError)
+    record = read_state(checkpoint).get("run")
+    if record is not None:
+        state_json = checkpoint / "state.json"
+        require(record, state_json, {"config": dict, "files": dict}, CheckpointError)
+        since = f"of run {run_dir} was changed since checkpoint {checkpoint.name} was written"
+        changed = []
+        for section, now in computed_config(saved).items():
+            then = record["config"].get(section, {})
+            changed += [f"{name} {then.get(name)!r} -> {now.get(name)!r}" for name in sorted(set(now) | set(then))
+                        if then.get(name) != now.get(name)]
+        if changed:
+            raise ConfigError(f"config.json {since}: {', '.join(changed)}; restore it to resume from this checkpoint")
+        for name, digest in record["files"].items():
+            if content_sha256(read_json_object(run_dir / name, TrainingError)) != digest:
+                raise TrainingError(f"{name} {since} (its content no longer has the sha256 recorded then); "
+                                    "restore it to resume from this checkpoint")
+    check_resumable(saved, cfg)
+    return saved_data
+
+
+def check_same_data(run_dir: Path, saved: dict, now: dict) -> None:
+    """The data as prepared now (the token cache included) describes itself as data.json recorded it."""
+    differ = [f"{key} {saved[key]!r} recorded, {now[key]!r} now" for key in sorted(saved.keys() & now.keys())
+              if saved[key] != now[key]]
+    if differ:
+        raise TrainingError(f"the prepared data does not match {run_dir / 'data.json'}: {'; '.join(differ)}. "
+                            f"The data or the token cache under {cache_dir()} changed since the run started, "
+                            "so it cannot continue exactly")
+
+
 def _write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
@@ -135,18 +204,14 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
 
     # 1. Where the run goes (or what it resumes), checked before anything is written.
     saved_data = None
+    cfg.check_memory(device_memory(device), str(device), distributed.world_size())
     rundir.check_placement(run_dir, t.data)
     if resume_from is None:
         check_new_run_dir(run_dir, overwrite)
     else:
         if distributed.is_main():
             lock.acquire(create=False)  # before reading what another process might be rewriting
-        try:
-            saved = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-            saved_data = json.loads((run_dir / "data.json").read_text())
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"{run_dir} is not a resumable fastlm run: {e}") from None
-        check_resumable(saved, cfg)
+        saved_data = verify_resume(run_dir, Path(resume_from), cfg)
 
     # 2. Data and tokenizer, as the task defines them (the run's own tokenizer when resuming).
     task = make_task(cfg)
@@ -155,6 +220,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
         raise TrainingError(f"the data at {t.data or 'the built-in data set'} changed since {run_dir} started "
                             "(its hash differs), so the run cannot continue exactly")
     prepared = task.prepare(run_dir, saved_data, init_from)
+    if saved_data is not None:
+        check_same_data(run_dir, saved_data, prepared.info)
     tokenizer = prepared.tokenizer
     say(f"data: {prepared.summary}, vocabulary {tokenizer.get_vocab_size()} "
         f"({time.perf_counter() - started:.1f} s)")
@@ -185,6 +252,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
             for was, now in rundir.continue_run(run_dir, step):  # said even when quiet: files moved
                 print(f"set aside {was.name} (newer than the checkpoint resumed from) as {now}")
             _write_json(run_dir / "config.json", cfg.to_dict())  # only RESUMABLE_CHANGES can differ
+    recorded_run = run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
     forward = torch.compile(model) if t.compile else model
@@ -265,7 +333,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                     bar.write(f"step {step}: train loss {loss_value:.4f}, {task.describe(evals)}")
             if step % t.save_interval == 0 or step == t.max_steps:
                 last_good = save_checkpoint(run_dir, step, model, optimizer,
-                                            {"data_position": {"seed": t.seed, "step": step, "micro_step": 0}},
+                                            {"data_position": {"seed": t.seed, "step": step, "micro_step": 0},
+                                             "run": recorded_run},
                                             t.keep_last)
             window_start += time.perf_counter() - paused
 

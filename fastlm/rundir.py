@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from .checkpoint import CheckpointError, list_checkpoints, set_aside_newer
+from .config import Config
 from .files import atomic_write, remove_dir
 
 MARKER = ".fastlm-run.json"
@@ -269,6 +270,8 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         raise TrainingError(f"{path} is not a fastlm run directory (no config.json)")
     config = _config(path)
     if not {"model", "train"} <= set(config):
+        if "model_type" not in config and is_run(path):
+            Config.from_file(path / "config.json")  # a run's, damaged: the error names the file and the field
         hf = ("; it is a Hugging Face checkpoint: start a new run from its weights with "
               f"fastlm train --init-from {path} --out NEW_RUN_DIR") if "model_type" in config else ""
         raise TrainingError(f"{path} is not a fastlm run directory (its config.json is not a run's){hf}")

@@ -497,10 +497,14 @@ def test_reference_linear_and_rows_equal_torch(reduction):
     x, w, b, t = linear_inputs(23, 30, 200)
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
     g = upstream(reduction, t.shape)
-    ours = run_linear(ce_reference.linear_cross_entropy, x, w, b, t, torch.float32, g, chunk_size=6, **kw)
     theirs = run_linear(naive_linear, x, w, b, t, torch.float64, g, **kw)
-    for a, r in zip(ours, theirs):
-        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
+    # The spec, and what the reference backend runs: the chunk loop with the PyTorch per-chunk loss.
+    spec = run_linear(ce_reference.linear_cross_entropy, x, w, b, t, torch.float32, g, chunk_size=6, **kw)
+    with kernels.use_backend("reference"):
+        chunked = run_linear(kernels.linear_cross_entropy, x, w, b, t, torch.float32, g, chunk_size=6, **kw)
+    for ours in (spec, chunked):
+        for a, r in zip(ours, theirs):
+            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
     # The per-chunk function, with class weights, against autograd.
     logits = torch.randn(9, 40, dtype=torch.float32)
     cw = torch.rand(40)

@@ -125,17 +125,6 @@ def _providers(causal: bool, dtype: torch.dtype):
     return providers
 
 
-def matmul_ceiling(dtype: torch.dtype) -> float:
-    """TFLOP/s of a large matmul in ``dtype``: the device's attainable ceiling in this run."""
-    from triton.testing import do_bench
-
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    ms = do_bench(lambda: a @ b, warmup=50, rep=300)
-    return 2 * n**3 / ms / 1e9
-
-
 def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
@@ -250,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dtype = DTYPES[args.dtype]
     causals = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
-    ceiling = matmul_ceiling(dtype if dtype != torch.float32 else torch.bfloat16)
+    ceiling = common.matmul_tflops(dtype if dtype != torch.float32 else torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: {args.dtype} matmul ceiling {ceiling:.0f} TFLOP/s; "
           f"{args.heads} heads x dim {args.head_dim}, {args.tokens} tokens per batch")
     rows = []

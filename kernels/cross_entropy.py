@@ -20,8 +20,9 @@ so forward+backward moves the logits about three times (two reads, one write).
 
 ``linear_cross_entropy`` computes ``input @ weight.T + bias`` a chunk of tokens at
 a time with cuBLAS and runs the kernel above on each chunk's logits in place: the
-chunk loop is :class:`kernels.reference.cross_entropy.ChunkedLinearCrossEntropy`
-(pure PyTorch apart from the per-chunk loss), shared with the reference.
+chunk loop is :mod:`kernels._chunked_linear_cross_entropy` (pure PyTorch apart
+from the per-chunk loss), which the reference backend runs too, with the
+pure-PyTorch per-chunk loss.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, next_power_of_2, unique_specs
 from ._validate import as_int64, check_float, check_same_device, check_same_dtype
 from . import reference
-from .reference.cross_entropy import REDUCTIONS, chunked_linear_cross_entropy, mean_scale, reduce_loss
+from ._chunked_linear_cross_entropy import chunked_linear_cross_entropy
+from .reference.cross_entropy import REDUCTIONS, cross_entropy_rows, mean_scale, reduce_loss
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -496,11 +498,10 @@ def linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_target_range(target, C, ignore_index)
-    if not use_triton(input.device):
-        return reference.linear_cross_entropy(
-            input, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size,
-        )
+    # Both backends run the chunk loop, so neither holds the (N, C) logits; the reference
+    # backend with the pure-PyTorch per-chunk loss (kernels.reference.linear_cross_entropy,
+    # the spec, materialises them and is not what training on the references should cost).
+    rows_fn = _cross_entropy_rows if use_triton(input.device) else cross_entropy_rows
     return chunked_linear_cross_entropy(
-        _cross_entropy_rows, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+        rows_fn, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
     )

@@ -16,28 +16,22 @@ denominator: the count of non-ignored tokens when unweighted), z-loss included;
 denominator is 0 (every target ignored), ``'mean'`` is 0 with zero gradients
 instead of NaN. The loss is fp32 whatever the logits dtype.
 
-The gradient, used by the chunked linear version (and computed the same way by
-the Triton kernel), with ``p = softmax(x)``::
+The gradient, which :func:`cross_entropy_rows` computes explicitly (as the
+Triton kernel does), with ``p = softmax(x)``::
 
     dloss/dx[c] = p[c] * ((1 - eps) * w[y] + eps / C * sum(w) + 2 * z * lse)
                   - eps / C * w[c]  -  (1 - eps) * w[y] * [c == y]
 
-:func:`linear_cross_entropy` never holds the ``(N, C)`` logits: it walks the
-tokens in chunks, and for each chunk computes the logits, overwrites them with
-their gradient, and folds that into the gradients of input, weight and bias.
-The chunk loop (:class:`ChunkedLinearCrossEntropy`) takes the per-chunk loss
-and gradient as a function, so the Triton path reuses it with its kernel.
+:func:`linear_cross_entropy` is ``cross_entropy(F.linear(...))`` as written, and
+holds the ``(N, C)`` logits. The chunk loop that avoids them is implementation,
+in :mod:`kernels._chunked_linear_cross_entropy`; the reference backend runs it
+with :func:`cross_entropy_rows` as the per-chunk loss.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-
-from .._autograd import first_order_only
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -163,173 +157,6 @@ def cross_entropy_rows(
     return loss
 
 
-RowsFn = Callable[..., torch.Tensor]
-
-# Default chunk: the logits of one chunk take at most about this many bytes (as
-# fp32). On CPU, 512 rows of a 50k vocabulary keep the GEMMs as fast as one big
-# one (bench/cross_entropy.py) at under a fifth of the naive peak memory; a GPU
-# wants longer GEMMs, since every chunk also reads and writes the whole fp32
-# weight gradient.
-_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 512 << 20}
-
-
-def default_chunk_size(n_rows: int, n_classes: int, device: torch.device) -> int:
-    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
-    rows = max(1, budget // (4 * max(n_classes, 1)))
-    rows = 1 << (rows.bit_length() - 1)  # a power of two, for tidy GEMM shapes
-    return max(1, min(n_rows, rows))
-
-
-@functools.lru_cache(maxsize=None)
-def _has_addmm_out_dtype(device: torch.device) -> bool:
-    """Whether this torch has ``addmm(..., out_dtype=float32)`` (cuBLAS low-precision GEMM, fp32 output) here."""
-    acc = torch.zeros(1, 1, device=device)
-    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
-    try:
-        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return acc.item() == 1.0
-
-
-def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block_bytes: int = 64 << 20) -> None:
-    """``acc += a @ b`` into the fp32 ``acc`` for low-precision ``a``, ``b``: no low-precision partial sums.
-
-    On CUDA, one GEMM accumulating into ``acc`` in fp32 when torch has it. Otherwise
-    in row blocks of ``acc`` (no full-size temporary): on CPU in fp32 (upcast
-    operands), on a GPU from low-precision products, each rounded once and summed in fp32.
-    """
-    if acc.is_cuda and _has_addmm_out_dtype(acc.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return
-    rows = max(1, block_bytes // (6 * acc.shape[1]))
-    b32 = b.float() if not acc.is_cuda else None
-    for r in range(0, acc.shape[0], rows):
-        if b32 is not None:
-            acc[r : r + rows].addmm_(a[r : r + rows].float(), b32)
-        else:
-            acc[r : r + rows] += torch.mm(a[r : r + rows], b).float()
-
-
-def linear_cross_entropy_chunks(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target: torch.Tensor,
-    rows_fn: RowsFn,
-    chunk_size: int,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    grad_scale: torch.Tensor | None,
-    need_input: bool,
-    need_weight: bool,
-    need_bias: bool,
-):
-    """The chunk loop: ``(loss_rows, grad_input, grad_weight, grad_bias)`` of ``(N, H)`` input.
-
-    ``grad_scale`` (fp32, 1 element or ``N``) multiplies every gradient; ``None``
-    computes the losses only. Gradients are ``None`` where not asked for.
-    ``grad_weight``/``grad_bias`` are accumulated over chunks in fp32 and returned
-    in the dtype of ``weight``.
-    """
-    N, H = x.shape
-    C = weight.shape[0]
-    with_grad = grad_scale is not None
-    need_input, need_weight, need_bias = (with_grad and f for f in (need_input, need_weight, need_bias))
-    loss_rows = torch.empty((N,), dtype=torch.float32, device=x.device)
-    chunk_buffer = torch.empty((min(chunk_size, N), C), dtype=x.dtype, device=x.device)  # reused by every chunk
-    grad_input = torch.empty((N, H), dtype=x.dtype, device=x.device) if need_input else None
-    grad_weight = torch.zeros((C, H), dtype=torch.float32, device=x.device) if need_weight else None
-    grad_bias = torch.zeros((C,), dtype=torch.float32, device=x.device) if need_bias else None
-    per_row = with_grad and grad_scale.numel() > 1
-    for start in range(0, N, chunk_size):
-        end = min(start + chunk_size, N)
-        xc = x[start:end]
-        logits = chunk_buffer[: end - start]  # (n, C)
-        if bias is not None:
-            torch.addmm(bias, xc, weight.t(), out=logits)
-        else:
-            torch.mm(xc, weight.t(), out=logits)
-        scale = (grad_scale[start:end] if per_row else grad_scale) if with_grad else None
-        loss_rows[start:end] = rows_fn(
-            logits, target[start:end], None, ignore_index, label_smoothing, z_loss, scale, logits if with_grad else None
-        )
-        if not with_grad:
-            continue
-        dlogits = logits  # now holds the gradient of this chunk's logits
-        if need_input:
-            torch.mm(dlogits, weight, out=grad_input[start:end])
-        if need_weight:
-            if dlogits.dtype == torch.float32:
-                grad_weight.addmm_(dlogits.t(), xc)
-            else:
-                _add_mm_fp32(grad_weight, dlogits.t(), xc)
-        if need_bias:
-            grad_bias += dlogits.sum(dim=0, dtype=torch.float32)
-    if grad_weight is not None and grad_weight.dtype != weight.dtype:
-        grad_weight = grad_weight.to(weight.dtype)
-    if grad_bias is not None and grad_bias.dtype != bias.dtype:
-        grad_bias = grad_bias.to(bias.dtype)
-    return loss_rows, grad_input, grad_weight, grad_bias
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(input @ weight.T + bias, target)`` without the ``(N, C)`` logits.
-
-    'mean'/'sum': the forward computes the loss and all gradients in one sweep
-    over the chunks (gradients of the total, 'mean' normalised over the whole
-    batch); the backward scales them by the scalar upstream gradient, in place,
-    so they can be consumed once (a second backward through the same graph is an
-    error). 'none': the upstream gradient differs per token and is needed inside
-    the sweep, so the forward computes the losses only and the backward sweeps
-    again with it (one extra matmul).
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, target, needs, rows_fn, chunk_size, ignore_index, reduction,
-                label_smoothing, z_loss):
-        x = input.reshape(-1, input.shape[-1])
-        t = target.reshape(-1)
-        scale = mean_scale(t, None, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
-        # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
-        grad_scale = scale if any(needs) and reduction != "none" else None
-        options = (rows_fn, chunk_size, ignore_index, label_smoothing, z_loss)
-        loss_rows, *grads = linear_cross_entropy_chunks(x, weight, bias, t, *options, grad_scale, *needs)
-        ctx.shape, ctx.reduction, ctx.options, ctx.needs = input.shape, reduction, options, needs
-        if reduction == "none":
-            ctx.save_for_backward(x, weight, bias, t)
-            return loss_rows.view(target.shape)
-        ctx.grads = grads
-        return reduce_loss(loss_rows, reduction, scale)
-
-    @staticmethod
-    @first_order_only(
-        "linear_cross_entropy does not support double backward (create_graph=True): its gradients are computed "
-        "chunk by chunk outside autograd, on every backend; for higher-order gradients use "
-        "cross_entropy(F.linear(input, weight, bias), target) with the reference backend"
-    )
-    def backward(ctx, grad_loss):
-        if ctx.reduction == "none":
-            x, weight, bias, t = ctx.saved_tensors
-            grad_rows = grad_loss.reshape(-1).float()
-            _, *grads = linear_cross_entropy_chunks(x, weight, bias, t, *ctx.options, grad_rows, *ctx.needs)
-        else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_cross_entropy computes its gradients in the forward and hands them over in the "
-                    "first backward; backpropagating through it a second time is not supported (run it again)"
-                )
-            grads, ctx.grads = ctx.grads, None
-            for g in grads:
-                if g is not None:
-                    g.mul_(grad_loss)
-        grad_input, grad_weight, grad_bias = grads
-        if grad_input is not None:
-            grad_input = grad_input.view(ctx.shape)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
-
-
 def linear_cross_entropy(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -342,21 +169,19 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """``cross_entropy(F.linear(input, weight, bias), target, ...)`` in chunks of ``chunk_size`` tokens."""
-    return chunked_linear_cross_entropy(
-        cross_entropy_rows, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
-    )
+    """``cross_entropy(F.linear(input, weight, bias), target, ...)``, literally: the spec of the fused version.
 
-
-def chunked_linear_cross_entropy(
-    rows_fn: RowsFn, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
-) -> torch.Tensor:
-    """:class:`ChunkedLinearCrossEntropy` with ``rows_fn`` as the per-chunk loss; the default chunk size filled in."""
-    chunk = chunk_size or default_chunk_size(target.numel(), weight.shape[0], input.device)
-    target = target.long()  # gather/scatter take int64; ignore_index compares exactly in it
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, weight, bias))
-    return ChunkedLinearCrossEntropy.apply(
-        input, weight, bias, target, needs, rows_fn, chunk, ignore_index, reduction, float(label_smoothing),
-        float(z_loss),
+    The logits are computed by ``F.linear`` in the inputs' dtype (as the fused
+    version's GEMM rounds them), the loss by :func:`cross_entropy` in fp32 (fp64
+    for fp64 inputs), gradients by autograd (double backward included).
+    Memory: this holds the whole ``(N, C)`` logits, their fp32 copy and, in the
+    backward, their gradient: O(N * C), where the fused version needs
+    O(chunk_size * C). ``chunk_size`` is accepted, for the same signature, and
+    has no effect. (The reference *backend* does not run this: it runs the
+    fused version's chunk loop with :func:`cross_entropy_rows` as the per-chunk
+    loss, see :mod:`kernels._chunked_linear_cross_entropy`.)
+    """
+    return cross_entropy(
+        F.linear(input, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss,
     )

@@ -26,8 +26,7 @@ from typing import Callable
 # an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import MAX_SEED, PRESETS, Config, ConfigError, describe_fields, preset
-from .jsonfile import read_json_object, require
+from .config import MAX_SEED, PRESETS, Config, ConfigError, TrainConfig, describe_fields, preset
 
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
@@ -66,6 +65,7 @@ def _parse_overrides(cfg: Config, pairs: list[str], rest: list[str]) -> dict[str
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from . import distributed
+    from .tasks import TASKS, make_task
     from .train import find_checkpoint, train
 
     if args.resume:
@@ -75,8 +75,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         run_dir, checkpoint = find_checkpoint(args.resume)
         cfg = Config.from_file(run_dir / "config.json")  # checked against what the checkpoint recorded by train()
     else:
-        default = {"lm": "tiny", "classify": "tiny-classify", "seq2seq": "tiny-seq2seq"}[args.task or "lm"]
-        args.preset = args.preset or default
+        args.preset = args.preset or TASKS[args.task or TrainConfig.task].default_preset
         cfg = preset(args.preset)
         if args.task:
             cfg.train.task = args.task
@@ -114,24 +113,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     print(f"trained to step {result.step} in {result.seconds:.0f} s ({result.tokens_per_sec:,.0f} tokens/s); "
           f"final train loss {result.loss:.3f}, val loss {result.val_loss:.3f}", end="")
-    task = cfg.train.task
-    if task == "lm":
-        print(f" (ln(vocab_size) = {math.log(cfg.model.vocab_size):.3f})")
-        print(f"run directory: {run_dir}\nsample from it: fastlm sample --run {run_dir} --prompt 'class'")
-    elif task == "classify":
-        e = result.evals
-        from .tasks import format_confusion
-
-        print(f", accuracy {e['val_accuracy']:.3f}, macro-F1 {e['val_macro_f1']:.3f} "
-              f"(chance {1 / cfg.model.num_classes:.3f})")
-        labels = _labels(run_dir)
-        print(f"confusion matrix on the validation split (rows: true label):\n"
-              f"{format_confusion(e['val_confusion'], labels)}")
-        print(f"run directory: {run_dir}\npredict with it: fastlm classify --run {run_dir} 'TEXT' ...")
-    else:
-        e = result.evals
-        print(f", BLEU {e['val_bleu']:.2f}, exact match {e['val_exact_match']:.3f}")
-        print(f"run directory: {run_dir}\ntranslate with it: fastlm translate --run {run_dir} 'TEXT' ...")
+    task = make_task(cfg)
+    print(task.report(result.evals, run_dir))
+    print(f"run directory: {run_dir}\n" + task.usage.format(run=run_dir))
     return 0
 
 
@@ -151,16 +135,6 @@ def _sample(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1} ---")
         print(text)
     return 0
-
-
-def _labels(run_dir: Path) -> list:
-    """The label names a classifier run recorded in its data.json."""
-    from .checkpoint import CheckpointError
-
-    data_json = run_dir / "data.json"
-    info = read_json_object(data_json, CheckpointError)
-    require(info, data_json, {"labels": list}, CheckpointError)
-    return info["labels"]
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -200,12 +174,13 @@ def _classify(args: argparse.Namespace) -> int:
     import kernels
 
     from .generate import classify
+    from .tasks import run_labels
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
     model, tokenizer, cfg = _load(args, "classify")
-    labels = _labels(args.run)
+    labels = run_labels(args.run)
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
     for text, probs in zip(texts, results):

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tokenizers import Tokenizer
 
+from .batching import encode_texts, pad
 from .checkpoint import CheckpointError, list_checkpoints, load_weights, verify_checkpoint
 from .config import Config
 from .model import GPT, Classifier, KVCache, Seq2Seq, build_model
-from .tasks import encode_texts, pad
 from .tokenizer import eot_id, load_tokenizer
 
 

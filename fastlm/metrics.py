@@ -1,4 +1,6 @@
-"""What a run reports: ``metrics.jsonl``, ``loss.png``, model FLOPs utilisation.
+"""What a run reports: ``metrics.jsonl``, ``loss.png``, model FLOPs utilisation, and the tasks'
+validation metrics (accuracy, macro-F1 and the confusion matrix of a classifier, BLEU and exact
+match of an encoder-decoder) with their model FLOPs.
 
 ``metrics.jsonl`` is appended one line per record, so a kill or a full disk can
 tear its last line: on resume a torn last line is dropped with a warning. Any
@@ -8,7 +10,8 @@ outside fastlm, and stops the resume with an error naming the file and line.
 MFU = achieved model FLOPs/s (``ModelConfig.flops_per_token`` x tokens/s) over
 the device's peak dense bf16 tensor FLOPs, looked up by device name in
 :data:`PEAK_BF16_FLOPS`. Unknown devices and CPUs report no MFU rather than a
-guess.
+guess. A classifier's and an encoder-decoder's FLOPs depend on each batch's lengths
+(:func:`classifier_flops`, :func:`seq2seq_flops`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError, ModelConfig
 from .files import atomic_write, fault_point, writing
+from .rundir import CONFUSION_FILE
+
+# Past this many labels a confusion matrix is too big for each metrics.jsonl line (1,000 labels: 3 MB) and for
+# the terminal: it is written to confusion.json and printed as its largest confusions and worst labels.
+FULL_CONFUSION_LABELS = 50
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendors' data sheets.
 # Matched against torch.cuda.get_device_name() in order: longer names before their prefixes.
@@ -156,3 +165,107 @@ class MetricsLog:
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
+
+
+# ----------------------------------------------------------------------------- model FLOPs of the example tasks
+# (the language model's: ModelConfig.flops_per_token)
+
+
+def classifier_flops(m: ModelConfig, lens: torch.Tensor) -> float:
+    """Training FLOPs (forward + backward) of the encoder classifier on a batch of texts of ``lens`` tokens."""
+    return (6.0 * m.n_layer * m.layer_weights() * lens.sum().item()
+            + 12.0 * m.n_layer * m.n_embd * (lens ** 2).sum().item())
+
+
+def seq2seq_flops(m: ModelConfig, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> float:
+    """Training FLOPs (forward + backward) of the encoder-decoder on a batch of sources and targets of
+    ``src_lens`` and ``tgt_lens`` tokens."""
+    n_src, n_tgt = src_lens.sum().item(), tgt_lens.sum().item()
+    kv = 2 * m.kv_heads * m.head_dim * m.n_embd  # cross-attention keys and values: once per source token
+    encoder = 6.0 * m.encoder_layers * m.layer_weights() * n_src
+    encoder += 12.0 * m.encoder_layers * m.n_embd * (src_lens ** 2).sum().item()
+    decoder = 6.0 * (m.n_layer * m.layer_weights(cross_attention=True) + m.vocab_size * m.n_embd) * n_tgt
+    decoder += 6.0 * m.n_layer * kv * n_src
+    decoder += 6.0 * m.n_layer * m.n_embd * (tgt_lens ** 2).sum().item()  # causal: half the scores
+    decoder += 12.0 * m.n_layer * m.n_embd * (src_lens * tgt_lens).sum().item()
+    return encoder + decoder
+
+
+# ----------------------------------------------------------------------------- validation metrics
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over the labels that occur as truth or prediction) and the matrix as lists."""
+    tp = confusion.diag()
+    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    return {"val_accuracy": (tp.sum() / confusion.sum()).item(),
+            "val_macro_f1": f1[present].mean().item() if present.any() else 0.0,
+            "val_confusion": confusion.round().long().tolist()}
+
+
+def seq2seq_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, its default 13a tokenisation) and the share of exact matches (whitespace-stripped)."""
+    sacrebleu = load_sacrebleu()
+    if not hypotheses:
+        return {"val_bleu": 0.0, "val_exact_match": 0.0}
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(hypotheses)
+    return {"val_bleu": bleu, "val_exact_match": exact}
+
+
+def load_sacrebleu():
+    """The sacrebleu module, or a ConfigError that says how to install it."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ConfigError("task seq2seq reports BLEU with sacrebleu, which is not installed: "
+                          "pip install 'fastlm[train]' (or pip install sacrebleu)") from None
+    return sacrebleu
+
+
+def eval_record(step: int, evals: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of an evaluation at ``step``: the metrics themselves, except a confusion
+    matrix of more than ``FULL_CONFUSION_LABELS`` labels, which replaces ``run_dir/confusion.json``
+    (atomically: the latest evaluation's) and is named by ``val_confusion_file`` instead."""
+    confusion = evals.get("val_confusion")
+    if confusion is None or len(confusion) <= FULL_CONFUSION_LABELS:
+        return {"step": step, **evals}
+    atomic_write(run_dir / CONFUSION_FILE, json.dumps({"step": step, "val_confusion": confusion}))
+    return {"step": step, **{k: v for k, v in evals.items() if k != "val_confusion"},
+            "val_confusion_file": CONFUSION_FILE}
+
+
+def format_confusion(confusion: list[list[int]], labels: list[str], top: int = 20) -> str:
+    """The confusion matrix as a table: a row per true label, a column per predicted label. Past
+    ``FULL_CONFUSION_LABELS`` labels, its ``top`` largest confusions and the ``top`` labels of lowest
+    recall instead."""
+    if len(labels) > FULL_CONFUSION_LABELS:
+        return _confusion_summary(torch.tensor(confusion, dtype=torch.float64), labels, top)
+    corner = "true \\ predicted"
+    width = max(5, min(10, max(len(label) for label in labels)), *(len(str(v)) for row in confusion for v in row))
+    name_w = max(len(corner), *(len(label) for label in labels))
+    short = [label[:width] for label in labels]
+    lines = [f"{corner:<{name_w}}  " + " ".join(f"{s:>{width}}" for s in short)]
+    for label, row in zip(labels, confusion):
+        lines.append(f"{label:<{name_w}}  " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def _confusion_summary(confusion: torch.Tensor, labels: list[str], top: int) -> str:
+    k = len(labels)
+    name = [label if len(label) <= 60 else label[:57] + "..." for label in labels]  # a label can be any text
+    off_diagonal = (confusion - torch.diag(confusion.diag())).flatten()
+    largest = (-off_diagonal).argsort(stable=True)[:top].tolist()  # ties in label order
+    lines = [f"{k:,} labels, too many for a table (the run directory's {CONFUSION_FILE} holds the whole matrix, "
+             "with the labels in data.json); the most frequent confusions, true -> predicted: count"]
+    lines += [f"  {name[i // k]} -> {name[i % k]}: {round(off_diagonal[i].item())}"
+              for i in largest if off_diagonal[i] > 0] or ["  none"]
+    support = confusion.sum(dim=1)
+    recall = confusion.diag() / support.clamp(min=1)
+    present = (support > 0).nonzero().flatten()
+    worst = present[recall[present].argsort(stable=True)[:top]].tolist()
+    lines.append("the labels of lowest recall: correct of their examples")
+    lines += [f"  {name[i]}: {round(confusion[i, i].item())} of {round(support[i].item())}" for i in worst]
+    return "\n".join(lines)

@@ -35,10 +35,10 @@ from .data import cache_dir
 from .files import atomic_write
 from .hf import load_hf_weights
 from .jsonfile import content_sha256, read_json_object, require
-from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from .metrics import MetricsLog, eval_record, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
 from .rundir import TrainingError, check_new_run_dir, find_checkpoint  # noqa: F401 (the trainer's API)
-from .tasks import eval_record, make_task
+from .tasks import make_task
 
 # Fields a resumed run may change: none of them alters what is computed at a step.
 RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",

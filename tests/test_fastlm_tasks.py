@@ -6,19 +6,21 @@ import itertools
 import json
 import math
 import random
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
+from fastlm.batching import TruncationWarning
 from fastlm.cli import main
-from fastlm.config import Config, ModelConfig, TrainConfig
+from fastlm.config import Config, ModelConfig, TrainConfig, preset
 from fastlm.data import DataError
 from safetensors.torch import load_file
 from fastlm.generate import beam_search, decode_batch, greedy_decode
+from fastlm.metrics import classification_metrics, format_confusion
 from fastlm.model import Classifier, Seq2Seq
-from fastlm.tasks import TruncationWarning, classification_metrics, format_confusion
 from fastlm.train import train
 from test_fastlm_model import assert_fused_trains_like_reference
 from test_fastlm_train import losses, stop_after_checkpoint
@@ -109,6 +111,48 @@ def test_seq2seq_learns_to_copy_and_reports_bleu(tmp_path):
     assert result.evals["val_bleu"] > 50 and result.evals["val_exact_match"] > 0.5
     bleu = losses(tmp_path / "run", "val_bleu")
     assert bleu[800] > bleu[400]
+
+
+def test_every_task_implements_the_whole_task_interface():
+    """The loop and the command line rely on every member of the Task protocol: none may fall through to
+    the protocol's empty stub (which would return None), and the registry covers TrainConfig.task's values."""
+    from fastlm.tasks import TASKS, Task
+
+    members = [m for m in vars(Task) if not m.startswith("_")] + list(Task.__annotations__)
+    assert {"load", "prepare", "train_batch", "evaluate", "report", "default_preset"} <= set(members)
+    assert set(TASKS) == set(typing.get_args(typing.get_type_hints(TrainConfig)["task"]))
+    for name, cls in TASKS.items():
+        assert cls.name == name and Task in cls.__mro__  # declared, so readers see it
+        for member in members:
+            owner = next((k for k in cls.__mro__ if member in vars(k)), None)
+            assert owner not in (None, Task), f"{cls.__name__}.{member} is missing or the Task protocol's stub"
+        assert preset(cls.default_preset).train.task == name
+
+
+def test_what_fastlm_train_prints_after_each_task(tmp_path):
+    """The rest of the final line and the usage hint, as the command line has always printed them."""
+    from fastlm.tasks import make_task
+
+    (tmp_path / "data.json").write_text(json.dumps({"labels": ["no", "yes"]}))
+    cfg = preset("tiny")
+    lm = make_task(cfg)
+    assert lm.report({"val_loss": 1.0}, tmp_path) == f" (ln(vocab_size) = {math.log(cfg.model.vocab_size):.3f})"
+    assert lm.usage.format(run=tmp_path) == f"sample from it: fastlm sample --run {tmp_path} --prompt 'class'"
+    cfg = preset("tiny-classify")
+    cfg.model.num_classes = 2
+    classify = make_task(cfg)
+    evals = {"val_loss": 0.5, "val_accuracy": 0.75, "val_macro_f1": 0.5, "val_confusion": [[3, 1], [0, 0]]}
+    assert classify.report(evals, tmp_path) == (
+        ", accuracy 0.750, macro-F1 0.500 (chance 0.500)\n"
+        "confusion matrix on the validation split (rows: true label):\n"
+        "true \\ predicted     no   yes\n"
+        "no                    3     1\n"
+        "yes                   0     0")
+    assert classify.usage.format(run=tmp_path) == f"predict with it: fastlm classify --run {tmp_path} 'TEXT' ..."
+    seq2seq = make_task(preset("tiny-seq2seq"))
+    assert seq2seq.report({"val_bleu": 12.345, "val_exact_match": 0.25}, tmp_path) == (
+        ", BLEU 12.35, exact match 0.250")
+    assert seq2seq.usage.format(run=tmp_path) == f"translate with it: fastlm translate --run {tmp_path} 'TEXT' ..."
 
 
 def test_classification_metrics():
@@ -423,8 +467,7 @@ def test_gpu_bf16_training_matches_reference(cls):
 def test_many_labels_log_and_print_a_bounded_summary(tmp_path):
     """1,000 labels: a full matrix per metrics.jsonl line would be megabytes (and 9 MB printed); the line
     leaves it out, confusion.json holds the latest in full, and the printed form names the worst."""
-    from fastlm.metrics import MetricsLog
-    from fastlm.tasks import eval_record
+    from fastlm.metrics import MetricsLog, eval_record
 
     k = 1000
     confusion = torch.zeros(k, k, dtype=torch.float64)

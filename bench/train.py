@@ -23,7 +23,6 @@ peak from :data:`fastlm.metrics.PEAK_BF16_FLOPS` (none on CPU).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -67,6 +66,7 @@ def run_variant(variant: str, preset_name: str, batch_size: int, seq_len: int, s
     import kernels
     from fastlm.config import preset
     from fastlm.metrics import mfu, peak_flops, peak_memory_bytes
+    from fastlm.precision import autocast_context
 
     device = torch.device(device_name)
     cfg = preset(preset_name)
@@ -77,8 +77,7 @@ def run_variant(variant: str, preset_name: str, batch_size: int, seq_len: int, s
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batches = [torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len + 1), device=device)
                for _ in range(4)]
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = autocast_context(cfg, device)  # the preset's dtype, as fastlm train would run it
     backend = "reference" if variant == "fastlm-reference" else "auto"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

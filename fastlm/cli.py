@@ -124,12 +124,12 @@ def _sample(args: argparse.Namespace) -> int:
 
     from .generate import complete
 
-    model, tokenizer, _ = _load(args, "lm")
+    model, tokenizer, cfg = _load(args, "lm")
     prompt = _unescape(args.prompt) if args.escapes else args.prompt
     with kernels.use_backend(args.backend):
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, num_samples=args.num_samples,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                         seed=args.seed, use_cache=not args.no_cache)
+                         seed=args.seed, use_cache=not args.no_cache, dtype=cfg.train.dtype)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
@@ -182,7 +182,7 @@ def _classify(args: argparse.Namespace) -> int:
     model, tokenizer, cfg = _load(args, "classify")
     labels = run_labels(args.run)
     with kernels.use_backend(args.backend):
-        results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
+        results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len, dtype=cfg.train.dtype)
     for text, probs in zip(texts, results):
         top = list(probs.items())[:args.top]
         shown = text if len(text) <= 60 else text[:57] + "..."
@@ -205,7 +205,7 @@ def _translate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be in [1, {limit}] (the model's block_size), got {max_new}")
     with kernels.use_backend(args.backend):
         outputs = translate(model, tokenizer, texts, max_new_tokens=max_new, max_source_len=cfg.train.seq_len,
-                            beam_size=args.beam, length_penalty=args.length_penalty)
+                            beam_size=args.beam, length_penalty=args.length_penalty, dtype=cfg.train.dtype)
     for text in outputs:
         print(text.replace("\n", "\\n"))  # one line per input
     return 0

@@ -11,11 +11,14 @@ how the tests check the cache.
 The encoder-decoder encodes the source once; its cross-attention keys and values
 are computed once per layer, and the decoder's self-attention runs on a KV cache
 that beam search reorders as beams are kept and dropped.
+
+Each computes in the ``dtype`` it is given, a ``TrainConfig.dtype`` setting applied by
+:mod:`fastlm.precision`: the command line passes the run's own, so a run trained in fp32 samples
+in fp32 (the default, ``auto``, is bf16 autocast on a GPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from .batching import encode_texts, pad
 from .checkpoint import CheckpointError, list_checkpoints, load_weights, verify_checkpoint
 from .config import Config
 from .model import GPT, Classifier, KVCache, Seq2Seq, build_model
+from .precision import active_dtype, autocast_context
 from .tokenizer import eot_id, load_tokenizer
 
 
@@ -54,10 +58,6 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
 _COMMAND_FOR = {"lm": "fastlm sample", "classify": "fastlm classify", "seq2seq": "fastlm translate"}
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator) -> torch.Tensor:
     """One token per row of ``logits`` (B, V); temperature 0 is greedy."""
@@ -80,8 +80,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, use_cache: bool = True) -> list[list[int]]:
-    """``num_samples`` continuations of ``prompt`` (token ids), each ``max_new_tokens`` long."""
+             seed: int = 0, use_cache: bool = True, dtype: str = "auto") -> list[list[int]]:
+    """``num_samples`` continuations of ``prompt`` (token ids), each ``max_new_tokens`` long, computed in
+    ``dtype`` (the run's ``TrainConfig.dtype``: see :mod:`fastlm.precision`)."""
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
@@ -89,7 +90,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples:
     device = next(model.parameters()).device
     block = model.config.block_size
     generator = torch.Generator(device).manual_seed(seed)
-    autocast = _autocast(device)
+    autocast = autocast_context(dtype, device)
     tokens = torch.tensor([prompt] * num_samples, device=device)  # (B, T)
     window = max(0, tokens.size(1) - block + 1)  # first position the model sees
     cache, fed = None, 0  # the cache holds tokens[:, window:fed]
@@ -175,10 +176,7 @@ def greedy_decode(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, 
 
 def _cache_dtype(model: nn.Module) -> torch.dtype:
     """The dtype keys and values are computed in: autocast's where it is on, else the weights'."""
-    param = next(model.parameters())
-    if torch.is_autocast_enabled(param.device.type):
-        return torch.get_autocast_dtype(param.device.type)
-    return param.dtype
+    return active_dtype(next(model.parameters()))
 
 
 @torch.no_grad()
@@ -250,14 +248,15 @@ def beam_search(model: Seq2Seq, sources: list, max_new_tokens: int, eot: int, *,
 
 
 def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], *, max_new_tokens: int, max_source_len: int,
-              beam_size: int = 1, length_penalty: float = 1.0, batch_size: int = 16) -> list[str]:
-    """The model's target text for each source text; sources longer than ``max_source_len`` tokens are
-    truncated with a TruncationWarning."""
+              beam_size: int = 1, length_penalty: float = 1.0, batch_size: int = 16,
+              dtype: str = "auto") -> list[str]:
+    """The model's target text for each source text, computed in ``dtype`` (the run's ``TrainConfig.dtype``);
+    sources longer than ``max_source_len`` tokens are truncated with a TruncationWarning."""
     eot = eot_id(tokenizer)
     sources = encode_texts(tokenizer, list(texts), max_source_len, "sources")
     device = next(model.parameters()).device
     out = []
-    with _autocast(device):
+    with autocast_context(dtype, device):
         for i in range(0, len(sources), batch_size):
             out += decode_batch(model, sources[i:i + batch_size], max_new_tokens, eot, beam_size=beam_size,
                                 length_penalty=length_penalty)
@@ -266,13 +265,13 @@ def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], *, max_new
 
 @torch.no_grad()
 def classify(model: Classifier, tokenizer: Tokenizer, labels: list[str], texts: list[str], *,
-             max_len: int, batch_size: int = 32) -> list[dict[str, float]]:
-    """Label probabilities of each text, most likely first; texts longer than ``max_len`` tokens are
-    truncated with a TruncationWarning."""
+             max_len: int, batch_size: int = 32, dtype: str = "auto") -> list[dict[str, float]]:
+    """Label probabilities of each text, most likely first, computed in ``dtype`` (the run's
+    ``TrainConfig.dtype``); texts longer than ``max_len`` tokens are truncated with a TruncationWarning."""
     seqs = encode_texts(tokenizer, list(texts), max_len, "texts")
     device = next(model.parameters()).device
     out = []
-    with _autocast(device):
+    with autocast_context(dtype, device):
         for i in range(0, len(seqs), batch_size):
             x, lens = _padded(seqs[i:i + batch_size], device)
             probs = torch.softmax(model(x, lens).float(), dim=-1).cpu()

@@ -52,13 +52,7 @@ from torch import nn
 import kernels
 
 from .config import ModelConfig
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: autocast's if it is on for ``t``'s device, else ``t``'s own."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
+from .precision import active_dtype
 
 
 def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +371,7 @@ class GPT(_Transformer):
         (no logits tensor). Without: logits (B, vocab) of the last position, for sampling."""
         x = self.hidden_states(idx, cache)
         weight = self.head_weight
-        dtype = _compute_dtype(x)
+        dtype = active_dtype(x)
         if targets is not None:
             return kernels.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
                                                 targets.reshape(-1))
@@ -471,7 +465,7 @@ class Seq2Seq(_Transformer):
         weight = self.head_weight
         if tgt_out is None:
             return F.linear(x, weight)
-        dtype = _compute_dtype(x)
+        dtype = active_dtype(x)
         return kernels.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
                                             tgt_out.reshape(-1))
 

@@ -15,7 +15,6 @@ recorded, that nothing else that decides the computation changed
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from .hf import load_hf_weights
 from .jsonfile import content_sha256, read_json_object, require
 from .metrics import MetricsLog, eval_record, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
+from .precision import autocast_context, compute_dtype
 from .rundir import TrainingError, check_new_run_dir, find_checkpoint  # noqa: F401 (the trainer's API)
 from .tasks import make_task
 
@@ -73,17 +73,6 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    """bf16 compute on GPU (or when asked for), fp32 otherwise."""
-    return cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    if uses_bf16(cfg, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -242,7 +231,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
         torch.manual_seed(t.seed * 1_000_003 + distributed.rank())
     if init_from is not None and resume_from is None:
         load_hf_weights(init_from, model)
-    model = distributed.parallelize(model.to(device), t.parallel, device, bf16=uses_bf16(cfg, device))
+    model = distributed.parallelize(model.to(device), t.parallel, device,
+                                    bf16=compute_dtype(cfg, device) == torch.bfloat16)
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if resume_from is not None:

@@ -235,6 +235,8 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # token t predicts t + 1
     device = hidden.device.type
+    # The caller's precision decides, as for fastlm's own models (fastlm.precision.active_dtype; kernels does
+    # not import fastlm): autocast's dtype where it is on, else the hidden states'.
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
     reduction = "mean" if num_items_in_batch is None else "sum"

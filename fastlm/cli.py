@@ -27,7 +27,6 @@ from typing import Callable
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import MAX_SEED, PRESETS, Config, ConfigError, describe_fields, preset
-from .jsonfile import read_json_object, require
 
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
@@ -66,7 +65,8 @@ def _parse_overrides(cfg: Config, pairs: list[str], rest: list[str]) -> dict[str
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from . import distributed
-    from .train import find_checkpoint, train
+    from .rundir import find_checkpoint
+    from .train import train
 
     if args.resume:
         if args.preset or args.out or args.overwrite or (args.task and args.command == "train"):
@@ -120,11 +120,12 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"run directory: {run_dir}\nsample from it: fastlm sample --run {run_dir} --prompt 'class'")
     elif task == "classify":
         e = result.evals
+        from .rundir import read_labels
         from .tasks import format_confusion
 
         print(f", accuracy {e['val_accuracy']:.3f}, macro-F1 {e['val_macro_f1']:.3f} "
               f"(chance {1 / cfg.model.num_classes:.3f})")
-        labels = _labels(run_dir)
+        labels = read_labels(run_dir)
         print(f"confusion matrix on the validation split (rows: true label):\n"
               f"{format_confusion(e['val_confusion'], labels)}")
         print(f"run directory: {run_dir}\npredict with it: fastlm classify --run {run_dir} 'TEXT' ...")
@@ -153,16 +154,6 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels(run_dir: Path) -> list:
-    """The label names a classifier run recorded in its data.json."""
-    from .checkpoint import CheckpointError
-
-    data_json = run_dir / "data.json"
-    info = read_json_object(data_json, CheckpointError)
-    require(info, data_json, {"labels": list}, CheckpointError)
-    return info["labels"]
-
-
 def _inputs(args: argparse.Namespace) -> list[str]:
     """The texts to run on: the arguments, or with ``-`` (or none), one per line of standard input."""
     texts = args.text
@@ -183,29 +174,17 @@ def _unescape(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
-def _checkpoint_arg(run: Path, checkpoint: str | None) -> Path | None:
-    """``--checkpoint``: a checkpoint directory, or a step number of the run's checkpoints."""
-    from .checkpoint import CheckpointError, list_checkpoints
-
-    if checkpoint is None or not checkpoint.isdigit():
-        return None if checkpoint is None else Path(checkpoint)
-    matches = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) == int(checkpoint)]
-    if not matches:
-        raise CheckpointError(f"run {run} has no checkpoint for step {checkpoint}; it has: "
-                              f"{', '.join(p.name for p in list_checkpoints(run)) or 'none'}")
-    return matches[0]
-
-
 def _classify(args: argparse.Namespace) -> int:
     import kernels
 
     from .generate import classify
+    from .rundir import read_labels
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
     model, tokenizer, cfg = _load(args, "classify")
-    labels = _labels(args.run)
+    labels = read_labels(args.run)
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len)
     for text, probs in zip(texts, results):
@@ -241,15 +220,15 @@ def _load(args: argparse.Namespace, task: str):
     have trained ``task``."""
     import torch
 
-    from .generate import load_run
+    from .rundir import checkpoint_at, load_run
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), device, task=task)
+    return load_run(args.run, checkpoint_at(args.run, args.checkpoint), device, task=task)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .generate import load_run
     from .hf import export_model
+    from .rundir import load_run
     from .tokenizer import eot_id
 
     model, tokenizer, _ = load_run(args.run, args.checkpoint, task="lm")

@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from fastlm.checkpoint import CheckpointError
 from fastlm.cli import main
 from fastlm.config import ModelConfig
-from fastlm.generate import load_run
 from fastlm.hf import export_model, import_checkpoint
 from fastlm.model import GPT
+from fastlm.rundir import load_run
 from test_fastlm_cli import MICRO
 from test_fastlm_train import write_corpus
 

@@ -30,7 +30,7 @@ import kernels
 from . import distributed, rundir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
-from .hf import load_hf_weights
+from .hf import check_has_tokenizer, load_hf_weights
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from .model import GPT
 from .rundir import TrainingError, check_new_run_dir
@@ -105,7 +105,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
           overwrite: bool = False, progress: bool = True, init_from: str | Path | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume_from`` (a checkpoint directory of that run),
     continue from it; with ``init_from`` (a Hugging Face checkpoint directory, see :mod:`fastlm.hf`),
-    start a new run from its weights and, if it has one, its tokenizer. Rank 0 holds the run
+    start a new run from its weights and its tokenizer (it must have a ``tokenizer.json``). Rank 0 holds the run
     directory's lock from its first use of it to the end (see :mod:`fastlm.rundir`)."""
     with rundir.DirectoryLock(run_dir) as lock:
         return _train(cfg, Path(run_dir), lock, resume_from=resume_from, overwrite=overwrite, progress=progress,
@@ -176,6 +176,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     rundir.check_placement(run_dir, t.data)
     if resume_from is None:
         check_new_run_dir(run_dir, overwrite)
+        if init_from is not None:
+            check_has_tokenizer(init_from)
     else:
         if distributed.is_main():
             lock.acquire(create=False)  # before reading what another process might be rewriting

@@ -32,7 +32,6 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .hf import check_has_tokenizer, load_hf_weights
 from .metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
-from .model import GPT
 from .rundir import TrainingError, check_new_run_dir
 from .tasks import eval_record, make_task
 
@@ -87,7 +86,7 @@ def learning_rate(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -276,10 +275,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                     metrics.plot(run_dir / "loss.png")
                     bar.write(f"step {step}: train loss {loss_value:.4f}, {task.describe(evals)}")
             if step % t.save_interval == 0 or step == t.max_steps:
-                last_good = save_checkpoint(run_dir, step, model, optimizer,
-                                            {"data_position": {"seed": t.seed, "step": step, "micro_step": 0},
-                                             "run": recorded_run},
-                                            t.keep_last)
+                last_good = save_checkpoint(run_dir, step, model, optimizer, {"run": recorded_run}, t.keep_last)
             window_start += time.perf_counter() - paused
 
     return TrainResult(run_dir, step, loss_value, None if evals is None else evals["val_loss"], tokens_per_sec,

@@ -15,7 +15,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +64,7 @@ def _parse_overrides(cfg: Config, pairs: list[str], rest: list[str]) -> dict[str
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from . import distributed
-    from .rundir import find_checkpoint
+    from .rundir import default_run_dir, find_checkpoint
     from .train import train
 
     if args.resume:
@@ -94,7 +93,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError(f"train-classifier trains task classify; got task {cfg.train.task!r} "
                           "(use fastlm train for the others)")
     if not args.resume:
-        run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.out) if args.out else default_run_dir(args.preset)
 
     from .checkpoint import CheckpointError, list_checkpoints
 

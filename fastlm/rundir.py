@@ -34,6 +34,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -249,6 +250,11 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     raise TrainingError(f"run directory {run_dir} already exists; continue it with --resume {run_dir}"
                         + (" or start over with --overwrite" if problem is None
                            else f" (--overwrite would refuse: {problem})"))
+
+
+def default_run_dir(preset: str) -> Path:
+    """Where a run goes without ``--out``: ``runs/PRESET-YYYYMMDD-HHMMSS``, the time it was started."""
+    return Path(f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def start_run(run_dir: Path, overwrite: bool) -> None:

@@ -6,7 +6,7 @@ One directory per saved step, ``checkpoints/step_00000100/``:
     optimizer.safetensors  the optimizer's per-parameter tensors, keyed ``<param name>.<state key>``
     optimizer.json         its param groups (hyper-parameters, parameter names)
     rng.safetensors        torch's CPU and CUDA generator states of every rank (``rank_R.torch_cpu``, ...)
-    state.json             step, data position, what the run's files were (see fastlm.train.run_record),
+    state.json             step, what the run's files were (see fastlm.rundir.run_record),
                            the sha256 and size of each file above, and a sha256 of its own content
 
 A checkpoint is written under a temporary name and renamed into place, so a

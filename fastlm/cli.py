@@ -15,7 +15,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -65,8 +64,9 @@ def _parse_overrides(cfg: Config, pairs: list[str], rest: list[str]) -> dict[str
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from . import distributed
+    from .rundir import default_run_dir, find_checkpoint
     from .tasks import TASKS, make_task
-    from .train import find_checkpoint, train
+    from .train import train
 
     if args.resume:
         if args.preset or args.out or args.overwrite or (args.task and args.command == "train"):
@@ -93,7 +93,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError(f"train-classifier trains task classify; got task {cfg.train.task!r} "
                           "(use fastlm train for the others)")
     if not args.resume:
-        run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.out) if args.out else default_run_dir(args.preset)
 
     from .checkpoint import CheckpointError, list_checkpoints
 
@@ -157,30 +157,17 @@ def _unescape(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
-def _checkpoint_arg(run: Path, checkpoint: str | None) -> Path | None:
-    """``--checkpoint``: a checkpoint directory, or a step number of the run's checkpoints."""
-    from .checkpoint import CheckpointError, list_checkpoints
-
-    if checkpoint is None or not checkpoint.isdigit():
-        return None if checkpoint is None else Path(checkpoint)
-    matches = [p for p in list_checkpoints(run) if int(p.name.split("_")[1]) == int(checkpoint)]
-    if not matches:
-        raise CheckpointError(f"run {run} has no checkpoint for step {checkpoint}; it has: "
-                              f"{', '.join(p.name for p in list_checkpoints(run)) or 'none'}")
-    return matches[0]
-
-
 def _classify(args: argparse.Namespace) -> int:
     import kernels
 
     from .generate import classify
-    from .tasks import run_labels
+    from .rundir import read_labels
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     texts = _inputs(args)
     model, tokenizer, cfg = _load(args, "classify")
-    labels = run_labels(args.run)
+    labels = read_labels(args.run)
     with kernels.use_backend(args.backend):
         results = classify(model, tokenizer, labels, texts, max_len=cfg.train.seq_len, dtype=cfg.train.dtype)
     for text, probs in zip(texts, results):
@@ -216,15 +203,15 @@ def _load(args: argparse.Namespace, task: str):
     have trained ``task``."""
     import torch
 
-    from .generate import load_run
+    from .rundir import checkpoint_at, load_run
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_run(args.run, _checkpoint_arg(args.run, args.checkpoint), device, task=task)
+    return load_run(args.run, checkpoint_at(args.run, args.checkpoint), device, task=task)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .generate import load_run
     from .hf import export_model
+    from .rundir import load_run
     from .tokenizer import eot_id
 
     model, tokenizer, _ = load_run(args.run, args.checkpoint, task="lm")

@@ -10,7 +10,6 @@ error that lists what is valid.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -189,9 +188,6 @@ class Config:
             return cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     # -- overrides
 

@@ -201,14 +201,20 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     return [d for d in docs if d.name not in val_names], val
 
 
-def corpus_hash(docs: list[Document]) -> str:
+def strings_sha256(strings: Iterable[str]) -> str:
+    """A sha256 hex digest of ``strings`` in order, each length-prefixed, so that no two different sequences
+    share a byte stream (``("ab", "c")`` and ``("a", "bc")`` differ)."""
     h = hashlib.sha256()
-    for d in docs:
-        for part in (d.name, d.text):
-            data = part.encode("utf-8", errors="surrogatepass")
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
+    for string in strings:
+        data = string.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
     return h.hexdigest()
+
+
+def corpus_hash(docs: list[Document]) -> str:
+    """A hash of every document's name and text."""
+    return strings_sha256(part for d in docs for part in (d.name, d.text))
 
 
 # ----------------------------------------------------------------------------- cache

@@ -19,43 +19,15 @@ in fp32 (the default, ``auto``, is bf16 autocast on a GPU).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 from tokenizers import Tokenizer
 
 from .batching import encode_texts, pad
-from .checkpoint import CheckpointError, list_checkpoints, load_weights, verify_checkpoint
-from .config import Config
-from .model import GPT, Classifier, KVCache, Seq2Seq, build_model
+from .model import GPT, Classifier, KVCache, Seq2Seq
 from .precision import active_dtype, autocast_context
-from .tokenizer import eot_id, load_tokenizer
-
-
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
-             device: torch.device | str = "cpu", task: str | None = None) -> tuple[GPT, Tokenizer, Config]:
-    """The model of a run (its latest checkpoint unless one is named), its tokenizer and config;
-    with ``task``, an error unless the run trained that task."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CheckpointError(f"{run_dir} is not a fastlm run directory (no config.json)")
-    cfg = Config.from_file(run_dir / "config.json")
-    if task is not None and cfg.train.task != task:
-        raise CheckpointError(f"run {run_dir} trained task {cfg.train.task!r}, not {task!r}; use "
-                              f"{_COMMAND_FOR[cfg.train.task]} with it")
-    if checkpoint is None:
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise CheckpointError(f"run {run_dir} has no checkpoint yet")
-        checkpoint = found[-1]
-    verify_checkpoint(Path(checkpoint))
-    model = build_model(cfg.model, cfg.train.task)
-    load_weights(Path(checkpoint), model)
-    return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer.json"), cfg
-
-
-_COMMAND_FOR = {"lm": "fastlm sample", "classify": "fastlm classify", "seq2seq": "fastlm translate"}
+from .tokenizer import eot_id
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -223,6 +223,17 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return model_config_from_hf(_read_hf_config(Path(path)))
 
 
+def check_has_tokenizer(path: str | Path) -> None:
+    """A run started from the checkpoint at ``path`` needs its ``tokenizer.json``: the embeddings are indexed
+    by that tokenizer's ids, and one trained on new data would give every row another token."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json, so a run started from it cannot know which token "
+                              "each row of its embeddings stands for (a tokenizer trained here would give them "
+                              "other tokens). Save the checkpoint's own tokenizer there as tokenizer.json (with "
+                              "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) and start "
+                              "again")
+
+
 def load_hf_weights(path: str | Path, model: GPT) -> None:
     """Load the HF checkpoint at ``path`` into ``model``, whose config must match it exactly."""
     path = Path(path)

@@ -17,6 +17,15 @@ A process using a directory (training in it, resuming it, exporting into it)
 holds an exclusive ``flock`` on its ``.fastlm.lock``, which names the process;
 a second one fails at once. The lock is released when the process ends,
 however it ends (a killed process leaves the file, unlocked, behind).
+
+What a run holds (:data:`RUN_ENTRIES`): ``config.json``, ``tokenizer.json``,
+``data.json`` (the data's hash, split sizes and, for a classifier, its labels),
+``metrics.jsonl``, ``loss.png``, ``confusion.json`` (a classifier with many
+labels) and ``checkpoints/`` (see :mod:`fastlm.checkpoint`). Nothing in it is
+pickled. This module writes the set-up files (:func:`write_run_files`), finds a
+checkpoint to resume (:func:`find_checkpoint`) and checks that a resume may
+continue the run exactly (:func:`verify_resume`), and loads a trained run's
+model for inference (:func:`load_run`).
 """
 
 from __future__ import annotations
@@ -25,11 +34,21 @@ import fcntl
 import json
 import os
 import re
+import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, list_checkpoints, set_aside_newer
-from .config import Config
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from .checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, load_weights, read_state,
+                         set_aside_newer, verify_checkpoint)
+from .config import Config, ConfigError
+from .data import cache_dir
 from .files import atomic_write, remove_dir
+from .jsonfile import content_sha256, read_json_object, require
+from .model import build_model
+from .tokenizer import load_tokenizer
 
 MARKER = ".fastlm-run.json"
 EXPORT_MARKER = ".fastlm-export.json"
@@ -233,6 +252,11 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
                            else f" (--overwrite would refuse: {problem})"))
 
 
+def default_run_dir(preset: str) -> Path:
+    """Where a run goes without ``--out``: ``runs/PRESET-YYYYMMDD-HHMMSS``, the time it was started."""
+    return Path(f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def start_run(run_dir: Path, overwrite: bool) -> None:
     """Make ``run_dir`` a new run's directory: checked again (its lock is held now, so nothing changes it
     behind our back), emptied of fastlm's own files if ``overwrite``, and marked."""
@@ -244,6 +268,21 @@ def start_run(run_dir: Path, overwrite: bool) -> None:
             path = run_dir / name
             remove_dir(path) if path.is_dir() else path.unlink()
     mark(run_dir, "run")
+
+
+def write_run_files(run_dir: Path, tokenizer: Tokenizer, data_info: dict, cfg: Config) -> None:
+    """A new run's ``tokenizer.json``, ``data.json`` and, last, ``config.json`` (after :func:`start_run`)."""
+    atomic_write(run_dir / "tokenizer.json", tokenizer.to_str())
+    _write_json(run_dir / "data.json", data_info)
+    write_config(run_dir, cfg)
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    _write_json(run_dir / "config.json", cfg.to_dict())
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def continue_run(run_dir: Path, step: int) -> list[tuple[Path, Path]]:
@@ -282,6 +321,125 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
                             + (f"start it over with {again}" if problem is None
                                else f"it cannot be started over with --overwrite either: {problem}"))
     return path, found[-1]
+
+
+# ----------------------------------------------------------------------------- resume integrity
+#
+# A checkpoint records in its state.json what decided the computation that led to it: the config
+# (all but RESUMABLE_CHANGES) and the content hashes of tokenizer.json and data.json (see run_record).
+# Resuming compares them with the files as they are now, and the token cache with data.json.
+
+# Fields a resumed run may change: none of them alters what is computed at a step.
+RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
+                     "device", "backend", "compile", "parallel"}
+
+
+def check_resumable(saved: Config, requested: Config) -> None:
+    saved_d, req_d = saved.to_dict(), requested.to_dict()
+    changed = [f"{name}: {saved_d[s][name]!r} in the run, {req_d[s][name]!r} requested"
+               for s in ("model", "train") for name in saved_d[s]
+               if saved_d[s][name] != req_d[s][name] and name not in RESUMABLE_CHANGES
+               and not (name == "num_classes" and req_d[s][name] == 0)]  # 0: "from the data", as in the run
+    if changed:
+        raise ConfigError("cannot resume with a different configuration:\n  " + "\n  ".join(changed)
+                          + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
+
+
+def computed_config(cfg: Config) -> dict:
+    """The part of a config that decides what is computed: everything but RESUMABLE_CHANGES."""
+    return {section: {name: value for name, value in fields.items() if name not in RESUMABLE_CHANGES}
+            for section, fields in cfg.to_dict().items()}
+
+
+def run_record(run_dir: Path, cfg: Config) -> dict:
+    """What a checkpoint of the run in ``run_dir`` (trained with ``cfg``) records about its run."""
+    return {"config": computed_config(cfg),
+            "files": {name: content_sha256(read_json_object(run_dir / name, TrainingError))
+                      for name in ("tokenizer.json", "data.json")}}
+
+
+def verify_resume(run_dir: Path, checkpoint: Path, cfg: Config) -> dict:
+    """Check that ``cfg`` may continue the run in ``run_dir`` from ``checkpoint``, before anything is written:
+    config.json, tokenizer.json and data.json are as they were when the checkpoint was saved (when it recorded
+    them: older checkpoints did not), and ``cfg`` changes only RESUMABLE_CHANGES. Returns data.json's content."""
+    saved = Config.from_file(run_dir / "config.json")
+    saved_data = read_json_object(run_dir / "data.json", TrainingError)
+    require(saved_data, run_dir / "data.json", {"corpus_hash": str}, TrainingError)
+    record = read_state(checkpoint).get("run")
+    if record is not None:
+        state_json = checkpoint / "state.json"
+        require(record, state_json, {"config": dict, "files": dict}, CheckpointError)
+        since = f"of run {run_dir} was changed since checkpoint {checkpoint.name} was written"
+        changed = []
+        for section, now in computed_config(saved).items():
+            then = record["config"].get(section, {})
+            changed += [f"{name} {then.get(name)!r} -> {now.get(name)!r}" for name in sorted(set(now) | set(then))
+                        if then.get(name) != now.get(name)]
+        if changed:
+            raise ConfigError(f"config.json {since}: {', '.join(changed)}; restore it to resume from this checkpoint")
+        for name, digest in record["files"].items():
+            if content_sha256(read_json_object(run_dir / name, TrainingError)) != digest:
+                raise TrainingError(f"{name} {since} (its content no longer has the sha256 recorded then); "
+                                    "restore it to resume from this checkpoint")
+    check_resumable(saved, cfg)
+    return saved_data
+
+
+def check_same_data(run_dir: Path, saved: dict, now: dict) -> None:
+    """The data as prepared now (the token cache included) describes itself as data.json recorded it."""
+    differ = [f"{key} {saved[key]!r} recorded, {now[key]!r} now" for key in sorted(saved.keys() & now.keys())
+              if saved[key] != now[key]]
+    if differ:
+        raise TrainingError(f"the prepared data does not match {run_dir / 'data.json'}: {'; '.join(differ)}. "
+                            f"The data or the token cache under {cache_dir()} changed since the run started, "
+                            "so it cannot continue exactly")
+
+
+# ----------------------------------------------------------------------------- loading a trained run
+
+
+COMMAND_FOR = {"lm": "fastlm sample", "classify": "fastlm classify", "seq2seq": "fastlm translate"}
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: torch.device | str = "cpu",
+             task: str | None = None) -> tuple[nn.Module, Tokenizer, Config]:
+    """The model of a run (its latest checkpoint unless one is named), its tokenizer and config;
+    with ``task``, an error unless the run trained that task."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a fastlm run directory (no config.json)")
+    cfg = Config.from_file(run_dir / "config.json")
+    if task is not None and cfg.train.task != task:
+        raise CheckpointError(f"run {run_dir} trained task {cfg.train.task!r}, not {task!r}; use "
+                              f"{COMMAND_FOR[cfg.train.task]} with it")
+    if checkpoint is None:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"run {run_dir} has no checkpoint yet")
+        checkpoint = found[-1]
+    verify_checkpoint(Path(checkpoint))
+    model = build_model(cfg.model, cfg.train.task)
+    load_weights(Path(checkpoint), model)
+    return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer.json"), cfg
+
+
+def checkpoint_at(run_dir: Path, checkpoint: str | None) -> Path | None:
+    """``--checkpoint``: a checkpoint directory, or a step number of the run's checkpoints."""
+    if checkpoint is None or not checkpoint.isdigit():
+        return None if checkpoint is None else Path(checkpoint)
+    matches = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) == int(checkpoint)]
+    if not matches:
+        raise CheckpointError(f"run {run_dir} has no checkpoint for step {checkpoint}; it has: "
+                              f"{', '.join(p.name for p in list_checkpoints(run_dir)) or 'none'}")
+    return matches[0]
+
+
+def read_labels(run_dir: Path) -> list:
+    """The label names a classifier run recorded in its data.json."""
+    data_json = Path(run_dir) / "data.json"
+    info = read_json_object(data_json, CheckpointError)
+    require(info, data_json, {"labels": list}, CheckpointError)
+    return info["labels"]
 
 
 # ----------------------------------------------------------------------------- exports

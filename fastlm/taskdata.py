@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import json
 import sys
 import textwrap
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import (_ESCAPED_BYTE, DataError, Document, _is_text, _name_hash, corpus_files, split_documents,
-                   unreadable)
+                   strings_sha256, unreadable)
 
 # Stdlib packages big enough to give hundreds of windows each and distinct enough to tell apart.
 CLASSIFY_PACKAGES: tuple[str, ...] = ("asyncio", "email", "http", "importlib", "json", "logging",
@@ -332,15 +331,8 @@ def _held_out(groups: list[str], sizes: Counter, val_fraction: float) -> list[st
 
 
 def examples_hash(examples: list[Example]) -> str:
-    """A sha256 hex digest of every example's group, source and target (each length-prefixed, so
-    no two different lists of examples share a byte stream)."""
-    h = hashlib.sha256()
-    for e in examples:
-        for part in (e.group, e.source, e.target):
-            data = part.encode("utf-8", errors="surrogatepass")
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
-    return h.hexdigest()
+    """A sha256 hex digest of every example's group, source and target (see :func:`fastlm.data.strings_sha256`)."""
+    return strings_sha256(part for e in examples for part in (e.group, e.source, e.target))
 
 
 def label_names(examples: list[Example]) -> list[str]:

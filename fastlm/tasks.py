@@ -40,13 +40,12 @@ from . import data as data_lib
 from . import distributed
 from . import taskdata
 from .batching import IGNORE, Batch, encode_texts, pad
-from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 from .generate import decode_batch
-from .jsonfile import read_json_object, require
 from .metrics import (classification_metrics, classifier_flops, format_confusion, load_sacrebleu, perplexity,
                       seq2seq_flops, seq2seq_metrics)
 from .model import build_model
+from .rundir import read_labels
 from .tokenizer import eot_id, load_tokenizer
 
 SPLIT_VERSION = 2  # bump when taskdata.split_examples draws a different split (tokenizer cache key)
@@ -350,15 +349,7 @@ class Classification(_ExampleTask):
         return (f", accuracy {evals['val_accuracy']:.3f}, macro-F1 {evals['val_macro_f1']:.3f} "
                 f"(chance {1 / self.cfg.model.num_classes:.3f})\n"
                 f"confusion matrix on the validation split (rows: true label):\n"
-                f"{format_confusion(evals['val_confusion'], run_labels(run_dir))}")
-
-
-def run_labels(run_dir: Path) -> list:
-    """The label names a classifier run recorded in its data.json."""
-    data_json = Path(run_dir) / "data.json"
-    info = read_json_object(data_json, CheckpointError)
-    require(info, data_json, {"labels": list}, CheckpointError)
-    return info["labels"]
+                f"{format_confusion(evals['val_confusion'], read_labels(run_dir))}")
 
 
 # ----------------------------------------------------------------------------- sequence to sequence

@@ -2,20 +2,19 @@
 
 The same loop trains every task (:mod:`fastlm.tasks`: the language model, the
 encoder classifier, the encoder-decoder); the task supplies data, model,
-batches and evaluation. A run directory holds ``config.json``, ``tokenizer.json``,
-``data.json`` (the data's hash, split sizes and, for a classifier, its labels),
-``metrics.jsonl``, ``loss.png`` and ``checkpoints/``, and is marked, locked and
-overwritten as :mod:`fastlm.rundir` says. Nothing in it is pickled. A step's batches depend only on
-(seed, step), the learning rate only on the step, and a checkpoint restores
-weights, optimizer and RNG states, so resuming on CPU reproduces an
-uninterrupted run bit for bit. A resume first checks, with what the checkpoint
-recorded, that nothing else that decides the computation changed
-(:func:`verify_resume`), and refuses naming the file that did.
+batches and evaluation. :func:`train` sets the run up and then repeats
+:func:`train_step` (one optimizer step), with logging, evaluation and
+checkpoints around it. The run directory (what it holds, how it is marked,
+locked, overwritten and checked on resume) is :mod:`fastlm.rundir`'s. A step's
+batches depend only on (seed, step), the learning rate only on the step, and a
+checkpoint restores weights, optimizer and RNG states, so resuming on CPU
+reproduces an uninterrupted run bit for bit. A resume first checks, with what
+the checkpoint recorded, that nothing else that decides the computation changed
+(:func:`fastlm.rundir.verify_resume`), and refuses naming the file that did.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,21 +27,13 @@ from tqdm import tqdm
 import kernels
 
 from . import distributed, rundir
-from .checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
-from .data import cache_dir
-from .files import atomic_write
-from .hf import load_hf_weights
-from .jsonfile import content_sha256, read_json_object, require
+from .hf import check_has_tokenizer, load_hf_weights
 from .metrics import MetricsLog, eval_record, mfu, peak_flops, peak_memory_bytes
-from .model import GPT
 from .precision import autocast_context, compute_dtype
-from .rundir import TrainingError, check_new_run_dir, find_checkpoint  # noqa: F401 (the trainer's API)
+from .rundir import TrainingError, check_new_run_dir
 from .tasks import make_task
-
-# Fields a resumed run may change: none of them alters what is computed at a step.
-RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
-                     "device", "backend", "compile", "parallel"}
 
 
 @dataclass
@@ -84,7 +75,7 @@ def learning_rate(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear and embedding weights) only, not on biases or norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -95,78 +86,6 @@ def make_optimizer(model: GPT, cfg: Config, device: torch.device) -> torch.optim
                              fused=device.type == "cuda")
 
 
-def check_resumable(saved: Config, requested: Config) -> None:
-    saved_d, req_d = saved.to_dict(), requested.to_dict()
-    changed = [f"{name}: {saved_d[s][name]!r} in the run, {req_d[s][name]!r} requested"
-               for s in ("model", "train") for name in saved_d[s]
-               if saved_d[s][name] != req_d[s][name] and name not in RESUMABLE_CHANGES
-               and not (name == "num_classes" and req_d[s][name] == 0)]  # 0: "from the data", as in the run
-    if changed:
-        raise ConfigError("cannot resume with a different configuration:\n  " + "\n  ".join(changed)
-                          + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
-
-
-# ----------------------------------------------------------------------------- resume integrity
-#
-# A checkpoint records in its state.json what decided the computation that led to it: the config
-# (all but RESUMABLE_CHANGES) and the content hashes of tokenizer.json and data.json (see run_record).
-# Resuming compares them with the files as they are now, and the token cache with data.json.
-
-
-def computed_config(cfg: Config) -> dict:
-    """The part of a config that decides what is computed: everything but RESUMABLE_CHANGES."""
-    return {section: {name: value for name, value in fields.items() if name not in RESUMABLE_CHANGES}
-            for section, fields in cfg.to_dict().items()}
-
-
-def run_record(run_dir: Path, cfg: Config) -> dict:
-    """What a checkpoint of the run in ``run_dir`` (trained with ``cfg``) records about its run."""
-    return {"config": computed_config(cfg),
-            "files": {name: content_sha256(read_json_object(run_dir / name, TrainingError))
-                      for name in ("tokenizer.json", "data.json")}}
-
-
-def verify_resume(run_dir: Path, checkpoint: Path, cfg: Config) -> dict:
-    """Check that ``cfg`` may continue the run in ``run_dir`` from ``checkpoint``, before anything is written:
-    config.json, tokenizer.json and data.json are as they were when the checkpoint was saved (when it recorded
-    them: older checkpoints did not), and ``cfg`` changes only RESUMABLE_CHANGES. Returns data.json's content."""
-    saved = Config.from_file(run_dir / "config.json")
-    saved_data = read_json_object(run_dir / "data.json", TrainingError)
-    require(saved_data, run_dir / "data.json", {"corpus_hash": str}, TrainingError)
-    record = read_state(checkpoint).get("run")
-    if record is not None:
-        state_json = checkpoint / "state.json"
-        require(record, state_json, {"config": dict, "files": dict}, CheckpointError)
-        since = f"of run {run_dir} was changed since checkpoint {checkpoint.name} was written"
-        changed = []
-        for section, now in computed_config(saved).items():
-            then = record["config"].get(section, {})
-            changed += [f"{name} {then.get(name)!r} -> {now.get(name)!r}" for name in sorted(set(now) | set(then))
-                        if then.get(name) != now.get(name)]
-        if changed:
-            raise ConfigError(f"config.json {since}: {', '.join(changed)}; restore it to resume from this checkpoint")
-        for name, digest in record["files"].items():
-            if content_sha256(read_json_object(run_dir / name, TrainingError)) != digest:
-                raise TrainingError(f"{name} {since} (its content no longer has the sha256 recorded then); "
-                                    "restore it to resume from this checkpoint")
-    check_resumable(saved, cfg)
-    return saved_data
-
-
-def check_same_data(run_dir: Path, saved: dict, now: dict) -> None:
-    """The data as prepared now (the token cache included) describes itself as data.json recorded it."""
-    differ = [f"{key} {saved[key]!r} recorded, {now[key]!r} now" for key in sorted(saved.keys() & now.keys())
-              if saved[key] != now[key]]
-    if differ:
-        raise TrainingError(f"the prepared data does not match {run_dir / 'data.json'}: {'; '.join(differ)}. "
-                            f"The data or the token cache under {cache_dir()} changed since the run started, "
-                            "so it cannot continue exactly")
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -174,11 +93,59 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
           overwrite: bool = False, progress: bool = True, init_from: str | Path | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume_from`` (a checkpoint directory of that run),
     continue from it; with ``init_from`` (a Hugging Face checkpoint directory, see :mod:`fastlm.hf`),
-    start a new run from its weights and, if it has one, its tokenizer. Rank 0 holds the run
+    start a new run from its weights and its tokenizer (it must have a ``tokenizer.json``). Rank 0 holds the run
     directory's lock from its first use of it to the end (see :mod:`fastlm.rundir`)."""
     with rundir.DirectoryLock(run_dir) as lock:
         return _train(cfg, Path(run_dir), lock, resume_from=resume_from, overwrite=overwrite, progress=progress,
                       init_from=init_from)
+
+
+@dataclass
+class StepResult:
+    lr: float
+    loss: float  # the step's mean loss over every rank's terms
+    grad_norm: torch.Tensor | None  # before clipping, on the device (read on logging steps only); None unclipped
+    tokens: int  # this rank's tokens in the step's batches
+    flops: float  # this rank's training FLOPs for them
+
+
+def train_step(step: int, cfg: Config, task, model: torch.nn.Module, forward, optimizer: torch.optim.Optimizer,
+               device: torch.device, last_good: str | Path | None) -> StepResult:
+    """Step ``step`` (counted from 0) of training: set the learning rate, run the step's micro-batches
+    forward and backward (gradients synchronised across ranks on the last), clip, and take the
+    optimizer step. A non-finite loss or gradient stops training before the update, naming
+    ``last_good`` (the checkpoint to go back to)."""
+    t = cfg.train
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Every loss term (target token, example) of the step weighs the same, however the step's
+    # batch is split into micro-batches and ranks: each micro-batch's mean loss is scaled by its
+    # share of the step's terms (times the ranks, as gradients are averaged over them).
+    step_terms = task.step_loss_terms(step)
+    shard = (distributed.rank(), distributed.world_size())
+    loss_sum = torch.zeros((), device=device)
+    tokens, flops = 0, 0.0
+    for micro in range(t.grad_accum):
+        batch = task.train_batch(step, micro, shard)
+        share = batch.loss_terms / step_terms
+        with distributed.gradient_sync(model, micro == t.grad_accum - 1):
+            with autocast_context(cfg, device):
+                loss = forward(*(x.to(device, non_blocking=True) for x in batch.tensors))
+            (loss * (share * distributed.world_size())).backward()
+        loss_sum += loss.detach().float() * share
+        tokens += batch.tokens
+        flops += batch.flops
+    grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+                 if t.grad_clip > 0 else None)
+    loss_value = distributed.total(loss_sum).item()
+    if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+        raise TrainingError(f"non-finite loss ({loss_value}) or gradient at step {step + 1}; training "
+                            f"stopped, {kept}. Try a lower lr or a smaller grad_clip.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(lr, loss_value, grad_norm, tokens, flops)
 
 
 def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_from: str | Path | None,
@@ -197,10 +164,12 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     rundir.check_placement(run_dir, t.data)
     if resume_from is None:
         check_new_run_dir(run_dir, overwrite)
+        if init_from is not None:
+            check_has_tokenizer(init_from)
     else:
         if distributed.is_main():
             lock.acquire(create=False)  # before reading what another process might be rewriting
-        saved_data = verify_resume(run_dir, Path(resume_from), cfg)
+        saved_data = rundir.verify_resume(run_dir, Path(resume_from), cfg)
 
     # 2. Data and tokenizer, as the task defines them (the run's own tokenizer when resuming).
     task = make_task(cfg)
@@ -210,7 +179,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                             "(its hash differs), so the run cannot continue exactly")
     prepared = task.prepare(run_dir, saved_data, init_from)
     if saved_data is not None:
-        check_same_data(run_dir, saved_data, prepared.info)
+        rundir.check_same_data(run_dir, saved_data, prepared.info)
     tokenizer = prepared.tokenizer
     say(f"data: {prepared.summary}, vocabulary {tokenizer.get_vocab_size()} "
         f"({time.perf_counter() - started:.1f} s)")
@@ -219,9 +188,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     if resume_from is None and distributed.is_main():  # the others checked it in step 1, before this
         lock.acquire(create=True)  # before anything is deleted or written
         rundir.start_run(run_dir, overwrite)  # checked again under the lock, emptied if asked, marked
-        atomic_write(run_dir / "tokenizer.json", tokenizer.to_str())
-        _write_json(run_dir / "data.json", prepared.info)
-        _write_json(run_dir / "config.json", cfg.to_dict())
+        rundir.write_run_files(run_dir, tokenizer, prepared.info, cfg)
 
     # 4. Model and optimizer, restored from the checkpoint when resuming.
     torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -241,8 +208,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
         if distributed.is_main():
             for was, now in rundir.continue_run(run_dir, step):  # said even when quiet: files moved
                 print(f"set aside {was.name} (newer than the checkpoint resumed from) as {now}")
-            _write_json(run_dir / "config.json", cfg.to_dict())  # only RESUMABLE_CHANGES can differ
-    recorded_run = run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
+            rundir.write_config(run_dir, cfg)  # only RESUMABLE_CHANGES can differ
+    recorded_run = rundir.run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
     forward = torch.compile(model) if t.compile else model
@@ -251,7 +218,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
         + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")
         + (f"; {t.parallel} over {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
-    # 5. Steps.
+    # 5. Steps, with logging, evaluation and checkpoints around them.
     peak = peak_flops(device)
     peak = peak * distributed.world_size() if peak else None  # tokens/s and MFU are the whole job's
     if device.type == "cuda":
@@ -259,37 +226,13 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     last_good = resume_from
     loss_value, evals, tokens_per_sec = float("nan"), None, 0.0
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-    shard = (distributed.rank(), distributed.world_size())
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     with kernels.use_backend(t.backend), bar:
         while step < t.max_steps:
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Every loss term (target token, example) of the step weighs the same, however the step's
-            # batch is split into micro-batches and ranks: each micro-batch's mean loss is scaled by its
-            # share of the step's terms (times the ranks, as gradients are averaged over them).
-            step_terms = task.step_loss_terms(step)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(t.grad_accum):
-                batch = task.train_batch(step, micro, shard)
-                share = batch.loss_terms / step_terms
-                with distributed.gradient_sync(model, micro == t.grad_accum - 1):
-                    with autocast_context(cfg, device):
-                        loss = forward(*(x.to(device, non_blocking=True) for x in batch.tensors))
-                    (loss * (share * distributed.world_size())).backward()
-                loss_sum += loss.detach().float() * share
-                window_tokens += batch.tokens
-                window_flops += batch.flops
-            grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-                         if t.grad_clip > 0 else None)
-            loss_value = distributed.total(loss_sum).item()
-            if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                raise TrainingError(f"non-finite loss ({loss_value}) or gradient at step {step + 1}; training "
-                                    f"stopped, {kept}. Try a lower lr or a smaller grad_clip.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            done = train_step(step, cfg, task, model, forward, optimizer, device, last_good)
+            loss_value = done.loss
+            window_tokens += done.tokens
+            window_flops += done.flops
             step += 1
 
             if step % t.log_interval == 0 or step == t.max_steps:
@@ -301,8 +244,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                                                                        dtype=torch.float64)).tolist()
                 tokens_per_sec = job_tokens / elapsed
                 if distributed.is_main():
-                    record = {"step": step, "loss": loss_value, "lr": lr,
-                              "grad_norm": None if grad_norm is None else grad_norm.item(),
+                    record = {"step": step, "loss": loss_value, "lr": done.lr,
+                              "grad_norm": None if done.grad_norm is None else done.grad_norm.item(),
                               "tokens_per_sec": tokens_per_sec, "mfu": mfu(job_flops / elapsed, peak),
                               "peak_mem_bytes": peak_memory_bytes(device)}
                     if t.task == "lm":
@@ -322,10 +265,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                     metrics.plot(run_dir / "loss.png")
                     bar.write(f"step {step}: train loss {loss_value:.4f}, {task.describe(evals)}")
             if step % t.save_interval == 0 or step == t.max_steps:
-                last_good = save_checkpoint(run_dir, step, model, optimizer,
-                                            {"data_position": {"seed": t.seed, "step": step, "micro_step": 0},
-                                             "run": recorded_run},
-                                            t.keep_last)
+                last_good = save_checkpoint(run_dir, step, model, optimizer, {"run": recorded_run}, t.keep_last)
             window_start += time.perf_counter() - paused
 
     return TrainResult(run_dir, step, loss_value, None if evals is None else evals["val_loss"], tokens_per_sec,

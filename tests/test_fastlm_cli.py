@@ -1,6 +1,8 @@
 """The command line: overrides, the error paths, train -> resume -> sample through main(argv)."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,25 @@ def test_importing_fastlm_leaves_the_process_alone():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "GPT", result.stderr
+
+
+def test_readme_names_the_run_directory_as_it_is(trained_run):
+    """The README's run-directory bullet: every entry fastlm writes there, the checkpoints' folder name, every
+    field of metrics.jsonl, and the default run name and the --resume example in its form."""
+    from fastlm.checkpoint import checkpoint_dir
+    from fastlm.rundir import RUN_ENTRIES, default_run_dir
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    listing = re.search(r"\*\*Run directory\*\*:? (.*?) Checkpoints are written", readme).group(1)
+    run = trained_run[0]
+    for entry in RUN_ENTRIES:
+        assert f"`{entry}" in listing, entry
+    assert f"`checkpoints/{checkpoint_dir(run, 500).name}/`" in listing
+    fields = {name for line in (run / "metrics.jsonl").read_text().splitlines() for name in json.loads(line)}
+    for name in fields:
+        assert re.search(rf"\b{name}\b", listing), name
+    def shape(text):  # a timestamp's digits, or its YYYYMMDD-HHMMSS placeholder, as #
+        return re.sub(r"\d|YYYY|MM|DD|HH|SS", lambda m: "#" * len(m.group()), text)
+    assert f"by default `{shape(str(default_run_dir('PRESET')))}`" in shape(listing)
+    resumed = re.search(r"fastlm train --resume (runs/tiny-\S+)", readme).group(1)
+    assert shape(resumed) == shape(str(default_run_dir("tiny")))

@@ -101,6 +101,18 @@ def test_checkpoint_resumes_in_two_processes_and_loads_in_one(tmp_path, corpus, 
         == model.state_dict().keys()
 
 
+def test_checkpoint_of_one_process_resumes_in_two(tmp_path, corpus):
+    """Checkpoints are consolidated, so any number of processes resumes any other's (the test above goes from
+    2 to 1): the same losses up to the order of the gradient reduction."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "--data", str(corpus), "--out", str(straight), *MICRO]) == 0
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    train_2("--resume", str(resumed / "checkpoints" / "step_00000003"))
+    assert_close(losses(resumed), losses(straight))
+    assert_close(losses(resumed, "val_loss"), losses(straight, "val_loss"))
+
+
 def test_failure_on_one_rank_ends_the_job(tmp_path, corpus):
     """Rank 1 raises at step 2 while rank 0 waits for its gradients: the job exits non-zero with
     rank 1's error instead of hanging."""

@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from fastlm.checkpoint import CheckpointError
 from fastlm.cli import main
 from fastlm.config import ModelConfig
-from fastlm.generate import load_run
 from fastlm.hf import export_model, import_checkpoint
 from fastlm.model import GPT
+from fastlm.rundir import load_run
 from test_fastlm_cli import MICRO
 from test_fastlm_train import write_corpus
 
@@ -153,3 +153,16 @@ def test_cli_export_then_train_from_it(tmp_path, monkeypatch, capsys):
 
     assert main(["train", "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "run")]) == 1
     assert "unsupported architecture None" in capsys.readouterr().err  # a run directory is not a checkpoint
+
+
+def test_init_from_a_checkpoint_without_its_tokenizer_is_refused(tmp_path, monkeypatch, capsys):
+    """The imported embeddings belong to the checkpoint's own token ids: a tokenizer trained here would give
+    each row another token, so without tokenizer.json the run does not start (and writes nothing)."""
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
+    export_model(GPT(FASTLM_CONFIGS["gpt2"]), tmp_path / "hf")  # weights only, no tokenizer
+    micro = ["--seq_len", "16", "--batch_size", "2", "--max_steps", "1", "--set", "warmup_steps=1",
+             "--eval_batches", "1", "--backend", "reference", "--quiet"]
+    assert main(["train", "--data", str(write_corpus(tmp_path / "corpus")), "--out", str(tmp_path / "run"),
+                 "--init-from", str(tmp_path / "hf"), *micro]) == 1
+    assert f"{tmp_path / 'hf'} has no tokenizer.json" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

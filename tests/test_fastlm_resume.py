@@ -11,6 +11,7 @@ import pytest
 
 from fastlm import data as data_lib
 from fastlm.cli import main
+from fastlm.jsonfile import content_sha256
 from test_fastlm_cli import trained_run  # noqa: F401 (a fixture)
 from test_fastlm_train import losses
 
@@ -43,6 +44,20 @@ def token_cache(run: Path) -> Path:
 
 
 def test_untampered_copy_resumes_exactly(run, trained_run, capsys):
+    assert resume(run, capsys)[0] == 0
+    assert losses(run) == losses(trained_run[0])
+
+
+def test_state_json_holds_no_data_position_and_old_ones_still_resume(run, trained_run, capsys):
+    """A step's batches depend on (seed, step) alone, so the data_position older checkpoints recorded was never
+    read: it is no longer written, and a checkpoint that has it still resumes exactly."""
+    assert "data_position" not in json.loads((run / STEP_2 / "state.json").read_text())
+
+    def add_data_position(state):  # as an older fastlm wrote it, under state.json's own hash
+        state.pop("state_sha256")
+        state["data_position"] = {"seed": 0, "step": 2, "micro_step": 0}
+        state["state_sha256"] = content_sha256(state)
+    edit_json(run / STEP_2 / "state.json", add_data_position)
     assert resume(run, capsys)[0] == 0
     assert losses(run) == losses(trained_run[0])
 

@@ -94,13 +94,13 @@ def test_checkpoint_round_trip(tmp_path):
     model(torch.randint(0, 320, (2, 16)), torch.randint(0, 320, (2, 16))).backward()
     optimizer.step()
     rng_before = torch.get_rng_state()
-    path = save_checkpoint(tmp_path, 1, model, optimizer, {"data_position": {"step": 1}}, keep_last=1)
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {"caller": {"step": 1}}, keep_last=1)
 
     torch.manual_seed(123)
     fresh = GPT(cfg.model)
     fresh_opt = make_optimizer(fresh, cfg, torch.device("cpu"))
     state = load_checkpoint(path, fresh, fresh_opt)
-    assert state["step"] == 1 and state["data_position"] == {"step": 1}
+    assert state["step"] == 1 and state["caller"] == {"step": 1}
     for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(p, q), name
     for group_a, group_b in zip(optimizer.param_groups, fresh_opt.param_groups):

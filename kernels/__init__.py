@@ -4,12 +4,15 @@ Which implementation runs is decided in one place, :mod:`kernels._backend`:
 CUDA tensors run the compiled Triton kernels, CPU tensors the reference (or the
 kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
 ``FASTLM_BACKEND=triton|reference`` or :func:`use_backend` forces one.
-:func:`patch` puts the kernels into an existing model (torch norms, transformers
+Every op is registered with ``torch.library`` as ``torch.ops.fastlm.*`` (design:
+:mod:`kernels._library`); :func:`unchecked` skips the checks that read tensor
+values (a host sync each). :func:`patch` puts the kernels into an existing model (torch norms, transformers
 GPT-2/Llama/Mistral/Qwen2 attention and loss).
 """
 
 from . import nn, reference
 from ._backend import use_backend
+from ._library import unchecked
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .attention import attention, scaled_dot_product_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
@@ -25,6 +28,7 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "use_backend",
+    "unchecked",
     "patch",
     "nn",
     "reference",

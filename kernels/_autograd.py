@@ -1,4 +1,4 @@
-"""What the ops' autograd Functions share: their backwards are first-order only.
+"""What the ops' backward functions (registered with torch.library) share: first-order only.
 
 A backward written as kernels (or as a chunk loop outside autograd) hands back
 gradients that autograd sees as constants. Asked to record a graph of the
@@ -16,7 +16,7 @@ import torch
 
 
 def first_order_only(message: str | Callable[[object], str]):
-    """Decorate an autograd Function's ``backward`` (under ``@staticmethod``) whose gradients are first-order only.
+    """Decorate a backward (an autograd Function's, or an op's ``register_autograd`` one) that is first-order only.
 
     Autograd runs a backward with grad mode on only when asked to record a graph
     of it (``create_graph=True``): then the decorated backward raises

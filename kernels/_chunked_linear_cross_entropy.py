@@ -8,7 +8,8 @@ The per-chunk loss and gradient is a parameter (``rows_fn``): the Triton
 kernel :func:`kernels.cross_entropy._cross_entropy_rows`, or its pure-PyTorch
 twin :func:`kernels.reference.cross_entropy.cross_entropy_rows`, which is what
 the reference backend runs (so it never holds the ``(N, C)`` logits either).
-:func:`kernels.cross_entropy.linear_cross_entropy` picks one through the backend switch.
+The ``fastlm::linear_cross_entropy`` op (:mod:`kernels.cross_entropy`) runs this
+loop and picks one through the backend switch.
 
 This is implementation, not spec: the spec is
 :func:`kernels.reference.linear_cross_entropy`, which holds the whole logits.
@@ -22,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from ._autograd import first_order_only
-from .reference.cross_entropy import mean_scale, reduce_loss
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._python_dispatch import _disable_current_modes
 
 RowsFn = Callable[..., torch.Tensor]
 
@@ -45,13 +46,16 @@ def default_chunk_size(n_rows: int, n_classes: int, device: torch.device) -> int
 @functools.lru_cache(maxsize=None)
 def _has_addmm_out_dtype(device: torch.device) -> bool:
     """Whether this torch has ``addmm(..., out_dtype=float32)`` (cuBLAS low-precision GEMM, fp32 output) here."""
-    acc = torch.zeros(1, 1, device=device)
-    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
-    try:
-        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return acc.item() == 1.0
+    # Probed on real tensors even while an op's implementation is traced (fake tensors
+    # cannot be read back); cached, so a run pays this one host sync once per device.
+    with unset_fake_temporarily(), _disable_current_modes():
+        acc = torch.zeros(1, 1, device=device)
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+        return acc.item() == 1.0
 
 
 def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block_bytes: int = 64 << 20) -> None:
@@ -134,73 +138,3 @@ def linear_cross_entropy_chunks(
     if grad_bias is not None and grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     return loss_rows, grad_input, grad_weight, grad_bias
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(input @ weight.T + bias, target)`` without the ``(N, C)`` logits.
-
-    'mean'/'sum': the forward computes the loss and all gradients in one sweep
-    over the chunks (gradients of the total, 'mean' normalised over the whole
-    batch); the backward scales them by the scalar upstream gradient, in place,
-    so they can be consumed once (a second backward through the same graph is an
-    error). 'none': the upstream gradient differs per token and is needed inside
-    the sweep, so the forward computes the losses only and the backward sweeps
-    again with it (one extra matmul).
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, target, needs, rows_fn, chunk_size, ignore_index, reduction,
-                label_smoothing, z_loss):
-        x = input.reshape(-1, input.shape[-1])
-        t = target.reshape(-1)
-        scale = mean_scale(t, None, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
-        # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
-        grad_scale = scale if any(needs) and reduction != "none" else None
-        options = (rows_fn, chunk_size, ignore_index, label_smoothing, z_loss)
-        loss_rows, *grads = linear_cross_entropy_chunks(x, weight, bias, t, *options, grad_scale, *needs)
-        ctx.shape, ctx.reduction, ctx.options, ctx.needs = input.shape, reduction, options, needs
-        if reduction == "none":
-            ctx.save_for_backward(x, weight, bias, t)
-            return loss_rows.view(target.shape)
-        ctx.grads = grads
-        return reduce_loss(loss_rows, reduction, scale)
-
-    @staticmethod
-    @first_order_only(
-        "linear_cross_entropy does not support double backward (create_graph=True): its gradients are computed "
-        "chunk by chunk outside autograd, on every backend; for higher-order gradients use "
-        "cross_entropy(F.linear(input, weight, bias), target) with the reference backend"
-    )
-    def backward(ctx, grad_loss):
-        if ctx.reduction == "none":
-            x, weight, bias, t = ctx.saved_tensors
-            grad_rows = grad_loss.reshape(-1).float()
-            _, *grads = linear_cross_entropy_chunks(x, weight, bias, t, *ctx.options, grad_rows, *ctx.needs)
-        else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_cross_entropy computes its gradients in the forward and hands them over in the "
-                    "first backward; backpropagating through it a second time is not supported (run it again)"
-                )
-            grads, ctx.grads = ctx.grads, None
-            for g in grads:
-                if g is not None:
-                    g.mul_(grad_loss)
-        grad_input, grad_weight, grad_bias = grads
-        if grad_input is not None:
-            grad_input = grad_input.view(ctx.shape)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
-
-
-def chunked_linear_cross_entropy(
-    rows_fn: RowsFn, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
-) -> torch.Tensor:
-    """:class:`ChunkedLinearCrossEntropy` with ``rows_fn`` as the per-chunk loss; the default chunk size filled in."""
-    chunk = chunk_size or default_chunk_size(target.numel(), weight.shape[0], input.device)
-    target = target.long()  # gather/scatter take int64; ignore_index compares exactly in it
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, weight, bias))
-    return ChunkedLinearCrossEntropy.apply(
-        input, weight, bias, target, needs, rows_fn, chunk, ignore_index, reduction, float(label_smoothing),
-        float(z_loss),
-    )

@@ -1,7 +1,8 @@
 """Fused (flash-style) attention: Triton kernels, forward and backward.
 
 Layout of this module: the kernels, their launchers and launch configurations,
-the autograd Function, the public functions. Tensors are (batch, heads, seq,
+the ``fastlm::attention`` and ``fastlm::attention_backward`` ops (design in
+:mod:`kernels._library`), the public functions. Tensors are (batch, heads, seq,
 head_dim) with any strides. The math, per (batch, query head h), with kv head
 ``h // group`` (grouped-query attention reads the shared k/v in place):
 
@@ -45,9 +46,11 @@ import triton.language as tl
 
 from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
+from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
 from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype
 from . import reference
+from .reference.attention import masked_attention
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: plain globals are not constexpr
 MAX_HEAD_DIM = 256
@@ -484,7 +487,7 @@ def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str):
 def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, consts: dict, device: torch.device):
     """Run kernel ``kind`` over a (row blocks, heads, batch) grid: autotuned on GPU, fixed on the interpreter."""
     if device.type == "cuda":
-        kernel = _autotuned(kind, consts["BLOCK_D"], consts["_dtype"], gpu_family(device))
+        kernel = launch(_autotuned(kind, consts["BLOCK_D"], consts["_dtype"], gpu_family(device)))
         consts = {k: v for k, v in consts.items() if not k.startswith("_")}
         block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
         kernel[lambda meta: (cdiv(grid_rows, meta[block]), heads, batch)](*args, **consts)
@@ -492,7 +495,7 @@ def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, cons
         c = _INTERPRET[kind]
         consts = {k: v for k, v in consts.items() if not k.startswith("_")}
         rows_per_program = c.block_n if kind == "dkdv" else c.block_m
-        _KERNELS[kind][(cdiv(grid_rows, rows_per_program), heads, batch)](
+        launch(_KERNELS[kind])[(cdiv(grid_rows, rows_per_program), heads, batch)](
             *args, **consts, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages
         )
 
@@ -536,7 +539,7 @@ def _attention_backward(do, q, k, v, o, lse, dlse, scale, causal_offset, kv_lens
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _block_d(D)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
+    launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
         o, do, dlse if dlse is not None else delta, delta, *o.stride(), *do.stride(), Nq,
         HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=_PREPROCESS_BLOCK_M,
         num_warps=4 if block_d <= 128 else 8,
@@ -631,28 +634,83 @@ def compile_specs() -> list[KernelSpec]:
     return specs
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops
+
+# fastlm::attention returns (out, lse); fastlm::attention_backward consumes them (design
+# in kernels._library). Off the Triton backend both run a PyTorch twin of the kernels' math.
 
 
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kv_lens, scale, causal_offset):
-        o, lse = _attention_forward(q, k, v, scale, causal_offset, kv_lens)
-        ctx.save_for_backward(q, k, v, o, lse, kv_lens)
-        ctx.scale, ctx.causal_offset = scale, causal_offset
-        ctx.set_materialize_grads(False)
-        return o, lse
+def _attention_backward_reference(do, q, k, v, o, lse, dlse, scale, causal_offset, kv_lens):
+    """The backward kernels' math (module docstring) in fp32 PyTorch: dq, dk, dv."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    keys = torch.arange(Nk, device=q.device)
+    real = torch.ones((B, Nk), dtype=torch.bool, device=q.device)
+    if kv_lens is not None:
+        real = keys[None, :] < kv_lens.view(-1, 1)
+    qf, dof, of = q.float(), do.float(), o.float()
+    kf = torch.where(real[:, None, :, None], k.float(), 0.0).repeat_interleave(group, dim=1)
+    vf = torch.where(real[:, None, :, None], v.float(), 0.0).repeat_interleave(group, dim=1)
+    visible = real[:, None, None, :]
+    if causal_offset is not None:
+        visible = visible & (keys[None, :] <= torch.arange(Nq, device=q.device)[:, None] + causal_offset)
+    has_key = torch.isfinite(lse)[..., None]
+    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - torch.where(has_key, lse[..., None], 0.0))
+    p = torch.where(visible & has_key, p, 0.0)
+    delta = (dof * of).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    ds = p * (dof @ vf.transpose(-1, -2) - delta[..., None])
+    dq = ds @ kf * scale
+    dk = (ds.transpose(-1, -2) @ qf * scale).view(B, Hkv, group, Nk, D).sum(2)
+    dv = (p.transpose(-1, -2) @ dof).view(B, Hkv, group, Nk, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
-    @staticmethod
-    @first_order_only(triton_only_first_order("attention"))
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, kv_lens = ctx.saved_tensors
-        if do is None:  # only the lse was used
-            do = torch.zeros_like(o)
-        if dlse is not None:
-            dlse = dlse.contiguous()  # e.g. lse.sum() hands back an expanded, stride-0 gradient
-        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, dlse, ctx.scale, ctx.causal_offset, kv_lens)
-        return dq, dk, dv, None, None, None
+
+def _attention_op(q, k, v, kv_lens, scale, causal_offset):
+    if use_triton(q.device):
+        return _attention_forward(q, k, v, scale, causal_offset, kv_lens)
+    out, lse = masked_attention(q, k, v, scale, causal_offset, kv_lens)
+    return out.contiguous(), lse.float()
+
+
+def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, kv_lens, scale, causal_offset):
+    if use_triton(q.device):
+        if grad_lse is not None:
+            grad_lse = grad_lse.contiguous()  # e.g. lse.sum() hands back an expanded, stride-0 gradient
+        return _attention_backward(grad_out, q, k, v, out, lse, grad_lse, scale, causal_offset, kv_lens)
+    return _attention_backward_reference(grad_out, q, k, v, out, lse, grad_lse, scale, causal_offset, kv_lens)
+
+
+_ARGS = "Tensor q, Tensor k, Tensor v, Tensor? kv_lens, float scale, SymInt? causal_offset"
+attention_op = define_op("attention", _attention_op, f"({_ARGS}) -> (Tensor, Tensor)")
+attention_backward_op = define_op(
+    "attention_backward", _attention_backward_op,
+    "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, "
+    "float scale, SymInt? causal_offset) -> (Tensor, Tensor, Tensor)",
+)
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, kv_lens, scale, causal_offset = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens)
+    ctx.scale, ctx.causal_offset = scale, causal_offset
+    ctx.set_materialize_grads(False)  # an unused lse (the usual case) hands back None, not zeros
+
+
+@first_order_only(triton_only_first_order("attention"))
+def _attention_grads(ctx, do, dlse):
+    q, k, v, o, lse, kv_lens = ctx.saved_tensors
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(o)
+    dq, dk, dv = attention_backward_op(do, dlse, q, k, v, o, lse, kv_lens, ctx.scale, ctx.causal_offset)
+    return dq, dk, dv, None, None, None
+
+
+attention_op.register_autograd(_attention_grads, setup_context=_setup_attention)
+# No register_autocast: like SDPA the op runs in autocast's own dtype, which a fixed cast rule
+# cannot name; the public functions cast (autocast_inputs) before calling it.
 
 
 # ----------------------------------------------------------------------------- public API
@@ -685,8 +743,9 @@ def _check(q, k, v, kv_lens, scale, names=("q", "k", "v")) -> float:
         check_same_device(**{qn: q, "kv_lens": kv_lens})
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"kv_lens must have shape (batch,) = ({B},), got {tuple(kv_lens.shape)}")
-        # One host sync: an out-of-range length would read out of bounds on the GPU.
-        if B and bool(((kv_lens < 0) | (kv_lens > k.shape[2])).any()):
+        # One host sync, skipped under kernels.unchecked() and torch.compile (the kernels clamp
+        # kv_lens to [0, Nk], so an unchecked bad length never reads out of bounds).
+        if B and check_values() and bool(((kv_lens < 0) | (kv_lens > k.shape[2])).any()):
             raise ValueError(f"kv_lens must lie in [0, {k.shape[2]}] (the key length), "
                              f"got {kv_lens.min().item()}..{kv_lens.max().item()}")
     if scale is None:
@@ -694,6 +753,13 @@ def _check(q, k, v, kv_lens, scale, names=("q", "k", "v")) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
+
+
+def _autocast(q, k, v):
+    """SDPA's autocast rule: q, k, v in the autocast dtype (lower precision), the output in it too."""
+    if isinstance(q, torch.Tensor):
+        return autocast_inputs(autocast_dtype(q.device), q, k, v)
+    return q, k, v
 
 
 def _kv_lens_int32(kv_lens: torch.Tensor | None) -> torch.Tensor | None:
@@ -729,15 +795,18 @@ def attention(
     Head dims up to 256 (any, padded to a power of two inside the kernel); fp16,
     bf16 and fp32 (fp32 runs exact fp32 dots, not TF32). The backward is
     deterministic, and first-order only (``create_graph=True`` raises; the
-    reference backend supports it). A ``kv_lens`` tensor costs one host sync for its range check.
+    reference backend supports it). A ``kv_lens`` tensor costs one host sync for its range check,
+    skipped inside :func:`kernels.unchecked` and under ``torch.compile``.
+    Under autocast, as torch's SDPA: q, k and v run in the autocast dtype.
     """
     if kv_lens is not None:
         kv_lens = as_int64("kv_lens", kv_lens)  # compared and masked in int64 whatever its dtype
+    q, k, v = _autocast(q, k, v)
     scale = _check(q, k, v, kv_lens, scale)
     causal_offset = k.shape[2] - q.shape[2] if causal else None
     if not use_triton(q.device):
         return reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, return_lse=return_lse)
-    out, lse = _AttentionFunction.apply(q, k, v, _kv_lens_int32(kv_lens), scale, causal_offset)
+    out, lse = attention_op(q, k, v, _kv_lens_int32(kv_lens), scale, causal_offset)
     return (out, lse) if return_lse else out
 
 
@@ -794,9 +863,10 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
+    query, key, value = _autocast(query, key, value)
     scale = _check(query, key, value, None, scale, names=("query", "key", "value"))
     if not use_triton(query.device):
         return reference.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
                                                       enable_gqa=enable_gqa)
     # Top-left alignment is causal offset 0: the same kernels as attention(causal=True).
-    return _AttentionFunction.apply(query, key, value, None, scale, 0 if is_causal else None)[0]
+    return attention_op(query, key, value, None, scale, 0 if is_causal else None)[0]

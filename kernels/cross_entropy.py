@@ -1,7 +1,8 @@
 """Cross-entropy and fused linear cross-entropy: Triton kernels, forward and backward.
 
-Layout of this module: the kernels, their launchers, the autograd Function, the
-public functions. The math (per token, in fp32; see :mod:`kernels.reference.cross_entropy`
+Layout of this module: the kernels, their launchers, the ``fastlm::`` ops
+(``cross_entropy``, ``linear_cross_entropy`` and their backwards; design in
+:mod:`kernels._library`), the public functions. The math (per token, in fp32; see :mod:`kernels.reference.cross_entropy`
 for the full statement with class weights ``w``, label smoothing ``eps`` and z-loss ``z``)::
 
     lse  = logsumexp(x)
@@ -14,9 +15,11 @@ writes it: one program per row, a first sweep over the vocabulary for ``lse``
 lanes once at the end), a second sweep that writes the gradient. Rows of up to
 ``_ONE_PASS_MAX`` classes are held in registers and read once. The gradient goes
 to a separate buffer unless ``inplace_backward=True``, which overwrites the
-logits. The backward only multiplies it by the upstream gradient, in place, and
-skips every row whose upstream gradient is exactly 1 (the usual ``loss.backward()``),
-so forward+backward moves the logits about three times (two reads, one write).
+logits. The backward multiplies it by the upstream gradient: out of place in the
+``fastlm::cross_entropy`` op's backward (an op's output may not change after it
+returns; torch.compile fuses the multiply), in place with ``inplace_backward``,
+where a kernel skips every row whose upstream gradient is exactly 1 (the usual
+``loss.backward()``), so forward+backward moves the logits about three times.
 
 ``linear_cross_entropy`` computes ``input @ weight.T + bias`` a chunk of tokens at
 a time with cuBLAS and runs the kernel above on each chunk's logits in place: the
@@ -38,7 +41,8 @@ from ._backend import use_triton
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, next_power_of_2, unique_specs
 from ._validate import as_int64, check_float, check_same_device, check_same_dtype
 from . import reference
-from ._chunked_linear_cross_entropy import chunked_linear_cross_entropy
+from ._chunked_linear_cross_entropy import default_chunk_size, linear_cross_entropy_chunks
+from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
 from .reference.cross_entropy import REDUCTIONS, cross_entropy_rows, mean_scale, reduce_loss
 
 # ----------------------------------------------------------------------------- kernels
@@ -225,7 +229,7 @@ def _cross_entropy_rows(
         grad_scale = grad_scale.float()
         stride_scale = grad_scale.stride(0) if grad_scale.numel() > 1 else 0
     block, one_pass, num_warps, num_stages = _fwd_config(C)
-    _ce_fwd_kernel[(n,)](
+    launch(_ce_fwd_kernel)[(n,)](
         logits, grad_out if compute_grad else logits, target,
         weight if weight is not None else loss, weight_sum if weight is not None else loss,
         grad_scale if compute_grad else loss, loss,
@@ -245,7 +249,7 @@ def _scale_rows_(grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
         return
     grad_loss = grad_loss.float().reshape(-1)
     block, num_warps = _scale_config(C)
-    _ce_scale_kernel[(n,)](
+    launch(_ce_scale_kernel)[(n,)](
         grad, grad_loss, C, grad.stride(0), grad_loss.stride(0) if grad_loss.numel() > 1 else 0,
         BLOCK_C=block, num_warps=num_warps,
     )
@@ -288,9 +292,151 @@ def compile_specs() -> list[KernelSpec]:
     return unique_specs(specs)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops
+
+# Design in kernels._library. fastlm::cross_entropy returns the loss and, when asked, the
+# gradient of the logits (computed in the same sweep); its backward op scales that
+# gradient in place by the upstream gradient. fastlm::linear_cross_entropy returns the
+# loss and the gradients of input, weight and bias for 'mean'/'sum' (scaled in place by
+# the backward), or the per-token losses for 'none', whose backward op sweeps again.
+# Off the Triton backend both run the same code with the PyTorch per-chunk loss.
 
 
+def _rows_fn(device: torch.device):
+    return _cross_entropy_rows if use_triton(device) else cross_entropy_rows
+
+
+def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad):
+    C = logits.shape[-1]
+    x = as_rows(logits, C)
+    t = target.reshape(-1)
+    scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_grad else None
+    loss_rows = _rows_fn(x.device)(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
+    loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
+    return loss, grad.view(logits.shape) if grad is not None else no_tensor(logits)
+
+
+cross_entropy_op = define_op(
+    "cross_entropy", _cross_entropy_op,
+    "(Tensor logits, Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, "
+    "float z_loss, bool compute_grad) -> (Tensor, Tensor)",
+)
+
+_SECOND_BACKWARD = (
+    "{op} computes its gradients in the forward and hands them over in the first backward; "
+    "backpropagating through it a second time is not supported (run it again)"
+)
+
+
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad`` times the upstream gradient (a scalar, or one per row of ``grad``), out of place.
+
+    Out of place because ``grad`` is an output of the forward op, which nothing may
+    change afterwards (torch.compile relies on it); under torch.compile the compiler
+    fuses this multiply and reuses the buffer.
+    """
+    if grad_loss.dim() and grad_loss.dim() < grad.dim():
+        grad_loss = grad_loss.reshape(grad_loss.shape + (1,) * (grad.dim() - grad_loss.dim()))
+    return grad * grad_loss
+
+
+def _setup_cross_entropy(ctx, inputs, output):
+    ctx.grad = present(output[1])  # handed over, scaled, by the one backward
+    ctx.set_materialize_grads(False)  # the gradient output gets no gradient: no logits-sized zeros
+
+
+@first_order_only(triton_only_first_order("cross_entropy"))
+def _cross_entropy_grads(ctx, grad_loss, _):
+    if ctx.grad is None:
+        raise RuntimeError(_SECOND_BACKWARD.format(op="cross_entropy"))
+    grad, ctx.grad = ctx.grad, None  # freed as soon as the caller is done with the scaled copy
+    return _scaled(grad, grad_loss), None, None, None, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_cross_entropy_grads, setup_context=_setup_cross_entropy)
+# No register_autocast: the kernel reads any float dtype and computes in fp32, so it gives what
+# torch's cross-entropy gives under autocast (fp32 math, fp32 loss, gradient in the logits'
+# dtype) without the fp32 copy of the logits that autocast's cast would make.
+
+
+def _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias, chunk_size,
+                             ignore_index, reduction, label_smoothing, z_loss):
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    scale = mean_scale(t, None, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+    # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
+    grad_scale = scale if (need_input or need_weight or need_bias) and reduction != "none" else None
+    loss_rows, *grads = linear_cross_entropy_chunks(
+        x, weight, bias, t, _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss, grad_scale,
+        need_input, need_weight, need_bias,
+    )
+    loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
+    return (loss, *_grads_out(grads, input, x))
+
+
+def _grads_out(grads, input, x):
+    grad_input, grad_weight, grad_bias = (g if g is not None else no_tensor(x) for g in grads)
+    return grad_input.view(input.shape) if grad_input.numel() else grad_input, grad_weight, grad_bias
+
+
+def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, need_input, need_weight, need_bias,
+                                      chunk_size, ignore_index, label_smoothing, z_loss):
+    x = input.reshape(-1, input.shape[-1])
+    _, *grads = linear_cross_entropy_chunks(
+        x, weight, bias, target.reshape(-1), _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss,
+        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias,
+    )
+    return _grads_out(grads, input, x)
+
+
+_LCE_ARGS = "bool need_input, bool need_weight, bool need_bias, SymInt chunk_size, int ignore_index"
+linear_cross_entropy_op = define_op(
+    "linear_cross_entropy", _linear_cross_entropy_op,
+    f"(Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, str reduction, float label_smoothing, "
+    "float z_loss) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+linear_cross_entropy_backward_op = define_op(
+    "linear_cross_entropy_backward", _linear_cross_entropy_backward_op,
+    f"(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, "
+    "float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor)",
+)
+
+
+def _setup_linear_cross_entropy(ctx, inputs, output):
+    input, weight, bias, target, *needs_and_options = inputs
+    ctx.needs, ctx.options = needs_and_options[:3], needs_and_options[3:5] + needs_and_options[6:]
+    ctx.reduction = needs_and_options[5]
+    if ctx.reduction == "none":
+        ctx.save_for_backward(input, weight, bias, target)
+    else:
+        ctx.grads = [present(g) for g in output[1:]]
+    ctx.set_materialize_grads(False)
+
+
+@first_order_only(
+    "linear_cross_entropy does not support double backward (create_graph=True): its gradients are computed "
+    "chunk by chunk outside autograd, on every backend; for higher-order gradients use "
+    "cross_entropy(F.linear(input, weight, bias), target) with the reference backend"
+)
+def _linear_cross_entropy_grads(ctx, grad_loss, *_):
+    if ctx.reduction == "none":
+        input, weight, bias, target = ctx.saved_tensors
+        grads = linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, *ctx.needs, *ctx.options)
+        grads = [present(g) for g in grads]
+    else:
+        if ctx.grads is None:
+            raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
+        grads, ctx.grads = ctx.grads, None
+        grads = [_scaled(g, grad_loss) if g is not None else None for g in grads]
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 9
+
+
+linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_context=_setup_linear_cross_entropy)
+
+
+# Eager only: the inplace_backward option writes the gradient over the logits, which an op
+# (whose outputs may not alias its inputs) cannot express; under torch.compile the op runs.
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace, compute_grad):
@@ -410,7 +556,8 @@ def cross_entropy(
     Deviations from torch: the loss is fp32 whatever the logits dtype (the gradient
     has the logits dtype); when no target counts (all ignored, or their class
     weights sum to 0), ``'mean'`` returns 0 with zero gradients instead of NaN; class
-    weights get no gradient. The gradient is computed in the forward and scaled in
+    weights get no gradient. Under autocast it computes in fp32 and returns an fp32
+    loss, as torch's does (without copying the logits to fp32). The gradient is computed in the forward and scaled in
     place by the backward, so a second backward through the same graph
     (``retain_graph=True``) raises, and so does a double backward (``create_graph=True``;
     the reference backend supports it).
@@ -430,7 +577,7 @@ def cross_entropy(
             raise ValueError(f"weight must have shape ({C},), one weight per class; got {tuple(weight.shape)}")
     check_same_device(input=input, target=target, weight=weight)
     _check_options(reduction, label_smoothing, z_loss, ignore_index)
-    if check_targets:
+    if check_targets and check_values():
         _check_target_range(target, C, ignore_index)
     if not use_triton(input.device):
         return reference.cross_entropy(
@@ -439,10 +586,13 @@ def cross_entropy(
         )
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     weight = weight.detach() if weight is not None else None  # a constant, as in torch
-    return _CrossEntropyFunction.apply(
-        input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        inplace_backward, compute_grad,
-    )
+    if inplace_backward and compute_grad and not torch.compiler.is_compiling():
+        return _CrossEntropyFunction.apply(
+            input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), True, True,
+        )
+    return cross_entropy_op(
+        input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), compute_grad
+    )[0]
 
 
 def linear_cross_entropy(
@@ -456,6 +606,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: int | None = None,
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without materialising the logits.
 
@@ -475,10 +626,14 @@ def linear_cross_entropy(
     scales them exactly; a second backward through the same graph raises. For
     'none' the backward recomputes the logits with the per-token upstream gradient.
     First-order only, on both backends: ``create_graph=True`` raises.
-    Targets are range-checked as in :func:`cross_entropy` (one device synchronisation).
+    Targets are range-checked as in :func:`cross_entropy` (one device synchronisation;
+    ``check_targets=False``, :func:`kernels.unchecked` or ``torch.compile`` skip it).
+    Under autocast the GEMM runs in the autocast dtype, as ``F.linear`` does; the loss is fp32.
     """
     check_float("input", input)
     check_float("weight", weight)
+    # Under autocast, as F.linear: the GEMM in the autocast dtype (the loss stays fp32).
+    input, weight, bias = autocast_inputs(autocast_dtype(input.device), input, weight, bias)
     if input.dim() == 0:
         raise ValueError("input must have a feature dimension, got a 0-d tensor")
     H = input.shape[-1]
@@ -497,11 +652,14 @@ def linear_cross_entropy(
     _check_options(reduction, label_smoothing, z_loss, ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_target_range(target, C, ignore_index)
-    # Both backends run the chunk loop, so neither holds the (N, C) logits; the reference
+    if check_targets and check_values():
+        _check_target_range(target, C, ignore_index)
+    # Both backends run the op's chunk loop, so neither holds the (N, C) logits; the reference
     # backend with the pure-PyTorch per-chunk loss (kernels.reference.linear_cross_entropy,
     # the spec, materialises them and is not what training on the references should cost).
-    rows_fn = _cross_entropy_rows if use_triton(input.device) else cross_entropy_rows
-    return chunked_linear_cross_entropy(
-        rows_fn, input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
-    )
+    chunk = chunk_size or default_chunk_size(target.numel(), C, input.device)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
+    return linear_cross_entropy_op(
+        input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss)
+    )[0]

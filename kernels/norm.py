@@ -1,7 +1,8 @@
 """LayerNorm and RMSNorm, with optional fused residual add: Triton kernels, forward and backward.
 
-Layout of this module: the kernels, their launchers, the autograd Function, the
-public functions. The math (per row of N features, statistics in fp32):
+Layout of this module: the kernels, their launchers, the ``fastlm::norm``,
+``fastlm::add_norm`` and ``fastlm::norm_backward`` ops (design in
+:mod:`kernels._library`), the public functions. The math (per row of N features, statistics in fp32):
 
     LayerNorm:  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps),  y = xhat * w + b
                 (mean = x0 + mean(x - x0), x0 the row's first value: exactly x0 on a
@@ -36,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autograd import first_order_only, triton_only_first_order
+from ._autograd import triton_only_first_order
 from ._backend import use_triton
+from ._library import NORM_RUNS_IN_FP32, autocast_dtype, autocast_inputs, define_op, launch, no_tensor, present, register_autocast
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, cdiv, next_power_of_2, parallel_programs, unique_specs
 from ._validate import check_float, check_positive, check_same_device, check_same_dtype
 from . import reference
@@ -320,12 +322,13 @@ def _norm_forward(x, residual, weight, bias, eps, is_rms):
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     s = torch.empty((M, N), dtype=x.dtype, device=x.device) if residual is not None else None
-    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    # RMSNorm has no mean: zeros, so the op's outputs are defined everywhere.
+    mean = (torch.zeros if is_rms else torch.empty)((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, s, mean, rstd
     block_m, block_n, one_pass, num_warps = _fwd_config(N, x.dtype)
-    _norm_fwd_kernel[(cdiv(M, block_m),)](
+    launch(_norm_fwd_kernel)[(cdiv(M, block_m),)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, s if s is not None else y, mean, rstd,
         M, N,
@@ -340,7 +343,7 @@ def _norm_forward(x, residual, weight, bias, eps, is_rms):
 def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     G, N = part.shape
     out = torch.empty((N,), dtype=dtype, device=part.device)
-    _column_sum_kernel[(cdiv(N, _SUM_BLOCK_N),)](part, out, G, N, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=4)
+    launch(_column_sum_kernel)[(cdiv(N, _SUM_BLOCK_N),)](part, out, G, N, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=4)
     return out
 
 
@@ -359,7 +362,7 @@ def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
     alloc = torch.empty if one_pass else torch.zeros  # the streaming path accumulates in place
     dw_part = alloc((grid, N), dtype=torch.float32, device=x.device) if has_w else None
     db_part = alloc((grid, N), dtype=torch.float32, device=x.device) if has_bias else None
-    _norm_bwd_kernel[(grid,)](
+    launch(_norm_bwd_kernel)[(grid,)](
         x, weight if has_w else x, dy, dx, dres if dres is not None else dy, mean, rstd,
         dw_part if has_w else mean, db_part if has_bias else mean,
         M, N,
@@ -418,42 +421,135 @@ def _norm_spec(kernel, sig: dict[str, str], constexprs: dict, num_warps: int, la
                       label=label, extra={"divisible_by_16": aligned})
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops
+
+# Three ops (see kernels._library for the design): fastlm::norm and fastlm::add_norm
+# return the statistics the backward needs next to their results, fastlm::norm_backward
+# consumes them. Both forward ops serve LayerNorm and RMSNorm (is_rms).
 
 
-class _NormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, normalized_shape, eps, is_rms):
-        shape = x.shape
-        n = math.prod(normalized_shape)
-        x2 = as_rows(x, n)
-        r2 = as_rows(residual, n) if residual is not None else None
+def _norm_forward_reference(x, residual, weight, bias, eps, is_rms):
+    """The launcher's contract in PyTorch, on (M, N) rows: y, s (or None), mean, rstd."""
+    s = x + residual if residual is not None else None
+    xs = s if s is not None else x
+    xf = xs.float()
+    n = xs.shape[1]
+    w = weight.reshape(-1) if weight is not None else None
+    if is_rms:
+        mean = torch.zeros(xs.shape[:1], dtype=torch.float32, device=xs.device)
+        rstd = torch.rsqrt(xf.square().mean(1) + eps)
+        y = reference.rms_norm(xs, (n,), w, eps)
+    else:
+        mean = xf.mean(1)
+        rstd = torch.rsqrt(xf.var(1, unbiased=False) + eps)
+        y = reference.layer_norm(xs, (n,), w, bias.reshape(-1) if bias is not None else None, eps)
+    return y, s, mean, rstd
+
+
+def _norm_backward_reference(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
+    """The backward launcher's contract in PyTorch (the module docstring's formulas): dx, dw, db."""
+    xf, dyf = x.float(), dy.float()
+    xhat = xf * rstd[:, None] if is_rms else (xf - mean[:, None]) * rstd[:, None]
+    g = dyf * weight.reshape(-1).float() if weight is not None else dyf
+    dx = g - xhat * (g * xhat).mean(1, keepdim=True)
+    if not is_rms:
+        dx = dx - g.mean(1, keepdim=True)
+    dx = dx * rstd[:, None]
+    if dres is not None:
+        dx = dx + dres.float()
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dw = (dyf * xhat).sum(0).to(param_dtype) if weight is not None else None
+    db = dyf.sum(0).to(param_dtype) if has_bias else None
+    return dx.to(x.dtype), dw, db
+
+
+def _norm_rows(x, residual, weight, bias, normalized_shape, eps, is_rms):
+    n = math.prod(normalized_shape)
+    x2 = as_rows(x, n)
+    r2 = as_rows(residual, n) if residual is not None else None
+    if use_triton(x.device):
         w = weight.contiguous() if weight is not None else None
         b = bias.contiguous() if bias is not None else None
         y, s, mean, rstd = _norm_forward(x2, r2, w, b, eps, is_rms)
-        ctx.save_for_backward(s if s is not None else x2, w, mean, rstd)
-        ctx.is_rms, ctx.has_bias, ctx.has_res, ctx.n, ctx.shape = is_rms, b is not None, r2 is not None, n, shape
-        ctx.normalized_dims = len(normalized_shape)
-        ctx.op = f"{'add_' if r2 is not None else ''}{'rms' if is_rms else 'layer'}_norm"
-        if s is not None:
-            return y.view(shape), s.view(shape)
-        return y.view(shape)
+    else:
+        y, s, mean, rstd = _norm_forward_reference(x2, r2, weight, bias, eps, is_rms)
+    return y.view(x.shape), (s.view(x.shape) if s is not None else None), mean, rstd
 
-    @staticmethod
-    @first_order_only(lambda ctx: triton_only_first_order(ctx.op))
-    def backward(ctx, dy, *maybe_ds):
-        x2, w, mean, rstd = ctx.saved_tensors
-        n = ctx.n
-        dy2 = as_rows(dy, n)
-        ds = maybe_ds[0] if ctx.has_res else None
-        ds2 = as_rows(ds, n) if ds is not None else None
-        dx, dw, db = _norm_backward(dy2, x2, w, ctx.has_bias, mean, rstd, ds2, ctx.is_rms)
-        dx = dx.view(ctx.shape)
-        dres = dx if ctx.has_res else None
-        feature_shape = ctx.shape[len(ctx.shape) - ctx.normalized_dims:]
-        dw = dw.view(feature_shape) if dw is not None else None
-        db = db.view(feature_shape) if db is not None else None
-        return dx, dres, dw, db, None, None, None
+
+def _norm_op(input, weight, bias, normalized_shape, eps, is_rms):
+    y, _, mean, rstd = _norm_rows(input, None, weight, bias, normalized_shape, eps, is_rms)
+    return y, mean, rstd
+
+
+def _add_norm_op(input, residual, weight, bias, normalized_shape, eps, is_rms):
+    return _norm_rows(input, residual, weight, bias, normalized_shape, eps, is_rms)
+
+
+def _norm_backward_op(grad_out, grad_residual_out, x, weight, has_bias, mean, rstd, normalized_shape, is_rms):
+    n = math.prod(normalized_shape)
+    dy2, x2 = as_rows(grad_out, n), as_rows(x, n)
+    ds2 = as_rows(grad_residual_out, n) if grad_residual_out is not None else None
+    if use_triton(x.device):
+        dx, dw, db = _norm_backward(dy2, x2, weight.contiguous() if weight is not None else None, has_bias, mean,
+                                    rstd, ds2, is_rms)
+    else:
+        dx, dw, db = _norm_backward_reference(dy2, x2, weight, has_bias, mean, rstd, ds2, is_rms)
+    shape = tuple(normalized_shape)
+    dw = dw.view(shape) if dw is not None else no_tensor(x)
+    db = db.view(shape) if db is not None else no_tensor(x)
+    return dx.view(x.shape), dw, db
+
+
+_AFFINE = "Tensor? weight, Tensor? bias, SymInt[] normalized_shape, float eps, bool is_rms"
+norm_op = define_op("norm", _norm_op, f"(Tensor input, {_AFFINE}) -> (Tensor, Tensor, Tensor)")
+add_norm_op = define_op("add_norm", _add_norm_op,
+                        f"(Tensor input, Tensor residual, {_AFFINE}) -> (Tensor, Tensor, Tensor, Tensor)")
+norm_backward_op = define_op(
+    "norm_backward", _norm_backward_op,
+    "(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight, bool has_bias, Tensor mean, Tensor rstd, "
+    "SymInt[] normalized_shape, bool is_rms) -> (Tensor, Tensor, Tensor)",
+)
+
+
+def _op_name(is_rms: bool, has_res: bool) -> str:
+    return f"{'add_' if has_res else ''}{'rms' if is_rms else 'layer'}_norm"
+
+
+def _setup_norm(ctx, inputs, output):
+    x, weight, bias, shape, _, is_rms = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.has_bias, ctx.shape, ctx.is_rms = bias is not None, shape, is_rms
+
+
+def _setup_add_norm(ctx, inputs, output):
+    _, _, weight, bias, shape, _, is_rms = inputs
+    ctx.save_for_backward(output[1], weight, output[2], output[3])  # the normalized sum, not the input
+    ctx.has_bias, ctx.shape, ctx.is_rms = bias is not None, shape, is_rms
+
+
+def _backward(ctx, dy, ds):
+    if torch.is_grad_enabled():  # create_graph=True: these gradients would look constant
+        raise RuntimeError(triton_only_first_order(_op_name(ctx.is_rms, ds is not None)))
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = norm_backward_op(dy, ds, x, weight, ctx.has_bias, mean, rstd, ctx.shape, ctx.is_rms)
+    return dx, present(dw) if weight is not None else None, present(db) if ctx.has_bias else None
+
+
+def _norm_grads(ctx, dy, dmean, drstd):
+    dx, dw, db = _backward(ctx, dy, None)
+    return dx, dw, db, None, None, None
+
+
+def _add_norm_grads(ctx, dy, ds, dmean, drstd):
+    dx, dw, db = _backward(ctx, dy, ds)
+    return dx, dx, dw, db, None, None, None
+
+
+norm_op.register_autograd(_norm_grads, setup_context=_setup_norm)
+add_norm_op.register_autograd(_add_norm_grads, setup_context=_setup_add_norm)
+# Every norm replaced runs in fp32 under autocast where torch's does (CUDA; CPU autocast leaves norms alone).
+register_autocast(norm_op, {d: torch.float32 for d in ("cuda", "cpu") if NORM_RUNS_IN_FP32[("layer_norm", d)]})
+register_autocast(add_norm_op, {d: torch.float32 for d in ("cuda", "cpu") if NORM_RUNS_IN_FP32[("layer_norm", d)]})
 
 
 # ----------------------------------------------------------------------------- public API
@@ -501,6 +597,29 @@ def _rms_eps(input: torch.Tensor, eps: float | None) -> float:
     return torch.finfo(input.dtype).eps if eps is None else eps
 
 
+def _autocast(name: str, input, residual, weight, bias):
+    """What autocast does to torch's ``name`` (layer_norm/rms_norm) on this device: fp32 inputs, or nothing."""
+    if autocast_dtype(input.device) is not None and NORM_RUNS_IN_FP32[(name, input.device.type)]:
+        return autocast_inputs(torch.float32, input, residual, weight, bias)
+    return input, residual, weight, bias
+
+
+def _run(input, residual, shape, weight, bias, eps, is_rms):
+    """The reference backend's torch functions, or the fastlm:: op (see kernels._library)."""
+    if not use_triton(input.device):
+        if residual is None:
+            if is_rms:
+                return reference.rms_norm(input, shape, weight, eps)
+            return reference.layer_norm(input, shape, weight, bias, eps)
+        if is_rms:
+            return reference.add_rms_norm(input, residual, shape, weight, eps)
+        return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
+    if residual is None:
+        return norm_op(input, weight, bias, shape, float(eps), is_rms)[0]
+    y, s, _, _ = add_norm_op(input, residual, weight, bias, shape, float(eps), is_rms)
+    return y, s
+
+
 def layer_norm(
     input: torch.Tensor,
     normalized_shape: int | Sequence[int],
@@ -510,9 +629,8 @@ def layer_norm(
 ) -> torch.Tensor:
     """Drop-in for :func:`torch.nn.functional.layer_norm` (fp32 statistics, any leading shape)."""
     shape = _check(input, None, normalized_shape, weight, bias, eps)
-    if not use_triton(input.device):
-        return reference.layer_norm(input, shape, weight, bias, eps)
-    return _NormFunction.apply(input, None, weight, bias, shape, float(eps), False)
+    input, _, weight, bias = _autocast("layer_norm", input, None, weight, bias)
+    return _run(input, None, shape, weight, bias, eps, False)
 
 
 def rms_norm(
@@ -525,9 +643,8 @@ def rms_norm(
     if isinstance(input, torch.Tensor) and input.is_floating_point():
         eps = _rms_eps(input, eps)
     shape = _check(input, None, normalized_shape, weight, None, eps)
-    if not use_triton(input.device):
-        return reference.rms_norm(input, shape, weight, eps)
-    return _NormFunction.apply(input, None, weight, None, shape, float(eps), True)
+    input, _, weight, _ = _autocast("rms_norm", input, None, weight, None)
+    return _run(input, None, shape, weight, None, eps, True)
 
 
 def add_layer_norm(
@@ -540,9 +657,8 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layer_norm(input + residual), input + residual)`` in one pass over memory."""
     shape = _check(input, residual, normalized_shape, weight, bias, eps)
-    if not use_triton(input.device):
-        return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
-    return _NormFunction.apply(input, residual, weight, bias, shape, float(eps), False)
+    input, residual, weight, bias = _autocast("layer_norm", input, residual, weight, bias)
+    return _run(input, residual, shape, weight, bias, eps, False)
 
 
 def add_rms_norm(
@@ -556,6 +672,5 @@ def add_rms_norm(
     if isinstance(input, torch.Tensor) and input.is_floating_point():
         eps = _rms_eps(input, eps)
     shape = _check(input, residual, normalized_shape, weight, None, eps)
-    if not use_triton(input.device):
-        return reference.add_rms_norm(input, residual, shape, weight, eps)
-    return _NormFunction.apply(input, residual, weight, None, shape, float(eps), True)
+    input, residual, weight, _ = _autocast("rms_norm", input, residual, weight, None)
+    return _run(input, residual, shape, weight, None, eps, True)

@@ -1,0 +1,257 @@
+"""The kernels as torch.library ops: opcheck, fullgraph torch.compile, host syncs, autocast, the name clash.
+
+Small shapes throughout: the Triton backend runs through the interpreter here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from conftest import DEVICE
+
+IGNORE = -100
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _norm_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, device=DEVICE, requires_grad=True)
+    r = torch.randn(2, 3, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, device=DEVICE, requires_grad=True)
+    b = torch.randn(40, device=DEVICE, requires_grad=True)
+    return x, r, w, b
+
+
+def _attention_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 2, 11, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(2, 2, 11, 16, device=DEVICE, requires_grad=True)
+    return q, k, v, torch.tensor([11, 5], dtype=torch.int32, device=DEVICE)
+
+
+def _ce_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(6, 50, device=DEVICE, requires_grad=True)
+    t = torch.tensor([1, 2, IGNORE, 4, 49, 0], device=DEVICE)
+    h = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(50, 8, device=DEVICE, requires_grad=True)
+    b = torch.randn(50, device=DEVICE, requires_grad=True)
+    return x, t, h, w, b
+
+
+def _op_cases():
+    x, r, w, b = _norm_inputs()
+    q, k, v, kv_lens = _attention_inputs()
+    logits, t, h, hw, hb = _ce_inputs()
+    ops = torch.ops.fastlm
+    yield "norm", ops.norm.default, (x, w, b, [40], 1e-5, False)
+    yield "rms_norm", ops.norm.default, (x, w, None, [40], 1e-6, True)
+    yield "add_norm", ops.add_norm.default, (x, r, w, b, [40], 1e-5, False)
+    yield "add_rms_norm", ops.add_norm.default, (x, r, w, None, [40], 1e-6, True)
+    yield "norm_backward", ops.norm_backward.default, (
+        torch.randn_like(x), None, x.detach(), w.detach(), True, torch.zeros(6), torch.ones(6), [40], False)
+    yield "attention", ops.attention.default, (q, k, v, kv_lens, 0.25, 2)
+    yield "attention_plain", ops.attention.default, (q, k, v, None, 0.25, None)
+    yield "cross_entropy", ops.cross_entropy.default, (logits, t, torch.rand(50), IGNORE, "mean", 0.1, 1e-3, True)
+    yield "cross_entropy_none", ops.cross_entropy.default, (logits, t, None, IGNORE, "none", 0.0, 0.0, True)
+    yield "linear_cross_entropy", ops.linear_cross_entropy.default, (
+        h, hw, hb, t, True, True, True, 4, IGNORE, "mean", 0.1, 1e-3)
+    yield "linear_cross_entropy_none", ops.linear_cross_entropy.default, (
+        h, hw, None, t, True, True, False, 4, IGNORE, "none", 0.0, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", [name for name, _, _ in _op_cases()])
+def test_opcheck(case, backend):
+    # The Triton backend on CPU is the interpreter; on a GPU the compiled kernels.
+    op, args = next((op, args) for name, op, args in _op_cases() if name == case)
+    with kernels.use_backend(backend):
+        torch.library.opcheck(op, args)
+
+
+def test_every_op_lives_in_one_namespace():
+    names = {name for name in dir(torch.ops.fastlm) if not name.startswith("_")}
+    assert {"norm", "add_norm", "norm_backward", "attention", "attention_backward", "cross_entropy",
+            "linear_cross_entropy", "linear_cross_entropy_backward"} <= names
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _compile_cases():
+    x, r, w, b = _norm_inputs()
+    q, k, v, kv_lens = _attention_inputs()
+    logits, t, h, hw, hb = _ce_inputs()
+    ln = kernels.nn.LayerNorm(40).to(DEVICE)
+    rms = kernels.nn.RMSNorm(40).to(DEVICE)
+    yield "layer_norm", lambda: kernels.layer_norm(x, 40, w, b), (x, w, b)
+    yield "rms_norm", lambda: kernels.rms_norm(x, 40, w), (x, w)
+    yield "add_layer_norm", lambda: sum(kernels.add_layer_norm(x, r, 40, w, b)), (x, r, w, b)
+    yield "add_rms_norm", lambda: sum(kernels.add_rms_norm(x, r, 40, w)), (x, r, w)
+    yield "attention", lambda: kernels.attention(q, k, v, causal=True, kv_lens=kv_lens), (q, k, v)
+    yield "sdpa", lambda: kernels.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v)
+    yield "cross_entropy", lambda: kernels.cross_entropy(logits, t, label_smoothing=0.1), (logits,)
+    yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), (h, hw, hb)
+    yield "nn.LayerNorm", lambda: ln(x), (x, ln.weight, ln.bias)
+    yield "nn.RMSNorm", lambda: rms(x), (x, rms.weight)
+    yield "nn.CrossEntropyLoss", lambda: kernels.nn.CrossEntropyLoss()(logits, t), (logits,)
+    yield "nn.LinearCrossEntropyLoss", lambda: kernels.nn.LinearCrossEntropyLoss(chunk_size=4)(h, hw, t), (h, hw)
+    yield "nn.Attention", lambda: kernels.nn.Attention()(q, k, v, kv_lens), (q, k, v)
+
+
+@pytest.mark.parametrize("case", [name for name, _, _ in _compile_cases()])
+def test_fullgraph_compile_matches_eager_on_the_reference_backend(case):
+    fn, params = next((fn, params) for name, fn, params in _compile_cases() if name == case)
+    torch._dynamo.reset()
+    with kernels.use_backend("reference"):
+        explained = torch._dynamo.explain(fn)()
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+        torch._dynamo.reset()
+        outs = []
+        for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            out = run()
+            grads = torch.autograd.grad(out.float().sum(), params)
+            outs.append((out, *grads))
+    for eager, compiled in zip(*outs):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_fullgraph_compile_runs_the_triton_ops():
+    # On CPU the interpreter's ops are opaque to the compiler, but still one graph, no break.
+    x, _, w, b = _norm_inputs()
+    logits, t, h, hw, hb = _ce_inputs()
+
+    def step():
+        return kernels.layer_norm(x, 40, w, b).sum() + kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4)
+
+    torch._dynamo.reset()
+    with kernels.use_backend("triton"):
+        explained = torch._dynamo.explain(step)()
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        eager = step()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts the aten calls that make the host wait for a tensor's value."""
+
+    SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _sync_cases():
+    x, r, w, b = _norm_inputs()
+    q, k, v, kv_lens = _attention_inputs()
+    logits, t, h, hw, hb = _ce_inputs()
+    # (name, call, syncs with the value checks on): as documented on each function.
+    yield "layer_norm", lambda: kernels.layer_norm(x, 40, w, b), 0
+    yield "add_rms_norm", lambda: kernels.add_rms_norm(x, r, 40, w)[0], 0
+    yield "attention", lambda: kernels.attention(q, k, v, causal=True), 0
+    yield "attention_kv_lens", lambda: kernels.attention(q, k, v, kv_lens=kv_lens), 1
+    yield "cross_entropy", lambda: kernels.cross_entropy(logits, t), 1
+    yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", [name for name, _, _ in _sync_cases()])
+def test_host_syncs_per_call(case, backend):
+    fn, checked = next((fn, n) for name, fn, n in _sync_cases() if name == case)
+    with kernels.use_backend(backend):
+        with CountSyncs() as counter:
+            fn().float().sum().backward()
+        assert counter.count == checked
+        with kernels.unchecked(), CountSyncs() as counter:
+            fn().float().sum().backward()
+        assert counter.count == 0
+
+
+def test_unchecked_skips_only_value_checks():
+    logits, _, h, hw, _ = _ce_inputs()
+    bad = torch.tensor([1, 2, 3, 4, 5, 50])
+    with pytest.raises(ValueError, match="outside"):
+        kernels.linear_cross_entropy(h, hw, bad)
+    with kernels.unchecked():
+        kernels.linear_cross_entropy(h, hw, bad)  # clamped in the kernel: no out-of-bounds read
+        with pytest.raises(ValueError, match="target must have the shape"):
+            kernels.cross_entropy(logits, bad[:3])
+    with pytest.raises(ValueError, match="outside"):  # restored on exit
+        kernels.cross_entropy(logits, bad)
+    assert kernels.linear_cross_entropy(h, hw, bad, check_targets=False).isfinite()
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_matches_the_torch_ops_dtypes(backend):
+    x, r, w, b = _norm_inputs()
+    q, k, v, _ = _attention_inputs()
+    logits, t, h, hw, hb = _ce_inputs()
+    with kernels.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        xb = x.bfloat16()
+        assert kernels.layer_norm(xb, 40, w, b).dtype == F.layer_norm(xb, (40,), w, b).dtype
+        assert kernels.rms_norm(xb, 40, w).dtype == F.rms_norm(xb, (40,), w).dtype
+        out = kernels.attention(q, k, v.bfloat16(), causal=True)  # mixed dtypes, as autocast allows
+        assert out.dtype == F.scaled_dot_product_attention(q, q, q).dtype == torch.bfloat16
+        assert kernels.cross_entropy(logits.bfloat16(), t).dtype == F.cross_entropy(logits.bfloat16(), t).dtype
+        # bf16 activations with an fp32 head, as in a model under autocast: the GEMM runs in bf16.
+        loss = kernels.linear_cross_entropy(h.bfloat16(), hw, t, hb)
+        want = F.cross_entropy(F.linear(h.bfloat16(), hw, hb), t)
+    assert loss.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert hw.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- the name `kernels`
+
+
+def test_transformers_does_not_take_our_kernels_for_the_kernel_hub():
+    transformers = pytest.importorskip("transformers")
+    import_utils = importlib.import_module("transformers.utils.import_utils")
+    import_utils.is_kernels_available.cache_clear()
+    try:
+        assert importlib.util.find_spec("kernels").origin.startswith(str(ROOT))  # ours is the one importable
+        assert not transformers.utils.is_kernels_available()
+        # Were fastlm installed, transformers would read the version of the distribution that
+        # provides `kernels` (fastlm's): it must stay outside the hub's accepted range.
+        version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+        low, high = (import_utils.version.parse(v) for v in (import_utils.KERNELS_MIN_VERSION,
+                                                             import_utils.KERNELS_MAX_VERSION))
+        assert not low <= import_utils.version.parse(version) < high
+        assert not hasattr(kernels, "__version__")  # the fallback transformers reads without metadata
+    finally:
+        import_utils.is_kernels_available.cache_clear()
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, attn_pdrop=0.0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"))
+    assert re.search("attention", str(model.kernels_patch_report))
+    ids = torch.randint(0, 64, (2, 8))
+    out = model.train()(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.loss.isfinite()

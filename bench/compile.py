@@ -1,6 +1,6 @@
 """Compile every shipped Triton kernel configuration for real GPUs, without a GPU.
 
-    python -m bench.compile [--targets 90,80] [--jobs N] [--only SUBSTRING] [--json FILE]
+    python -m bench.compile [--targets 90,80] [--jobs N] [--only SUBSTRING[|SUBSTRING]] [--json FILE] [--details]
 
 Every op module in ``kernels`` exposes ``compile_specs()``: each kernel at each
 launch configuration its launchers can choose. Each is built by Triton's real
@@ -45,7 +45,7 @@ _SPECS: list = []  # filled before the worker pool forks
 
 
 def _is_bf16(spec) -> bool:
-    return any(t == "*bf16" for t in spec.signature.values()) or not any(
+    return any(t == "*bf16" or t.startswith("tensordesc<bf16") for t in spec.signature.values()) or not any(
         t in ("*fp16", "*fp32") for k, t in spec.signature.items() if k.isupper()
     )
 
@@ -63,7 +63,7 @@ def collect_specs(only: str | None = None, quick: bool = False) -> list:
             continue
         module = importlib.import_module(f"kernels.{info.name}")
         for spec in getattr(module, "compile_specs", lambda: [])():
-            if (only is None or only in spec.name or only in spec.describe()) and (not quick or (_is_bf16(spec) and spec.extra.get("quick", True))):
+            if (only is None or any(o in spec.name or o in spec.describe() for o in only.split("|"))) and (not quick or (_is_bf16(spec) and spec.extra.get("quick", True))):
                 specs.append(spec)
     return specs
 
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
-    parser.add_argument("--only", default=None, help="only kernels whose name or config contains this")
+    parser.add_argument("--only", default=None,
+                        help="only kernels whose name or config contains this ('a|b': either)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     parser.add_argument("--quick", action="store_true", help="the test suite's subset: bf16, attention at head dims 64 and 128")
     parser.add_argument("--quiet", action="store_true", help="print only the summary and failures")

@@ -20,7 +20,10 @@ Forward: one program per block of BLOCK_M query rows, streaming key blocks with
 an online softmax in the exp2 domain (``scale * log2(e)`` folded into one FMA)
 and fp32 accumulators. Key blocks past the causal diagonal are never visited;
 blocks fully visible to every row run without a mask, and only the diagonal
-blocks (and the last, partial one) apply it.
+blocks (and the last, partial one) apply it. On sm_90+, inputs TMA can read
+(``_tma_qualifies``) run ``_attn_fwd_tma_kernel``: tensor descriptors, one key
+loop, and warp-specialized autotune candidates; the rest, and sm_80, the pointer
+kernel.
 
 Backward, deterministic (no atomics): a preprocess kernel forms ``delta``; one
 kernel per block of keys accumulates dK and dV over all query blocks and, for

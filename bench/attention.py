@@ -2,6 +2,7 @@
 
     python -m bench.attention [--dtype bf16] [--heads 16] [--head-dim 128] [--tokens 16384]
                               [--seqlens 4096,8192,16384] [--causal both|yes|no] [--json FILE]
+                              [--providers fastlm,sdpa-flash,sdpa-cudnn]
 
 The issue's figure: bf16, 16 heads of dim 128, batch x seq = 16k tokens, seq 4k..16k,
 causal forward, backward and forward+backward, each timed separately (the backward on a
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlens", default="4096,8192,16384")
     parser.add_argument("--causal", default="both", choices=["both", "yes", "no"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of the providers (default: every one importable here)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.attention: no GPU: nothing measured (the figures need a CUDA device)")
@@ -245,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for causal in causals:
         providers = _providers(causal, dtype)
+        if args.providers:
+            wanted = args.providers.split(",")
+            unknown = sorted(set(wanted) - set(providers))
+            if unknown:
+                parser.error(f"--providers: unknown or not importable here: {', '.join(unknown)} "
+                             f"(available: {', '.join(providers)})")
+            providers = {name: providers[name] for name in wanted}
         for seq in (int(s) for s in args.seqlens.split(",")):
             batch = max(1, args.tokens // seq)
             rows += bench_case(providers, batch, args.heads, seq, args.head_dim, dtype, causal)

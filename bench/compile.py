@@ -1,6 +1,6 @@
 """Compile every shipped Triton kernel configuration for real GPUs, without a GPU.
 
-    python -m bench.compile [--targets 90,80] [--jobs N] [--only SUBSTRING] [--json FILE]
+    python -m bench.compile [--targets 90,80] [--jobs N] [--only SUBSTRING[|SUBSTRING]] [--json FILE] [--details]
 
 Every op module in ``kernels`` exposes ``compile_specs()``: each kernel at each
 launch configuration its launchers can choose. Each is built by Triton's real
@@ -10,6 +10,15 @@ registers, spills (local memory / stack), shared memory, and whether the
 tensor-core instructions are used (HGMMA, the warpgroup MMA, on sm_90; HMMA on
 sm_80). Exit status 1 when a configuration fails to compile or a hot kernel
 spills.
+
+``--details`` also prints what the SASS says about how a kernel feeds the tensor
+cores (:func:`sass_facts`): TMA loads and stores (UTMALDG/UTMASTG) against
+``cp.async`` (LDGSTS), warp specialization (the TTGIR's ``ttg.warp_specialize``
+and the SASS's register rebalancing, USETMAXREG), each HGMMA shape with where its
+A operand comes from (``rs``: registers, ``ss``: shared memory), the wgmma wait
+depths (``WARPGROUP.DEPBAR.LE gsb0, N``: N groups left in flight), and for the
+main loop (the innermost loop with the most HGMMA) its instruction count and its
+MUFU.EX2 count (exponentials per key tile). A compiler report, not a measurement.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ _SPECS: list = []  # filled before the worker pool forks
 
 
 def _is_bf16(spec) -> bool:
-    return any(t == "*bf16" for t in spec.signature.values()) or not any(
+    return any(t == "*bf16" or t.startswith("tensordesc<bf16") for t in spec.signature.values()) or not any(
         t in ("*fp16", "*fp32") for k, t in spec.signature.items() if k.isupper()
     )
 
@@ -54,7 +63,7 @@ def collect_specs(only: str | None = None, quick: bool = False) -> list:
             continue
         module = importlib.import_module(f"kernels.{info.name}")
         for spec in getattr(module, "compile_specs", lambda: [])():
-            if (only is None or only in spec.name or only in spec.describe()) and (not quick or (_is_bf16(spec) and spec.extra.get("quick", True))):
+            if (only is None or any(o in spec.name or o in spec.describe() for o in only.split("|"))) and (not quick or (_is_bf16(spec) and spec.extra.get("quick", True))):
                 specs.append(spec)
     return specs
 
@@ -63,6 +72,52 @@ def _cuobjdump() -> str:
     import triton.backends.nvidia as nvidia
 
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def sass_facts(sass: str, ttgir: str = "") -> dict:
+    """How one cubin's SASS feeds the tensor cores: TMA, warp specialization, HGMMA shapes, waits, the main loop."""
+    code = [(int(a, 16), ins.strip()) for a, ins in _SASS_LINE.findall(sass)]
+    ops = [ins.split()[1] if ins.startswith("@") else ins.split()[0] for _, ins in code]
+
+    def count(prefix, lines=ops):
+        return sum(op.startswith(prefix) for op in lines)
+
+    hgmma = {}
+    for (_, ins), op in zip(code, ops):
+        if op.startswith("HGMMA."):
+            args = ins.split(None, 2 if ins.startswith("@") else 1)[-1].split(",")  # dest, A, B, C
+            shape = op.split(".")[1]
+            source = "ss" if "gdesc" in args[1] else "rs"  # A from shared memory or registers
+            hgmma[f"{shape}{source}"] = hgmma.get(f"{shape}{source}", 0) + 1
+    waits = sorted({int(w, 16) for w in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)})
+    # Loops: a branch to an earlier address. The main loop: the most HGMMA, innermost on a tie.
+    loops = []
+    for i, (addr, ins) in enumerate(code):
+        m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            body = [op for (a, _), op in zip(code, ops) if int(m.group(1), 16) <= a <= addr]
+            loops.append((count("HGMMA.", body), -len(body), body))
+    main = max(loops, default=(0, 0, []))[2] if any(loop[0] for loop in loops) else []
+    return {
+        "utmaldg": count("UTMALDG"), "utmastg": count("UTMASTG"), "ldgsts": count("LDGSTS"),
+        "warp_specialized": "ttg.warp_specialize" in ttgir,
+        "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\S* (0x[0-9a-f]+)", sass)}),
+        "hgmma": hgmma, "hmma": count("HMMA."), "wgmma_waits": waits,
+        "main_loop_instructions": len(main), "main_loop_ex2": count("MUFU.EX2", main),
+        "main_loop_hgmma": count("HGMMA.", main),
+    }
+
+
+def describe_facts(f: dict) -> str:
+    """One line of :func:`sass_facts` for the table."""
+    load = f"TMA {f['utmaldg']}ld/{f['utmastg']}st" if f["utmaldg"] or f["utmastg"] else f"LDGSTS {f['ldgsts']}"
+    ws = f"WS setmaxnreg {f['setmaxnreg']}" if f["warp_specialized"] else "no-WS"
+    mma = ",".join(f"{k}x{n}" for k, n in sorted(f["hgmma"].items())) or (f"HMMA x{f['hmma']}" if f["hmma"] else "-")
+    return (f"{load}; {ws}; {mma}; waits {f['wgmma_waits']}; loop {f['main_loop_instructions']} ins, "
+            f"{f['main_loop_hgmma']} hgmma, {f['main_loop_ex2']} ex2")
 
 
 def _compile_one(job: tuple[int, int]) -> dict:
@@ -91,11 +146,9 @@ def _compile_one(job: tuple[int, int]) -> dict:
         fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
         row["regs"] = int(fields.get("REG", -1))
         row["spill_bytes"] = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
-        mma = ""
-        if "mma" in compiled.asm["ptx"]:
-            sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True).stdout
-            mma = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else ""
-        row["tensor_cores"] = mma
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True).stdout
+        row["tensor_cores"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else ""
+        row["sass"] = sass_facts(sass, compiled.asm.get("ttgir", ""))
     row["shared_bytes"] = int(compiled.metadata.shared)
     return row
 
@@ -117,6 +170,14 @@ def failures(rows: list[dict]) -> list[str]:
         elif r["hot"] and r["spill_bytes"] > 0:
             bad.append(f"{r['kernel']} {r['config']} {r['target']}: spills {r['spill_bytes']} bytes")
     return bad
+
+
+def print_details(rows: list[dict]) -> None:
+    """One line per configuration and target: :func:`describe_facts`."""
+    for r in rows:
+        if "sass" in r:
+            print(f"{r['kernel']:<28} {r['config']:<96} {r['target']} regs {r['regs']:>3} spill {r['spill_bytes']}: "
+                  f"{describe_facts(r['sass'])}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -142,16 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
-    parser.add_argument("--only", default=None, help="only kernels whose name or config contains this")
+    parser.add_argument("--only", default=None,
+                        help="only kernels whose name or config contains this ('a|b': either)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     parser.add_argument("--quick", action="store_true", help="the test suite's subset: bf16, attention at head dims 64 and 128")
     parser.add_argument("--quiet", action="store_true", help="print only the summary and failures")
+    parser.add_argument("--details", action="store_true",
+                        help="also print, per configuration, TMA, warp specialization, HGMMA shapes, waits, main loop")
     args = parser.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",") if t.strip()]
     start = time.perf_counter()
     rows = run(targets, max(1, args.jobs), args.only, args.quick)
     if not args.quiet:
         print_table(rows)
+    if args.details:
+        print_details(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)

@@ -21,7 +21,10 @@ Forward: one program per block of BLOCK_M query rows, streaming key blocks with
 an online softmax in the exp2 domain (``scale * log2(e)`` folded into one FMA)
 and fp32 accumulators. Key blocks past the causal diagonal are never visited;
 blocks fully visible to every row run without a mask, and only the diagonal
-blocks (and the last, partial one) apply it.
+blocks (and the last, partial one) apply it. On sm_90+, inputs TMA can read
+(``_tma_qualifies``) run ``_attn_fwd_tma_kernel``: tensor descriptors, one key
+loop, and warp-specialized autotune candidates; the rest, and sm_80, the pointer
+kernel.
 
 Backward, deterministic (no atomics): a preprocess kernel forms ``delta``; one
 kernel per block of keys accumulates dK and dV over all query blocks and, for
@@ -36,6 +39,7 @@ small configuration runs.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -51,6 +55,13 @@ from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
 from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype
 from . import reference
 from .reference.attention import masked_attention
+
+try:  # host-side TMA descriptors (triton >= 3.3); without them every GPU runs the pointer path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+# tl.range(..., warp_specialize=True): without it the warp-specialized configurations are dropped.
+HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range).parameters
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: plain globals are not constexpr
 MAX_HEAD_DIM = 256
@@ -100,6 +111,28 @@ def _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL: tl.constexpr, BLOCK_M
 
 
 @triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax. ``qk`` is unscaled, -inf where masked (scale > 0: max commutes)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead (p = 0, no NaN).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])  # the scale folded into one FMA per score
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL: tl.constexpr):
+    visible = cols[None, :] < kv_len
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+    return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
               kv_len, causal_offset, qk_scale,
               stride_kn, stride_kd, stride_vn, stride_vd,
@@ -110,23 +143,26 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        visible = cols[None, :] < kv_len
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead (p = 0, no NaN).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+        qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL)
+    return _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
+
+
+@triton.jit
+def _kv_len(KV_LENS, b, Nk, HAS_KV_LENS: tl.constexpr):
+    """Batch b's visible key count."""
+    if HAS_KV_LENS:
+        return tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
+    return Nk
+
+
+@triton.jit
+def _forward_program(group, CAUSAL: tl.constexpr):
+    """This program's query block, query head, batch and kv head."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: a shorter tail
+    h = tl.program_id(1)
+    return pid_m, h, tl.program_id(2), h // group
 
 
 @triton.jit
@@ -141,12 +177,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: a shorter tail
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // group
+    pid_m, h, b, hk = _forward_program(group, CAUSAL)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -157,9 +188,7 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_len = Nk
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
+    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
 
     q = _load_tile(q_base, offs_m, Nq, stride_qm, offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -176,12 +205,68 @@ def _attn_fwd_kernel(
                                   kv_len, causal_offset, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
                                   HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PRECISION)
 
+    out, lse = _fwd_finish(acc, l_i, m_i)
+    _store_tile(o_base, out.to(O.dtype.element_ty), offs_m, Nq, stride_om, offs_d, stride_od, HEAD_DIM, BLOCK_D)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
+
+
+@triton.jit
+def _fwd_finish(acc, l_i, m_i):
     # Rows with no visible key: l = 0, acc = 0 -> output 0, lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    _store_tile(o_base, out.to(O.dtype.element_ty), offs_m, Nq, stride_om, offs_d, stride_od, HEAD_DIM, BLOCK_D)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # x ln 2
-    tl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
+def _attn_fwd_tma_kernel(
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_LENS,
+    H, group, Nq, Nk, causal_offset, qk_scale,
+    tune_nq, tune_nk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """The forward on Hopper: q, k, v, o move by TMA through (B, heads, seq, head_dim) tensor descriptors.
+
+    The descriptors zero-fill rows past the sequence and columns past HEAD_DIM, so no
+    tile needs a load mask. One key loop, in which only the boundary tiles (diagonal,
+    ragged end, kv_len) apply the score mask, or, with WARP_SPECIALIZE, every tile
+    (branch-free, so the compiler splits the loop into a TMA producer warp and a
+    wgmma consumer warpgroup).
+    """
+    pid_m, h, b, hk = _forward_program(group, CAUSAL)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
+
+    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    # Triton's warp-specialization pass takes no branch inside its loop (3.8 leaves such a
+    # loop unspecialized): there every tile runs the mask as arithmetic. It neither takes
+    # the register round trip that zeroes padded values, so with kv_lens the loop is plain.
+    SPECIALIZE: tl.constexpr = WARP_SPECIALIZE and not HAS_KV_LENS
+    for start_n in tl.range(0, end, BLOCK_N, warp_specialize=SPECIALIZE):
+        k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        cols = start_n + offs_n
+        if SPECIALIZE:
+            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL)
+        elif start_n >= full_end:  # only the boundary tiles: diagonal, ragged end, kv_len
+            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL)
+            if HAS_KV_LENS:
+                # Keys past kv_len are the caller's padding, maybe NaN: P = 0 there is not enough.
+                v = tl.where(cols[:, None] < kv_len, v, 0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
+
+    out, lse = _fwd_finish(acc, l_i, m_i)
+    desc_o.store([b, h, start_m, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    tl.store(LSE + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 @triton.jit
@@ -219,7 +304,7 @@ def _load_row_stats(LSE, DELTA, row, offs_m, Nq):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_n, offs_d,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, diag_end, offs_n, offs_d,
                Nq, causal_offset, qk_scale,
                stride_qm, stride_qd, stride_dom, stride_dod,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -232,7 +317,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, off
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
     if MASKED:
-        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+        if start_m < diag_end:  # only query blocks on the diagonal pay for the mask
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -260,9 +346,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_len = Nk
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
+    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -285,14 +369,12 @@ def _attn_bwd_dkdv_kernel(
             q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
             do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
             row_base = (b * H + h).to(tl.int64) * Nq
-            for start_m in range(lo, diag_end, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_n, offs_d,
-                                    Nq, causal_offset, qk_scale, stride_qm, stride_qd, stride_dom, stride_dod,
+            # One loop (two would each keep a software pipeline's buffers live: spills at head dim 128).
+            for start_m in range(lo, Nq, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, diag_end,
+                                    offs_n, offs_d, Nq, causal_offset, qk_scale,
+                                    stride_qm, stride_qd, stride_dom, stride_dod,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, DOT_PRECISION)
-            for start_m in range(full_start, Nq, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_n, offs_d,
-                                    Nq, causal_offset, qk_scale, stride_qm, stride_qd, stride_dom, stride_dod,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_PRECISION)
     # Keys past kv_len are masked out of every row: their gradients are exactly zero.
     key_visible = (offs_n < kv_len)[:, None]
     dk = tl.where(key_visible, dk * sm_scale, 0.0)
@@ -350,9 +432,7 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_len = Nk
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
+    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
 
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, Nq, stride_qm,
                    offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
@@ -379,18 +459,24 @@ def _attn_bwd_dq_kernel(
 
 @dataclass(frozen=True)
 class TileConfig:
-    """BLOCK_M (query rows) x BLOCK_N (keys) per program step, and the launch options."""
+    """BLOCK_M (query rows) x BLOCK_N (keys) per program step, and the launch options.
+
+    ``warp_specialize`` (TMA forward only): the key loop is split by the compiler into
+    a TMA producer warp and a wgmma consumer warpgroup with rebalanced registers.
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False
 
 
 # Under the interpreter: one configuration, rectangular like the GPU's so the
 # block-range arithmetic is exercised with BLOCK_M != BLOCK_N.
 _INTERPRET = {
     "fwd": TileConfig(64, 32, 4, 1),
+    "fwd_tma": TileConfig(64, 32, 4, 1),
     "dkdv": TileConfig(32, 64, 4, 1),  # 64 keys per program, 32 queries per step
     "dq": TileConfig(64, 32, 4, 1),
 }
@@ -404,20 +490,35 @@ _GPU_CONFIGS_16BIT = {
     "sm90": {
         "fwd": {
             64: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
-            128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 1),
+            128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
                   TileConfig(64, 64, 4, 3)],
             256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
         },
+        # The TMA forward (inputs that qualify, see _tma_qualifies). Warp-specialized configs
+        # keep BLOCK_M=64 with 4 warps (one consumer warpgroup): Triton 3.8's pass fails to
+        # split a 128-row Q tile between two consumers ("descriptor block and tensor must
+        # have the same number of elements") and leaves 8-warp loops unspecialized.
+        "fwd_tma": {
+            64: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3, True),
+                 TileConfig(64, 128, 4, 3, True), TileConfig(64, 64, 4, 3)],
+            128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
+                  TileConfig(64, 64, 4, 2, True), TileConfig(64, 128, 4, 2, True), TileConfig(64, 64, 4, 3)],
+            256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2),
+                  TileConfig(64, 32, 4, 2, True)],
+        },
         # dK/dV keeps k, v and two fp32 accumulators of BLOCK_N keys live: few queries per step.
+        # At head dim 128 no BLOCK_M=16 (64x16 wgmma, bound by shared memory) and nothing
+        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal. Head dim 256 with 64 keys
+        # is on wgmma (32 keys compiled to mma.sync); only 16 queries per step fit there.
         "dkdv": {
             64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(32, 64, 4, 3)],
-            128: [TileConfig(16, 128, 8, 2), TileConfig(16, 128, 8, 3), TileConfig(32, 64, 8, 2)],
-            256: [TileConfig(16, 32, 8, 2), TileConfig(32, 32, 8, 2)],  # BLOCK_N < 64: no HGMMA, but no spills
+            128: [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
+            256: [TileConfig(16, 64, 8, 2)],
         },
         "dq": {
             64: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 32, 8, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2)],
-            256: [TileConfig(64, 32, 8, 2)],
+            256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
         },
     },
     "sm80": {
@@ -428,7 +529,7 @@ _GPU_CONFIGS_16BIT = {
         },
         "dkdv": {
             64: [TileConfig(32, 128, 8, 3)],
-            128: [TileConfig(16, 128, 8, 3), TileConfig(32, 64, 8, 2)],
+            128: [TileConfig(32, 64, 8, 2)],  # (16, 128, 8w) spills on mma.sync since dK/dV runs one loop
             256: [TileConfig(16, 32, 8, 2), TileConfig(32, 32, 8, 2)],
         },
         "dq": {
@@ -448,7 +549,8 @@ _GPU_CONFIGS_FP32 = {
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
 _PREPROCESS_BLOCK_M = 64
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+            "dq": _attn_bwd_dq_kernel}
 
 
 def _block_d(head_dim: int) -> int:
@@ -463,9 +565,43 @@ def gpu_family(device: torch.device) -> str:
 
 
 def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90") -> list[TileConfig]:
-    """The autotuner's candidates for one kernel ('fwd', 'dkdv', 'dq') at a padded head dim."""
+    """The autotuner's candidates for one kernel ('fwd', 'fwd_tma', 'dkdv', 'dq') at a padded head dim.
+
+    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32.
+    """
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS_16BIT[family]
-    return table[kind][max(64, block_d)]
+    configs = table.get(kind, {}).get(max(64, block_d), [])
+    return [c for c in configs if HAS_WARP_SPECIALIZE or not c.warp_specialize]
+
+
+def _tma_qualifies(*tensors: torch.Tensor) -> bool:
+    """Whether (B, H, N, D) tensors can be read by TMA: what a tensor descriptor needs.
+
+    16-bit dtypes (fp32 runs exact dots on CUDA cores, where TMA buys nothing), a
+    contiguous last dimension, 16-byte aligned base and strides (no stride-0
+    broadcasts), and on a GPU compute capability 9.0+ (the interpreter runs it
+    anywhere). The others take the pointer kernel: same results.
+    """
+    if TensorDescriptor is None:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if (t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1 or t.data_ptr() % 16
+                or any(st <= 0 or st * size % 16 for st in t.stride()[:-1]) or 0 in t.shape):
+            return False
+    device = tensors[0].device
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
+    # Whole (B, H, N, D) tensor: TMA zero-fills rows past N and columns past D per head.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotuner pre-hook: each configuration's tile shape into the TMA descriptors."""
+    for name, rows in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
+        nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
 
 def _seq_bucket(n: int) -> int:
@@ -476,12 +612,17 @@ def _seq_bucket(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str):
     configs = [
-        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **_ws_kwarg(kind, c)}, num_warps=c.num_warps,
+                      num_stages=c.num_stages, pre_hook=_set_block_shapes if kind == "fwd_tma" else None)
         for c in gpu_configs(kind, block_d, dtype, family)
     ]
     return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", "tune_nq", "tune_nk"])(
         _KERNELS[kind]
     )
+
+
+def _ws_kwarg(kind: str, c: TileConfig) -> dict:
+    return {"WARP_SPECIALIZE": c.warp_specialize} if kind == "fwd_tma" else {}
 
 
 def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, consts: dict, device: torch.device):
@@ -493,7 +634,10 @@ def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, cons
         kernel[lambda meta: (cdiv(grid_rows, meta[block]), heads, batch)](*args, **consts)
     else:
         c = _INTERPRET[kind]
-        consts = {k: v for k, v in consts.items() if not k.startswith("_")}
+        consts = {k: v for k, v in consts.items() if not k.startswith("_")} | _ws_kwarg(kind, c)
+        if kind == "fwd_tma":
+            _set_block_shapes({**dict(zip(_attn_fwd_tma_kernel.arg_names, args)), **consts,
+                               "BLOCK_M": c.block_m, "BLOCK_N": c.block_n})
         rows_per_program = c.block_n if kind == "dkdv" else c.block_m
         launch(_KERNELS[kind])[(cdiv(grid_rows, rows_per_program), heads, batch)](
             *args, **consts, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages
@@ -519,12 +663,22 @@ def _attention_forward(q, k, v, scale, causal_offset, kv_lens):
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
+    consts = _common_consts(q, causal_offset, kv_lens)
+    if _tma_qualifies(q, k, v, o):
+        block_d = consts["BLOCK_D"]  # the row counts are placeholders until the tile is chosen
+        args = (
+            _descriptor(q, 16, block_d), _descriptor(k, 16, block_d), _descriptor(v, 16, block_d),
+            _descriptor(o, 16, block_d), lse, kv_lens if kv_lens is not None else lse,
+            H, H // Hkv, Nq, Nk, causal_offset or 0, scale * LOG2E, _seq_bucket(Nq), _seq_bucket(Nk),
+        )
+        _launch("fwd_tma", Nq, H, B, args, consts, q.device)
+        return o, lse
     args = (
         q, k, v, o, lse, kv_lens if kv_lens is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // Hkv, Nq, Nk, causal_offset or 0, scale * LOG2E, _seq_bucket(Nq), _seq_bucket(Nk),
     )
-    _launch("fwd", Nq, H, B, args, _common_consts(q, causal_offset, kv_lens), q.device)
+    _launch("fwd", Nq, H, B, args, consts, q.device)
     return o, lse
 
 
@@ -568,6 +722,9 @@ def _signature(kernel, ptr: str, consts: dict) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
+        elif name.startswith("desc_"):  # (B, H, N, D) descriptors of one (rows, BLOCK_D) tile
+            rows = consts["BLOCK_N"] if name in ("desc_k", "desc_v") else consts["BLOCK_M"]
+            sig[name] = f"tensordesc<{ptr[1:]}[1, 1, {rows}, {consts['BLOCK_D']}]>"
         elif name in _POINTERS:
             sig[name] = ptr
         elif name in _FP32_POINTERS:
@@ -616,7 +773,7 @@ def compile_specs() -> list[KernelSpec]:
                         c = {name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")}
                         c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KV_LENS": False,
                               "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+                              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
                         sig = _signature(kernel, ptr, c)
                         specs.append(KernelSpec(
                             kernel, sig, c, cfg.num_warps, cfg.num_stages, hot=dtype != torch.float32,

@@ -400,3 +400,86 @@ def test_nan_and_inf_past_kv_lens_change_nothing(backend, causal):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     for b, n in enumerate(kv_lens.tolist()):
         assert (bad[2][b, :, n:] == 0).all() and (bad[3][b, :, n:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- TMA forward and pointer forward
+
+
+def _forward_kinds(monkeypatch):
+    """Record which forward kernel ('fwd_tma' or 'fwd') each launch runs."""
+    kinds = []
+    launch = attention_module._launch
+
+    def recording(kind, *args, **kwargs):
+        if kind.startswith("fwd"):
+            kinds.append(kind)
+        return launch(kind, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_launch", recording)
+    return kinds
+
+
+def test_strides_tma_cannot_read_take_the_pointer_path_and_agree(monkeypatch):
+    # D=40 fp16: rows of 80 bytes qualify; a view padded to 41 columns (82-byte rows) and a
+    # view with every other feature do not. Same results either way, bit for bit.
+    kinds = _forward_kinds(monkeypatch)
+    q, k, v, do = _inputs(1, 4, 2, 45, 70, 40, torch.float16)
+    base = check_against_reference(q, k, v, do, causal=True)
+    assert kinds and set(kinds) == {"fwd_tma"}
+
+    def padded(t):
+        buf = torch.zeros(*t.shape[:-1], 41, dtype=t.dtype, device=t.device)
+        buf[..., :40] = t
+        return buf[..., :40]
+
+    def every_other(t):
+        buf = torch.zeros(*t.shape[:-1], 80, dtype=t.dtype, device=t.device)
+        buf[..., ::2] = t
+        return buf[..., ::2]
+
+    for layout in (padded, every_other):
+        kinds.clear()
+        got = check_against_reference(layout(q), layout(k), layout(v), do, causal=True)
+        assert set(kinds) == {"fwd"}, layout.__name__
+        for a, b in zip(got, base):
+            assert torch.equal(a, b), layout.__name__
+    assert not attention_module._tma_qualifies(q.float(), k.float(), v.float())  # fp32: pointer path
+
+
+@pytest.mark.parametrize("Nq,Nk,D,Hkv", SHAPES, ids=[f"{a}x{b}-d{d}-kv{h}" for a, b, d, h in SHAPES])
+def test_pointer_forward_matches_reference(monkeypatch, Nq, Nk, D, Hkv):
+    # The fp16 tests above run the TMA forward where strides allow; sm_80 runs this one.
+    monkeypatch.setattr(attention_module, "_tma_qualifies", lambda *tensors: False)
+    kinds = _forward_kinds(monkeypatch)
+    check_against_reference(*_inputs(1, 4, Hkv, Nq, Nk, D, torch.float16), causal=True)
+    assert set(kinds) == {"fwd"}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_warp_specialized_forward_masks_every_tile(monkeypatch, causal):
+    # The warp-specialized loop applies the mask to every tile as arithmetic; with kv_lens
+    # it falls back to the boundary-only loop. Both against the reference, GQA, Nq != Nk.
+    if DEVICE != "cpu":
+        pytest.skip("tile shapes are autotuned on a GPU")
+    monkeypatch.setitem(attention_module._INTERPRET, "fwd_tma", TileConfig(64, 32, 4, 1, warp_specialize=True))
+    kinds = _forward_kinds(monkeypatch)
+    q, k, v, do = _inputs(2, 4, 2, 70, 97, 32, torch.float16)
+    check_against_reference(q, k, v, do, causal=causal)
+    check_against_reference(q, k, v, do, causal=causal, kv_lens=torch.tensor([97, 40], device=DEVICE))
+    assert set(kinds) == {"fwd_tma"}
+
+
+def test_nan_past_kv_lens_changes_nothing_on_the_tma_path(monkeypatch):
+    # TMA reads the padded keys and values whole (it zero-fills only past the tensor's end).
+    kinds = _forward_kinds(monkeypatch)
+    q, k, v, do = _inputs(3, 2, 1, 5, 40, 16, torch.float16)
+    kv_lens = torch.tensor([40, 4, 0], device=DEVICE)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[1, :, 4:], v_bad[1, :, 4:] = float("nan"), float("inf")
+    k_bad[2], v_bad[2] = float("inf"), float("nan")
+    for causal in (False, True):
+        clean = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens)
+        bad = kernels.attention(q, k_bad, v_bad, causal=causal, kv_lens=kv_lens)
+        assert torch.isfinite(bad).all()
+        torch.testing.assert_close(bad, clean, rtol=0, atol=0)
+    assert set(kinds) == {"fwd_tma"}

@@ -7,6 +7,7 @@ sweep, every dtype and head dim, is ``python -m bench.compile`` (about 15 CPU
 minutes).
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -36,6 +37,50 @@ def test_every_kernel_config_compiles_without_spills(tmp_path):
     # Hopper attention must use warpgroup MMA at the head dims models use.
     hopper_attn = [r for r in rows if r["kernel"] == "_attn_fwd_kernel" and r["target"] == "sm_90"]
     assert hopper_attn and all(r["tensor_cores"] == "HGMMA" for r in hopper_attn)
+
+
+def test_hopper_attention_feeds_the_tensor_cores(tmp_path):
+    # Only the configurations asserted on: the bf16 TMA forward at head dims 64/128 and
+    # dK/dV at 128, for sm_90 (a few dozen compiles; Triton's cache makes reruns quick).
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compile", "--quick", "--quiet", "--targets", "90", "--json", str(out),
+         "--only", "_attn_fwd_tma_kernel|dkdv D=128 "],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]  # no failure, no hot spill
+    rows = json.loads(out.read_text())["rows"]
+    fwd = [r for r in rows if r["kernel"] == "_attn_fwd_tma_kernel"]
+    dkdv = [r for r in rows if r["kernel"] == "_attn_bwd_dkdv_kernel"]
+    assert {"D=64 ", "D=128 "} <= {d for r in fwd for d in ("D=64 ", "D=128 ") if d in r["config"]} and dkdv
+    for r in fwd:  # q, k, v in by TMA, o out by TMA, onto warpgroup MMA
+        assert r["sass"]["utmaldg"] > 0 and r["sass"]["utmastg"] > 0 and r["sass"]["ldgsts"] == 0, r["config"]
+        assert r["sass"]["hgmma"], r["config"]
+    if importlib.import_module("kernels.attention").HAS_WARP_SPECIALIZE:
+        assert any(r["sass"]["warp_specialized"] and r["sass"]["setmaxnreg"] for r in fwd)
+    for r in dkdv:  # no 64x16 (or narrower) wgmma: bound by shared-memory bandwidth
+        assert r["sass"]["hgmma"] and not any(s.startswith(("64x8x", "64x16x")) for s in r["sass"]["hgmma"]), r
+
+
+def test_sass_facts_reads_tma_wgmma_and_the_main_loop():
+    sass = """
+        /*0100*/                   UTMALDG.4D [UR8], [UR4] ;
+        /*0110*/                   USETMAXREG.DEALLOC.CTAPOOL.sync.aligned 0x28 ;
+        /*0200*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ;
+        /*0210*/                   HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR8], R88, gsb0 ;
+        /*0220*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0230*/                   MUFU.EX2 R1, R1 ;
+        /*0240*/              @!P2 BRA 0x200 ;
+        /*0250*/                   MUFU.EX2 R2, R2 ;
+        /*0260*/                   UTMASTG.4D [UR4], [UR8] ;
+        /*0270*/                   EXIT ;
+    """
+    f = compile_check.sass_facts(sass, "ttg.warp_specialize")
+    assert (f["utmaldg"], f["utmastg"], f["ldgsts"]) == (1, 1, 0)
+    assert f["hgmma"] == {"64x64x16ss": 1, "64x128x16rs": 1} and f["wgmma_waits"] == [1]
+    assert f["warp_specialized"] and f["setmaxnreg"] == [0x28]
+    assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (5, 2, 1)
 
 
 def test_failures_flags_errors_and_hot_spills_only():

@@ -15,11 +15,13 @@ writes it: one program per row, a first sweep over the vocabulary for ``lse``
 lanes once at the end), a second sweep that writes the gradient. Rows of up to
 ``_ONE_PASS_MAX`` classes are held in registers and read once. The gradient goes
 to a separate buffer unless ``inplace_backward=True``, which overwrites the
-logits. The backward multiplies it by the upstream gradient: out of place in the
-``fastlm::cross_entropy`` op's backward (an op's output may not change after it
-returns; torch.compile fuses the multiply), in place with ``inplace_backward``,
-where a kernel skips every row whose upstream gradient is exactly 1 (the usual
-``loss.backward()``), so forward+backward moves the logits about three times.
+logits. Eagerly, the backward scales that buffer by the upstream gradient in
+place, where a kernel skips every row whose upstream gradient is exactly 1 (the
+usual ``loss.backward()``), so forward+backward moves the logits about three
+times and never holds a second gradient-sized buffer. Under torch.compile the
+``fastlm::cross_entropy`` op runs instead: an op's output may not change after it
+returns, so its backward multiplies out of place and the compiler fuses the
+multiply and reuses the buffer.
 
 ``linear_cross_entropy`` computes ``input @ weight.T + bias`` a chunk of tokens at
 a time with cuBLAS and runs the kernel above on each chunk's logits in place: the
@@ -435,8 +437,9 @@ def _linear_cross_entropy_grads(ctx, grad_loss, *_):
 linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_context=_setup_linear_cross_entropy)
 
 
-# Eager only: the inplace_backward option writes the gradient over the logits, which an op
-# (whose outputs may not alias its inputs) cannot express; under torch.compile the op runs.
+# Eager only: the gradient buffer is scaled in place in the backward (no second logits-sized
+# buffer), and inplace_backward writes it over the logits; an op can express neither (its outputs
+# may not alias its inputs nor change after it returns). Under torch.compile the op runs.
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace, compute_grad):
@@ -586,9 +589,10 @@ def cross_entropy(
         )
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     weight = weight.detach() if weight is not None else None  # a constant, as in torch
-    if inplace_backward and compute_grad and not torch.compiler.is_compiling():
+    if compute_grad and not torch.compiler.is_compiling():
         return _CrossEntropyFunction.apply(
-            input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), True, True,
+            input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
+            inplace_backward, True,
         )
     return cross_entropy_op(
         input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), compute_grad

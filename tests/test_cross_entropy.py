@@ -263,6 +263,39 @@ def test_inplace_backward_on_overlapping_logits_uses_a_separate_buffer(C):
         leaf.grad = None
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.37])
+def test_eager_backward_holds_no_second_gradient_buffer(upstream):
+    """The forward's gradient buffer is handed to autograd scaled in place: every logits-sized tensor
+    the backward touches lives in that one buffer (the compiled path's op multiplies out of place instead)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LogitsSizedStorages(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.storages = numel, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.storages |= {o.untyped_storage().data_ptr() for o in tree_leaves(out)
+                              if isinstance(o, torch.Tensor) and o.numel() == self.numel}
+            return out
+
+    torch.manual_seed(0)
+    N, C = 8, 1000
+    logits = torch.randn(N, C, requires_grad=True)
+    t = make_targets((N,), C)
+    with LogitsSizedStorages(N * C) as forward:
+        loss = kernels.cross_entropy(logits, t)
+    with LogitsSizedStorages(N * C) as backward:
+        (loss * upstream).backward()
+    buffers = forward.storages - {logits.untyped_storage().data_ptr()}
+    assert len(buffers) == 1 and backward.storages <= buffers, (forward.storages, backward.storages)
+    assert logits.grad.untyped_storage().data_ptr() in buffers
+    want = torch.autograd.grad(torch_cross_entropy(logits, t) * upstream, logits)[0]
+    torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-7)
+
+
 def test_inplace_backward_refused_when_logits_are_saved():
     # exp saves its output for its backward; overwriting it must make autograd refuse, not compute garbage.
     z = torch.randn(4, 30, requires_grad=True)

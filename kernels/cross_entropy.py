@@ -416,11 +416,14 @@ def _setup_linear_cross_entropy(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-@first_order_only(
+_LCE_FIRST_ORDER = (
     "linear_cross_entropy does not support double backward (create_graph=True): its gradients are computed "
     "chunk by chunk outside autograd, on every backend; for higher-order gradients use "
     "cross_entropy(F.linear(input, weight, bias), target) with the reference backend"
 )
+
+
+@first_order_only(_LCE_FIRST_ORDER)
 def _linear_cross_entropy_grads(ctx, grad_loss, *_):
     if ctx.reduction == "none":
         input, weight, bias, target = ctx.saved_tensors
@@ -474,6 +477,28 @@ class _CrossEntropyFunction(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         _scale_rows_(grad, grad_loss)
         return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Eager only, for 'mean' and 'sum': the gradients the forward computed are scaled in place by
+    the backward, so it never holds a second weight-sized (or input-sized) buffer, which the op
+    (whose outputs may not change after it returns) cannot do. Under torch.compile the op runs."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, need_input, need_weight, need_bias, *options):
+        loss, *grads = _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias,
+                                                *options)
+        ctx.grads, ctx.needs = [present(g) for g in grads], (need_input, need_weight, need_bias)
+        return loss
+
+    @staticmethod
+    @first_order_only(_LCE_FIRST_ORDER)
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
+        grads, ctx.grads = ctx.grads, None  # a scalar upstream gradient: 'mean' and 'sum' only
+        grads = [g.mul_(grad_loss) if g is not None and need else None for g, need in zip(grads, ctx.needs)]
+        return (*grads,) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------- public API
@@ -664,6 +689,7 @@ def linear_cross_entropy(
     chunk = chunk_size or default_chunk_size(target.numel(), C, input.device)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
-    return linear_cross_entropy_op(
-        input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss)
-    )[0]
+    args = (input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss))
+    if any(needs) and reduction != "none" and not torch.compiler.is_compiling():
+        return _LinearCrossEntropyFunction.apply(*args)
+    return linear_cross_entropy_op(*args)[0]

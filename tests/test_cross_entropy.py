@@ -15,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # The modules (``kernels.cross_entropy`` the attribute is the function).
 ce_module = importlib.import_module("kernels.cross_entropy")
@@ -263,37 +265,58 @@ def test_inplace_backward_on_overlapping_logits_uses_a_separate_buffer(C):
         leaf.grad = None
 
 
+class _StoragesOfSize(TorchDispatchMode):
+    """The storages of every tensor of ``numel`` elements that an op produces while the mode is on."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.storages = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.storages |= {o.untyped_storage().data_ptr() for o in tree_leaves(out)
+                          if isinstance(o, torch.Tensor) and o.numel() == self.numel}
+        return out
+
+
 @pytest.mark.parametrize("upstream", [1.0, 0.37])
 def test_eager_backward_holds_no_second_gradient_buffer(upstream):
     """The forward's gradient buffer is handed to autograd scaled in place: every logits-sized tensor
     the backward touches lives in that one buffer (the compiled path's op multiplies out of place instead)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class LogitsSizedStorages(TorchDispatchMode):
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.storages = numel, set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.storages |= {o.untyped_storage().data_ptr() for o in tree_leaves(out)
-                              if isinstance(o, torch.Tensor) and o.numel() == self.numel}
-            return out
-
     torch.manual_seed(0)
     N, C = 8, 1000
     logits = torch.randn(N, C, requires_grad=True)
     t = make_targets((N,), C)
-    with LogitsSizedStorages(N * C) as forward:
+    with _StoragesOfSize(N * C) as forward:
         loss = kernels.cross_entropy(logits, t)
-    with LogitsSizedStorages(N * C) as backward:
+    with _StoragesOfSize(N * C) as backward:
         (loss * upstream).backward()
     buffers = forward.storages - {logits.untyped_storage().data_ptr()}
     assert len(buffers) == 1 and backward.storages <= buffers, (forward.storages, backward.storages)
     assert logits.grad.untyped_storage().data_ptr() in buffers
     want = torch.autograd.grad(torch_cross_entropy(logits, t) * upstream, logits)[0]
     torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_eager_backward_holds_no_second_weight_gradient(reduction):
+    """The same for linear_cross_entropy's weight gradient (vocabulary x hidden: gigabytes for a large
+    vocabulary): the backward scales the forward's buffer in place (both backends run this chunk loop)."""
+    torch.manual_seed(0)
+    N, H, C = 16, 24, 700
+    x = torch.randn(N, H, requires_grad=True)
+    w = (0.1 * torch.randn(C, H)).requires_grad_()
+    t = make_targets((N,), C)
+    with _StoragesOfSize(C * H) as forward:
+        loss = kernels.linear_cross_entropy(x, w, t, reduction=reduction)
+    with _StoragesOfSize(C * H) as backward:
+        (loss * 0.37).backward()
+    buffers = forward.storages - {w.untyped_storage().data_ptr()}
+    assert backward.storages <= buffers, (forward.storages, backward.storages)
+    assert w.grad.untyped_storage().data_ptr() in buffers
+    want = torch.autograd.grad(torch_cross_entropy(x @ w.t(), t, reduction=reduction) * 0.37, (x, w))
+    torch.testing.assert_close(x.grad, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, want[1], rtol=1e-5, atol=1e-6)
 
 
 def test_inplace_backward_refused_when_logits_are_saved():

@@ -66,7 +66,7 @@ def _cases(device: str):
                       lambda dtype=dtype: _randn(((n_tok, hidden), (vocab, hidden)), device, dtype)))
 
         # Causal grouped-query attention with ragged lengths. The interpreter cannot
-        # multiply bf16 (tests/test_attention.py checks bf16 on GPUs only).
+        # multiply bf16 (tests/kernels/test_attention.py checks bf16 on GPUs only).
         if dtype != torch.bfloat16 or device == "cuda":
             shapes = ((2, 4, 113, 64), (2, 2, 203, 64), (2, 2, 203, 64))
             cases.append(("attention causal GQA 113x203", dtype,

@@ -13,13 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-HAS_GPU = torch.cuda.is_available()
+from helpers import DEVICE, HAS_GPU  # noqa: E402 (imports kernels: only once TRITON_INTERPRET is set)
 
 # Under pytest-xdist, share the cores among the workers: two workers each spinning up a thread
 # per core oversubscribe a small machine and run the CPU-heavy tests many times slower.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,11 +55,3 @@ def lock_file(monkeypatch):
 
     monkeypatch.setattr(Path, "open", open_unless_locked)
     return locked.add
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """A small text corpus (a folder of Python-like files) for the trainer's tests."""
-    from test_fastlm_train import write_corpus
-
-    return write_corpus(tmp_path / "corpus")

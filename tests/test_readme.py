@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from helpers import ROOT
 from kernels import numerics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 norm = importlib.import_module("kernels.norm")
 cross_entropy = importlib.import_module("kernels.cross_entropy")
 

@@ -12,8 +12,7 @@ from fastlm.config import ModelConfig
 from fastlm.hf import export_model, import_checkpoint
 from fastlm.model import GPT
 from fastlm.rundir import load_run
-from test_fastlm_cli import MICRO
-from test_fastlm_train import write_corpus
+from helpers import MICRO, write_corpus
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,8 @@ from safetensors.torch import load_file
 from fastlm.cli import main
 from fastlm.config import Config
 from fastlm.model import GPT
-from test_fastlm_train import losses, write_corpus
+from helpers import ROOT as REPO, losses, write_classification, write_copy_task
 
-REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # A global micro-batch of 4 sequences (2 per rank), 2 micro-steps per step, checkpoints at steps 3 and 6.
 MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
@@ -155,8 +153,6 @@ def test_other_tasks_in_two_processes_match_one(tmp_path, task, parallel):
     """The classifier and the encoder-decoder through the same machinery: evaluation sums its counts (and
     gathers its decodes) over the ranks, each rank running the same number of forwards even when the
     held-out split does not divide evenly, so the metrics equal a single process's."""
-    from test_fastlm_tasks import write_classification, write_copy_task
-
     data = write_classification(tmp_path / "d.csv", rows=90) if task == "classify" \
         else write_copy_task(tmp_path / "d.jsonl", rows=90)
     # No dropout (tiny-classify has 0.1): its masks depend on how the batch is split over processes.

@@ -16,8 +16,7 @@ import sys
 import pytest
 
 from bench import compile as compile_check
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.mark.slow

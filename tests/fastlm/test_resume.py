@@ -12,8 +12,7 @@ import pytest
 from fastlm import data as data_lib
 from fastlm.cli import main
 from fastlm.jsonfile import content_sha256
-from test_fastlm_cli import trained_run  # noqa: F401 (a fixture)
-from test_fastlm_train import losses
+from helpers import losses
 
 STEP_2 = Path("checkpoints") / "step_00000002"
 

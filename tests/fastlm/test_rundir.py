@@ -22,8 +22,7 @@ from fastlm.metrics import MetricsError, MetricsLog
 from fastlm.model import GPT
 from fastlm.rundir import MARKER, DirectoryLock, find_checkpoint
 from fastlm.train import TrainingError, make_optimizer, train
-from test_fastlm_cli import MICRO, trained_run  # noqa: F401 (a fixture: a 4-step run, checkpoints 2 and 4)
-from test_fastlm_train import losses, micro_config, write_corpus
+from helpers import MICRO, ROOT, losses, micro_config, write_corpus
 
 
 def copy_run(trained_run: tuple[Path, Path], tmp_path: Path) -> Path:
@@ -349,7 +348,7 @@ def test_a_kill_at_any_write_leaves_a_run_that_continues_exactly(tmp_path):
              "--eval_interval", "4"]
     env = {**os.environ, "FASTLM_FAULT_AT": str(10**9), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "FASTLM_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), json.dumps(micro)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

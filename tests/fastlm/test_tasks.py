@@ -5,7 +5,6 @@ decoding, exact resume, the command line and bad input. Training runs on the PyT
 import itertools
 import json
 import math
-import random
 import typing
 from pathlib import Path
 
@@ -22,42 +21,14 @@ from fastlm.generate import beam_search, decode_batch, greedy_decode
 from fastlm.metrics import classification_metrics, format_confusion
 from fastlm.model import Classifier, Seq2Seq
 from fastlm.train import train
-from test_fastlm_model import assert_fused_trains_like_reference
-from test_fastlm_train import losses, stop_after_checkpoint
+from helpers import (WORDS, assert_fused_trains_like_reference, losses, stop_after_checkpoint, write_classification,
+                     write_copy_task)
 
 MICRO = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, num_classes=3)
 MICRO_ROPE = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, num_classes=3,
                          norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False,
                          n_encoder_layer=1)
 FAMILIES = {"gpt2": MICRO, "llama": MICRO_ROPE}
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
-TOPICS = {"fruit": "apple pear plum cherry grape lemon".split(), "tool": "hammer saw drill chisel wrench file".split(),
-          "color": "red green blue yellow purple orange".split()}
-
-
-def write_classification(path: Path, rows: int = 240, seed: int = 0) -> Path:
-    """Texts of filler words with a few words of one topic; the topic is the label."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        f.write("id,text,label\n")
-        for i in range(rows):
-            label = rng.choice(sorted(TOPICS))
-            words = rng.sample(WORDS, rng.randint(2, 6)) + rng.sample(TOPICS[label], 2)
-            rng.shuffle(words)
-            f.write(f"{i},{' '.join(words)},{label}\n")
-    return path
-
-
-def write_copy_task(path: Path, rows: int = 300, seed: int = 0) -> Path:
-    """Target = source: learnable in a few hundred steps only if cross-attention works."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(rows):
-            text = " ".join(rng.sample(WORDS, rng.randint(2, 5)))
-            f.write(json.dumps({"source": text, "target": text}) + "\n")
-    return path
-
-
 def task_config(task: str, data: Path, **overrides) -> Config:
     cfg = Config(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=64),
                  TrainConfig(task=task, data=str(data), seq_len=32, target_len=16, batch_size=16, max_steps=8,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-from conftest import DEVICE
+from helpers import DEVICE, ROOT
 
 IGNORE = -100
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _norm_inputs():

@@ -1,10 +1,9 @@
 """The training loop end to end on a micro model and a small corpus: learning, exact resume,
 checkpoints, faults. Everything runs on the PyTorch references (fast on CPU); the fused
-path is compared against them in test_fastlm_model.py."""
+path is compared against them in test_model.py."""
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,33 +12,10 @@ from safetensors.torch import load_file
 
 from fastlm import data as data_lib
 from fastlm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from fastlm.config import Config, ModelConfig, TrainConfig
 from fastlm.model import GPT
 from fastlm import train as train_module
 from fastlm.train import TrainingError, make_optimizer, train
-
-
-def write_corpus(folder: Path, files: int = 24) -> Path:
-    """A small, learnable corpus of Python-looking files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        body = "".join(f"def func_{j % 7}(x, y):\n    return x * {(i + j) % 5} + y\n\n" for j in range(40))
-        (folder / f"mod_{i:02d}.py").write_text(f"# module {i}\nimport os\n\n" + body)
-    return folder
-
-
-def micro_config(data: Path, **train_overrides) -> Config:
-    train_fields = dict(data=str(data), seq_len=32, batch_size=4, max_steps=8, lr=3e-3, min_lr=3e-4,
-                        warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1, save_interval=4,
-                        keep_last=5, backend="reference", seed=0)
-    train_fields.update(train_overrides)
-    return Config(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32),
-                  TrainConfig(**train_fields)).validate()
-
-
-def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
+from helpers import losses, micro_config, stop_after_checkpoint
 
 
 def test_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
@@ -60,15 +36,6 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "tokens_per_sec", "mfu", "peak_mem_bytes"} <= set(record)
     assert record["mfu"] is None  # no GPU peak on CPU
-
-
-def stop_after_checkpoint(run: Path, copy: Path, drop: str, metric_lines: int) -> None:
-    """``copy``: ``run`` as if it had stopped before checkpoint ``drop``, having logged ``metric_lines`` lines
-    (the step-4 checkpoint and a step past it, in the tests)."""
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "checkpoints" / drop)
-    lines = (copy / "metrics.jsonl").read_text().splitlines()
-    (copy / "metrics.jsonl").write_text("\n".join(lines[:metric_lines]) + "\n")
 
 
 def test_resume_is_bit_exact(tmp_path, corpus):

@@ -5,29 +5,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fastlm.cli import main
 from fastlm.config import PRESETS, ConfigError, preset
-from test_fastlm_train import losses, write_corpus
-
-MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_head", "2", "--n-embd=32",
-         "--seq_len", "32", "--batch_size", "4", "--max_steps", "4", "--set", "warmup_steps=1",
-         "--save_interval", "2", "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1",
-         "--backend", "reference", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A 4-step micro run (checkpoints at steps 2 and 4), shared by the tests that only read it."""
-    tmp = tmp_path_factory.mktemp("cli")
-    corpus = write_corpus(tmp / "corpus")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTLM_CACHE", str(tmp / "cache"))
-        assert main(["train", "--data", str(corpus), "--out", str(tmp / "run"), *MICRO]) == 0
-    return tmp / "run", corpus
+from helpers import MICRO, ROOT, losses
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -113,7 +96,7 @@ def test_importing_fastlm_leaves_the_process_alone():
             "import fastlm.cli; assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'; assert 'torch' not in sys.modules; "
             "print(fastlm.GPT.__name__)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "GPT", result.stderr
 
@@ -124,7 +107,7 @@ def test_readme_names_the_run_directory_as_it_is(trained_run):
     from fastlm.checkpoint import checkpoint_dir
     from fastlm.rundir import RUN_ENTRIES, default_run_dir
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
     listing = re.search(r"\*\*Run directory\*\*:? (.*?) Checkpoints are written", readme).group(1)
     run = trained_run[0]
     for entry in RUN_ENTRIES:

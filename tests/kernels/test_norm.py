@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _backend
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels.numerics import assert_close_to_ref, factor, golden_dtype
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

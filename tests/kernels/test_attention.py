@@ -19,7 +19,7 @@ from kernels import reference
 from kernels.attention import TileConfig
 from kernels.numerics import assert_close_to_ref, factor
 
-from conftest import DEVICE, HAS_GPU
+from helpers import DEVICE, HAS_GPU
 
 # The module (kernels.attention is the function of the same name).
 attention_module = importlib.import_module("kernels.attention")

@@ -8,6 +8,7 @@ import kernels
 from fastlm.config import PRESETS, ModelConfig
 from fastlm.generate import generate, sample_next
 from fastlm.model import GPT, KVCache
+from helpers import assert_fused_trains_like_reference
 
 GPT2_MICRO = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32)
 LLAMA_MICRO = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
@@ -52,28 +53,6 @@ def test_fused_path_matches_reference_over_training_steps(family):
     torch.manual_seed(1)
     batches = [(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))) for _ in range(3)]
     assert_fused_trains_like_reference(lambda: micro_model(FAMILIES[family]), batches)
-
-
-def assert_fused_trains_like_reference(make_model, batches) -> None:
-    """SGD steps on ``batches`` (each the model's positional arguments) on the Triton kernels and on
-    the references, from the same initial model: the same losses and final weights to fp32 accuracy."""
-    results = {}
-    for backend in ("triton", "reference"):
-        model = make_model()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        step_losses = []
-        with kernels.use_backend(backend):
-            for batch in batches:
-                loss = model(*batch)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                step_losses.append(loss.item())
-        results[backend] = (step_losses, model.state_dict())
-    fused, ref = results["triton"], results["reference"]
-    torch.testing.assert_close(torch.tensor(fused[0]), torch.tensor(ref[0]), rtol=1e-5, atol=1e-5)
-    for name in ref[1]:
-        torch.testing.assert_close(fused[1][name], ref[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -241,7 +241,10 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     recorded_run = rundir.run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-    forward = torch.compile(model) if t.compile else model
+    # One graph per model (fullgraph): a graph break is an error here, not a silent slowdown. Not
+    # under DDP/FSDP, whose compiled forward Dynamo splits at gradient buckets (tested eager only).
+    forward = (torch.compile(model, **({"fullgraph": True} if distributed.world_size() == 1 else {}))
+               if t.compile else model)
     say(f"model: {model_name}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
         f"{t.backend}; {t.max_steps} steps of {t.batch_size * t.grad_accum} "
         + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")

@@ -8,9 +8,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlm import train as train_module
+from fastlm.cli import main
 from fastlm.train import make_optimizer, train
 from test_fastlm_tasks import task_config, write_classification, write_copy_task
-from test_fastlm_train import micro_config
+from test_fastlm_cli import MICRO
+from test_fastlm_train import losses, micro_config
 
 aten = torch.ops.aten
 # What reads a tensor's value on the host (Tensor.item/tolist/bool/==, torch.equal) reaches one of these.
@@ -96,3 +98,58 @@ def test_non_finite_step_is_named_at_the_next_logging_step(tmp_path, corpus, mon
         train(cfg, tmp_path / "run", progress=False)
     from fastlm.checkpoint import list_checkpoints
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "tie_embeddings": False,
+         "n_kv_head": 1}
+
+
+def family_config(family, tmp_path, corpus):
+    """3 steps of a micro model of each preset family, evaluated once at the end."""
+    steps = {"max_steps": 3, "log_interval": 1, "eval_interval": 3, "save_interval": 3, "eval_batches": 1}
+    if family in ("gpt2", "llama"):
+        cfg = micro_config(corpus, **steps)
+    else:
+        cfg = task_configs(tmp_path, corpus, **steps)[family]
+    for name, value in (LLAMA if family == "llama" else {}).items():
+        cfg.set(name, value)
+    return cfg.validate()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", pytest.param("classify", marks=pytest.mark.slow),
+                                    pytest.param("seq2seq", marks=pytest.mark.slow)])  # padded: recompiles
+def test_compiled_training_matches_eager(tmp_path, corpus, monkeypatch, family):
+    # `--set compile=true` end to end: the trainer compiles the model as one graph (fullgraph: a graph
+    # break fails instead of slowing down), and its losses are eager's. Inductor's CPU code generation
+    # takes about 20 s a model on this machine, so the test compiles with "aot_eager" (Dynamo's graph and
+    # AOTAutograd's forward and backward, run by eager kernels); test_compiled_cli_run_with_inductor runs
+    # Inductor once.
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **options):
+        compiled.append(options)
+        return real_compile(model, **{**options, "backend": "aot_eager"})
+
+    eager_cfg = family_config(family, tmp_path, corpus)
+    train(eager_cfg, tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    compiled_cfg = family_config(family, tmp_path, corpus)
+    compiled_cfg.train.compile = True
+    train(compiled_cfg, tmp_path / "compiled", progress=False)
+    assert compiled == [{"fullgraph": True}]
+    for key in ("loss", "val_loss"):
+        eager, compiled_losses = losses(tmp_path / "eager", key), losses(tmp_path / "compiled", key)
+        assert eager.keys() == compiled_losses.keys() and eager
+        torch.testing.assert_close(compiled_losses, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_cli_run_with_inductor(tmp_path, corpus):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["train", "--data", str(corpus), "--out", str(eager), *MICRO]) == 0
+    assert main(["train", "--data", str(corpus), "--out", str(compiled), *MICRO, "--set", "compile=true"]) == 0
+    torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-5, atol=1e-5)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -88,8 +89,44 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` (a batch tensor on the host) on ``device``; the copy does not wait for the device."""
+    """``x`` (a batch tensor on the host, pinned for a GPU by :class:`BatchPrefetcher`) on ``device``; the
+    copy from pinned memory does not make the host wait for the device."""
     return x.to(device, non_blocking=True)
+
+
+class BatchPrefetcher:
+    """Each step's micro-batches, the next step's made on a background thread while the current one
+    trains; for a GPU in page-locked (pinned) memory, so that :func:`to_device` copies asynchronously.
+    A step's batches are a pure function of (seed, step) and the data, so which thread makes them, and
+    when, changes nothing: resuming stays exact. Use as a context manager (the thread stops at exit)."""
+
+    def __init__(self, task, cfg: Config, device: torch.device):
+        self.task, self.micro_steps, self.max_steps = task, cfg.train.grad_accum, cfg.train.max_steps
+        self.shard = (distributed.rank(), distributed.world_size())
+        self.pin = device.type == "cuda"
+        self.pending: tuple[int, Future] | None = None  # (step, its batches being made)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlm-batches")
+
+    def make(self, step: int) -> list[Batch]:
+        batches = [self.task.train_batch(step, micro, self.shard) for micro in range(self.micro_steps)]
+        if self.pin:
+            batches = [replace(b, tensors=tuple(x.pin_memory() for x in b.tensors)) for b in batches]
+        return batches
+
+    def batches(self, step: int) -> list[Batch]:
+        """Step ``step``'s micro-batches; starts making step ``step + 1``'s."""
+        if self.pending is not None and self.pending[0] == step:
+            batches = self.pending[1].result()
+        else:  # the first step of a run (or of a resumed one)
+            batches = self.make(step)
+        self.pending = (step + 1, self.pool.submit(self.make, step + 1)) if step + 1 < self.max_steps else None
+        return batches
+
+    def __enter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -260,11 +297,9 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     watch = FiniteWatch(device)
-    shard = (distributed.rank(), distributed.world_size())
-    with kernels.use_backend(t.backend), bar:
+    with kernels.use_backend(t.backend), bar, BatchPrefetcher(task, cfg, device) as prefetcher:
         while step < t.max_steps:
-            batches = [task.train_batch(step, micro, shard) for micro in range(t.grad_accum)]
-            done = train_step(step, cfg, task, model, forward, optimizer, device, batches)
+            done = train_step(step, cfg, task, model, forward, optimizer, device, prefetcher.batches(step))
             watch.update(step, done)
             window_tokens += done.tokens
             window_flops += done.flops

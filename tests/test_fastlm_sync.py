@@ -3,10 +3,13 @@
 checkpoint step. On CPU a sync costs nothing, but the ops counted here are the ones that would make
 the host wait for a GPU."""
 
+import threading
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastlm import tasks
 from fastlm import train as train_module
 from fastlm.cli import main
 from fastlm.train import make_optimizer, train
@@ -153,3 +156,28 @@ def test_compiled_cli_run_with_inductor(tmp_path, corpus):
     assert main(["train", "--data", str(corpus), "--out", str(eager), *MICRO]) == 0
     assert main(["train", "--data", str(corpus), "--out", str(compiled), *MICRO, "--set", "compile=true"]) == 0
     torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- input pipeline
+
+
+def test_next_steps_batches_are_made_while_a_step_trains(tmp_path, corpus, monkeypatch):
+    # Every step's batches but the first's are made on the background thread (started as the step
+    # before began), and they are that step's: the losses equal those of batches made in line.
+    cfg = micro_config(corpus, max_steps=4, grad_accum=2, log_interval=1)
+    made = []
+    real_batch = tasks.LanguageModeling.train_batch
+
+    def recorded_batch(self, step, micro, shard):
+        made.append((step, threading.current_thread().name))
+        return real_batch(self, step, micro, shard)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.LanguageModeling, "train_batch", recorded_batch)
+        train(cfg, tmp_path / "prefetched", progress=False)
+    assert [step for step, _ in made] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {thread for step, thread in made if step} == {"fastlm-batches_0"}
+
+    monkeypatch.setattr(train_module.BatchPrefetcher, "batches", train_module.BatchPrefetcher.make)  # in line
+    train(cfg, tmp_path / "in_line", progress=False)
+    assert losses(tmp_path / "prefetched") == losses(tmp_path / "in_line")

@@ -11,6 +11,9 @@ checkpoint restores weights, optimizer and RNG states, so resuming on CPU
 reproduces an uninterrupted run bit for bit. A resume first checks, with what
 the checkpoint recorded, that nothing else that decides the computation changed
 (:func:`fastlm.rundir.verify_resume`), and refuses naming the file that did.
+A step that does not log, evaluate or save reads nothing back from the device
+(:func:`train_step`, :class:`FiniteWatch`), and its batches are made while the
+step before it trains (:class:`BatchPrefetcher`).
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from tqdm import tqdm
 import kernels
 
 from . import distributed, rundir
+from .batching import Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .hf import check_has_tokenizer, load_hf_weights
 from .metrics import MetricsLog, eval_record, mfu, peak_flops, peak_memory_bytes
-from .batching import Batch
 from .precision import autocast_context, compute_dtype
 from .rundir import TrainingError, check_new_run_dir
 from .tasks import make_task

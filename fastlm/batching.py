@@ -39,6 +39,12 @@ def pad(seqs: list[np.ndarray], value: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def lengths(seqs: list[np.ndarray]) -> np.ndarray:
+    """The lengths of ``seqs``, int64 on the host: batch sizes and FLOPs are counted from these, never
+    from a tensor's values, so preparing a batch reads nothing back from a device."""
+    return np.array([len(s) for s in seqs], dtype=np.int64)
+
+
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, what: str,
                  append: int | None = None) -> list[np.ndarray]:
     """Token ids of each text (plus ``append``, kept last), cut to ``max_len`` tokens; warns with a count

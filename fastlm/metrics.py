@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig
@@ -171,13 +172,14 @@ def perplexity(loss: float) -> float:
 # (the language model's: ModelConfig.flops_per_token)
 
 
-def classifier_flops(m: ModelConfig, lens: torch.Tensor) -> float:
-    """Training FLOPs (forward + backward) of the encoder classifier on a batch of texts of ``lens`` tokens."""
+def classifier_flops(m: ModelConfig, lens: np.ndarray) -> float:
+    """Training FLOPs (forward + backward) of the encoder classifier on a batch of texts of ``lens`` tokens
+    (an array on the host: counting reads no device value)."""
     return (6.0 * m.n_layer * m.layer_weights() * lens.sum().item()
             + 12.0 * m.n_layer * m.n_embd * (lens ** 2).sum().item())
 
 
-def seq2seq_flops(m: ModelConfig, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> float:
+def seq2seq_flops(m: ModelConfig, src_lens: np.ndarray, tgt_lens: np.ndarray) -> float:
     """Training FLOPs (forward + backward) of the encoder-decoder on a batch of sources and targets of
     ``src_lens`` and ``tgt_lens`` tokens."""
     n_src, n_tgt = src_lens.sum().item(), tgt_lens.sum().item()

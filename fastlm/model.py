@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels._library import check_values
 
 from .config import ModelConfig
 from .precision import active_dtype
@@ -310,10 +311,15 @@ class _Transformer(nn.Module):
 
 
 def _check_lengths(idx: torch.Tensor, lens: torch.Tensor, name: str) -> None:
-    """``lens`` (B,) integer, each in [1, T] for token ids ``idx`` (B, T): a padded batch's true lengths."""
+    """``lens`` (B,) integer, each in [1, T] for token ids ``idx`` (B, T): a padded batch's true lengths.
+
+    The range check reads values (a host sync), so like the kernels' own it is skipped inside
+    ``kernels.unchecked()`` and while compiling: the trainer's batches are checked where they are made."""
     if lens.dim() != 1 or lens.size(0) != idx.size(0) or lens.dtype.is_floating_point or lens.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor of shape ({idx.size(0)},), one length per sequence; "
                          f"got {lens.dtype} of shape {tuple(lens.shape)}")
+    if not check_values():
+        return
     lo, hi = lens.min().item(), lens.max().item()
     if lo < 1 or hi > idx.size(1):
         raise ValueError(f"{name} must lie in [1, {idx.size(1)}] (the padded length); got values in [{lo}, {hi}]")

@@ -39,7 +39,7 @@ from tokenizers import Tokenizer
 from . import data as data_lib
 from . import distributed
 from . import taskdata
-from .batching import IGNORE, Batch, encode_texts, pad
+from .batching import IGNORE, Batch, encode_texts, lengths, pad
 from .config import Config, ConfigError
 from .generate import decode_batch
 from .metrics import (classification_metrics, classifier_flops, format_confusion, load_sacrebleu, perplexity,
@@ -317,8 +317,8 @@ class Classification(_ExampleTask):
 
     def _batch(self, split: dict, rows: np.ndarray) -> Batch:
         seqs = [split["source"][r] for r in rows]
-        lens = torch.tensor([len(s) for s in seqs])
-        return Batch((pad(seqs, 0), lens, torch.from_numpy(split["label"][rows])), int(lens.sum()),
+        lens = lengths(seqs)
+        return Batch((pad(seqs, 0), torch.from_numpy(lens), torch.from_numpy(split["label"][rows])), int(lens.sum()),
                      classifier_flops(self.cfg.model, lens), self._loss_terms(split, rows))
 
     def _loss_terms(self, split: dict, rows: np.ndarray) -> int:
@@ -377,10 +377,9 @@ class SequenceToSequence(_ExampleTask):
     def _batch(self, split: dict, rows: np.ndarray) -> Batch:
         src = [split["source"][r] for r in rows]
         tgt = [split["target"][r] for r in rows]
-        src_lens = torch.tensor([len(s) for s in src])
-        tgt_lens = torch.tensor([len(s) for s in tgt])
+        src_lens, tgt_lens = lengths(src), lengths(tgt)
         tgt_in = [np.concatenate([[self.eot], s[:-1]]) for s in tgt]  # the target shifted behind a start token
-        tensors = (pad(src, 0), src_lens, pad(tgt_in, 0), pad(tgt, IGNORE))
+        tensors = (pad(src, 0), torch.from_numpy(src_lens), pad(tgt_in, 0), pad(tgt, IGNORE))
         return Batch(tensors, int(src_lens.sum() + tgt_lens.sum()),
                      seq2seq_flops(self.cfg.model, src_lens, tgt_lens), int(tgt_lens.sum()))
 

@@ -11,6 +11,9 @@ checkpoint restores weights, optimizer and RNG states, so resuming on CPU
 reproduces an uninterrupted run bit for bit. A resume first checks, with what
 the checkpoint recorded, that nothing else that decides the computation changed
 (:func:`fastlm.rundir.verify_resume`), and refuses naming the file that did.
+A step that does not log, evaluate or save reads nothing back from the device
+(:func:`train_step`, :class:`FiniteWatch`), and its batches are made while the
+step before it trains (:class:`BatchPrefetcher`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ from tqdm import tqdm
 import kernels
 
 from . import distributed, rundir
+from .batching import Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .hf import check_has_tokenizer, load_hf_weights
@@ -86,6 +91,47 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
                              fused=device.type == "cuda")
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (a batch tensor on the host, pinned for a GPU by :class:`BatchPrefetcher`) on ``device``; the
+    copy from pinned memory does not make the host wait for the device."""
+    return x.to(device, non_blocking=True)
+
+
+class BatchPrefetcher:
+    """Each step's micro-batches, the next step's made on a background thread while the current one
+    trains; for a GPU in page-locked (pinned) memory, so that :func:`to_device` copies asynchronously.
+    A step's batches are a pure function of (seed, step) and the data, so which thread makes them, and
+    when, changes nothing: resuming stays exact. Use as a context manager (the thread stops at exit)."""
+
+    def __init__(self, task, cfg: Config, device: torch.device):
+        self.task, self.micro_steps, self.max_steps = task, cfg.train.grad_accum, cfg.train.max_steps
+        self.shard = (distributed.rank(), distributed.world_size())
+        self.pin = device.type == "cuda"
+        self.pending: tuple[int, Future] | None = None  # (step, its batches being made)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlm-batches")
+
+    def make(self, step: int) -> list[Batch]:
+        batches = [self.task.train_batch(step, micro, self.shard) for micro in range(self.micro_steps)]
+        if self.pin:
+            batches = [replace(b, tensors=tuple(x.pin_memory() for x in b.tensors)) for b in batches]
+        return batches
+
+    def batches(self, step: int) -> list[Batch]:
+        """Step ``step``'s micro-batches; starts making step ``step + 1``'s."""
+        if self.pending is not None and self.pending[0] == step:
+            batches = self.pending[1].result()
+        else:  # the first step of a run (or of a resumed one)
+            batches = self.make(step)
+        self.pending = (step + 1, self.pool.submit(self.make, step + 1)) if step + 1 < self.max_steps else None
+        return batches
+
+    def __enter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -103,18 +149,19 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 @dataclass
 class StepResult:
     lr: float
-    loss: float  # the step's mean loss over every rank's terms
+    loss: torch.Tensor  # the step's mean loss over every rank's terms, on the device (read on logging steps only)
     grad_norm: torch.Tensor | None  # before clipping, on the device (read on logging steps only); None unclipped
     tokens: int  # this rank's tokens in the step's batches
     flops: float  # this rank's training FLOPs for them
 
 
 def train_step(step: int, cfg: Config, task, model: torch.nn.Module, forward, optimizer: torch.optim.Optimizer,
-               device: torch.device, last_good: str | Path | None) -> StepResult:
+               device: torch.device, batches: list[Batch]) -> StepResult:
     """Step ``step`` (counted from 0) of training: set the learning rate, run the step's micro-batches
-    forward and backward (gradients synchronised across ranks on the last), clip, and take the
-    optimizer step. A non-finite loss or gradient stops training before the update, naming
-    ``last_good`` (the checkpoint to go back to)."""
+    ``batches`` forward and backward (gradients synchronised across ranks on the last), clip, and take the
+    optimizer step. It reads no tensor value on the host (no sync): the kernels' value checks are skipped
+    (:func:`kernels.unchecked`; the tasks' batches are valid by construction, checked where the data is
+    made), and the loss and gradient norm stay on the device for the caller's :class:`FiniteWatch`."""
     t = cfg.train
     lr = learning_rate(step, cfg)
     for group in optimizer.param_groups:
@@ -123,29 +170,51 @@ def train_step(step: int, cfg: Config, task, model: torch.nn.Module, forward, op
     # batch is split into micro-batches and ranks: each micro-batch's mean loss is scaled by its
     # share of the step's terms (times the ranks, as gradients are averaged over them).
     step_terms = task.step_loss_terms(step)
-    shard = (distributed.rank(), distributed.world_size())
     loss_sum = torch.zeros((), device=device)
     tokens, flops = 0, 0.0
-    for micro in range(t.grad_accum):
-        batch = task.train_batch(step, micro, shard)
-        share = batch.loss_terms / step_terms
-        with distributed.gradient_sync(model, micro == t.grad_accum - 1):
-            with autocast_context(cfg, device):
-                loss = forward(*(x.to(device, non_blocking=True) for x in batch.tensors))
-            (loss * (share * distributed.world_size())).backward()
-        loss_sum += loss.detach().float() * share
-        tokens += batch.tokens
-        flops += batch.flops
+    with kernels.unchecked():
+        for micro, batch in enumerate(batches):
+            share = batch.loss_terms / step_terms
+            with distributed.gradient_sync(model, micro == t.grad_accum - 1):
+                with autocast_context(cfg, device):
+                    loss = forward(*(to_device(x, device) for x in batch.tensors))
+                (loss * (share * distributed.world_size())).backward()
+            loss_sum += loss.detach().float() * share
+            tokens += batch.tokens
+            flops += batch.flops
     grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                  if t.grad_clip > 0 else None)
-    loss_value = distributed.total(loss_sum).item()
-    if not math.isfinite(loss_value) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-        raise TrainingError(f"non-finite loss ({loss_value}) or gradient at step {step + 1}; training "
-                            f"stopped, {kept}. Try a lower lr or a smaller grad_clip.")
+    # A non-finite gradient corrupts the weights in this update; FiniteWatch stops the run at the next
+    # logging or checkpoint step, before anything is saved, naming the last good checkpoint.
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(lr, loss_value, grad_norm, tokens, flops)
+    return StepResult(lr, distributed.total(loss_sum), grad_norm, tokens, flops)
+
+
+class FiniteWatch:
+    """Whether every step so far had a finite loss and gradient norm, kept on the device so that a
+    step reads nothing on the host: :meth:`check` reads it (one sync), at logging steps and before
+    each checkpoint is saved, and fails naming the first non-finite step and ``last_good``."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet; else its step from 1
+        self.bad_loss = torch.zeros((), device=device)  # the loss of that step
+
+    def update(self, step: int, done: StepResult) -> None:
+        """Record step ``step`` (counted from 0)."""
+        bad = ~torch.isfinite(done.loss)
+        if done.grad_norm is not None:
+            bad = bad | ~torch.isfinite(done.grad_norm)
+        first = bad & (self.first_bad == 0)
+        self.first_bad = torch.where(first, step + 1, self.first_bad)
+        self.bad_loss = torch.where(first, done.loss, self.bad_loss)
+
+    def check(self, last_good: str | Path | None) -> None:
+        first_bad = int(self.first_bad)
+        if first_bad:
+            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+            raise TrainingError(f"non-finite loss ({float(self.bad_loss)}) or gradient at step {first_bad}; "
+                                f"training stopped, {kept}. Try a lower lr or a smaller grad_clip.")
 
 
 def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_from: str | Path | None,
@@ -212,7 +281,10 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     recorded_run = rundir.run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-    forward = torch.compile(model) if t.compile else model
+    # One graph per model (fullgraph): a graph break is an error here, not a silent slowdown. Not
+    # under DDP/FSDP, whose compiled forward Dynamo splits at gradient buckets (tested eager only).
+    forward = (torch.compile(model, **({"fullgraph": True} if distributed.world_size() == 1 else {}))
+               if t.compile else model)
     say(f"model: {model_name}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
         f"{t.backend}; {t.max_steps} steps of {t.batch_size * t.grad_accum} "
         + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")
@@ -227,15 +299,22 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     loss_value, evals, tokens_per_sec = float("nan"), None, 0.0
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    with kernels.use_backend(t.backend), bar:
+    watch = FiniteWatch(device)
+    with kernels.use_backend(t.backend), bar, BatchPrefetcher(task, cfg, device) as prefetcher:
         while step < t.max_steps:
-            done = train_step(step, cfg, task, model, forward, optimizer, device, last_good)
-            loss_value = done.loss
+            done = train_step(step, cfg, task, model, forward, optimizer, device, prefetcher.batches(step))
+            watch.update(step, done)
             window_tokens += done.tokens
             window_flops += done.flops
             step += 1
 
-            if step % t.log_interval == 0 or step == t.max_steps:
+            # Only these steps read values on the host: a step that does none of it makes no sync.
+            logging, evaluating = step % t.log_interval == 0 or step == t.max_steps, step % t.eval_interval == 0
+            saving = step % t.save_interval == 0 or step == t.max_steps
+            if logging or evaluating or saving:
+                watch.check(last_good)  # nothing is logged or saved after a non-finite step
+                loss_value = done.loss.item()
+            if logging:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
@@ -256,7 +335,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
             bar.update(1)
 
             paused = time.perf_counter()  # evals and saves do not count against tokens/s
-            if step % t.eval_interval == 0 or step == t.max_steps:
+            if evaluating or step == t.max_steps:
                 model.eval()
                 evals = task.evaluate(forward, device, lambda: autocast_context(cfg, device))
                 model.train()
@@ -264,7 +343,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                     metrics.log(eval_record(step, evals, run_dir))
                     metrics.plot(run_dir / "loss.png")
                     bar.write(f"step {step}: train loss {loss_value:.4f}, {task.describe(evals)}")
-            if step % t.save_interval == 0 or step == t.max_steps:
+            if saving:
                 last_good = save_checkpoint(run_dir, step, model, optimizer, {"run": recorded_run}, t.keep_last)
             window_start += time.perf_counter() - paused
 

@@ -1,0 +1,183 @@
+"""The training step without host syncs: a step that does not log reads no tensor value on the host
+(counted with a ``TorchDispatchMode``), yet a non-finite loss is still caught at the next logging or
+checkpoint step. On CPU a sync costs nothing, but the ops counted here are the ones that would make
+the host wait for a GPU."""
+
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastlm import tasks
+from fastlm import train as train_module
+from fastlm.cli import main
+from fastlm.train import make_optimizer, train
+from test_fastlm_tasks import task_config, write_classification, write_copy_task
+from test_fastlm_cli import MICRO
+from test_fastlm_train import losses, micro_config
+
+aten = torch.ops.aten
+# What reads a tensor's value on the host (Tensor.item/tolist/bool/==, torch.equal) reaches one of these.
+HOST_READS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host reads of tensor values made while active, per op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in HOST_READS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def fused_optimizer(model, cfg, device):
+    """The trainer's AdamW as a GPU run has it: fused, with its step counters on the device. (The unfused
+    one, the CPU's, keeps them on the host by design and reads one per step: no device sync.)"""
+    groups = [{**group, "fused": True} for group in make_optimizer(model, cfg, device).param_groups]
+    return torch.optim.AdamW(groups, fused=True)
+
+
+def host_reads_per_step(monkeypatch, cfg, run_dir) -> list[list[str]]:
+    """Train ``cfg`` into ``run_dir`` with every host read counted: those made from the start of each step to
+    the start of the next (the step, its logging, evaluation and checkpoint), per step."""
+    counter = HostReads()
+    per_step: list[list[str]] = []
+    real_step = train_module.train_step
+
+    def counted_step(step, *args, **kwargs):
+        per_step.append(counter.ops)
+        counter.ops = []  # what came before this step belongs to the one before (or to the set-up)
+        return real_step(step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", counted_step)
+    monkeypatch.setattr(train_module, "make_optimizer", fused_optimizer)
+    with counter:
+        train(cfg, run_dir, progress=False)
+    per_step.append(counter.ops)
+    return per_step[1:]  # without the set-up's
+
+
+def task_configs(tmp_path, corpus, **overrides) -> dict:
+    logged = {"log_interval": 4, "eval_interval": 4, "save_interval": 4, "max_steps": 5, **overrides}
+    return {"lm": micro_config(corpus, **logged, grad_accum=2),
+            "classify": task_config("classify", write_classification(tmp_path / "labels.csv"), **logged),
+            "seq2seq": task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), **logged)}
+
+
+@pytest.mark.parametrize("task", ["lm", "classify", "seq2seq"])
+def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, corpus, monkeypatch, task):
+    per_step = host_reads_per_step(monkeypatch, task_configs(tmp_path, corpus)[task], tmp_path / "run")
+    assert len(per_step) == 5
+    # Steps 1-3 neither log, evaluate nor save; step 4 does all three, step 5 ends the run.
+    assert per_step[:3] == [[], [], []], per_step[:3]
+    assert per_step[3], "the logging step reads the loss"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm", "classify"])
+def test_steps_on_the_triton_kernels_read_nothing_on_the_host(tmp_path, corpus, monkeypatch, task):
+    # The kernels through Triton's interpreter (slow on CPU: two steps, one evaluation batch). Between them
+    # the two tasks run every kernel a training step calls (seq2seq adds none, and its evaluation's greedy
+    # decoding takes minutes in the interpreter).
+    cfg = task_configs(tmp_path, corpus, max_steps=2, eval_batches=1)[task]
+    cfg.train.backend = "triton"
+    per_step = host_reads_per_step(monkeypatch, cfg, tmp_path / "run")
+    assert per_step[0] == [] and per_step[1], per_step
+
+
+def test_non_finite_step_is_named_at_the_next_logging_step(tmp_path, corpus, monkeypatch):
+    # Step 2's update blows up, so step 3's loss is the first non-finite one; the run logs every 4 steps
+    # and saves every 2, so it stops at step 4 (a checkpoint step: no checkpoint after the bad step is
+    # written), naming step 3 and the checkpoint of step 2.
+    monkeypatch.setattr(train_module, "learning_rate", lambda step, cfg: 1e30 if step == 1 else 1e-3)
+    cfg = micro_config(corpus, warmup_steps=0, min_lr=0.0, save_interval=2, log_interval=4, eval_interval=8,
+                       grad_clip=0.0)
+    with pytest.raises(train_module.TrainingError, match=r"non-finite loss .* step 3\b.*step_00000002"):
+        train(cfg, tmp_path / "run", progress=False)
+    from fastlm.checkpoint import list_checkpoints
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False, "tie_embeddings": False,
+         "n_kv_head": 1}
+
+
+def family_config(family, tmp_path, corpus):
+    """3 steps of a micro model of each preset family, evaluated once at the end."""
+    steps = {"max_steps": 3, "log_interval": 1, "eval_interval": 3, "save_interval": 3, "eval_batches": 1}
+    if family in ("gpt2", "llama"):
+        cfg = micro_config(corpus, **steps)
+    else:
+        cfg = task_configs(tmp_path, corpus, **steps)[family]
+    for name, value in (LLAMA if family == "llama" else {}).items():
+        cfg.set(name, value)
+    return cfg.validate()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", pytest.param("classify", marks=pytest.mark.slow),
+                                    pytest.param("seq2seq", marks=pytest.mark.slow)])  # padded: recompiles
+def test_compiled_training_matches_eager(tmp_path, corpus, monkeypatch, family):
+    # `--set compile=true` end to end: the trainer compiles the model as one graph (fullgraph: a graph
+    # break fails instead of slowing down), and its losses are eager's. Inductor's CPU code generation
+    # takes about 20 s a model on this machine, so the test compiles with "aot_eager" (Dynamo's graph and
+    # AOTAutograd's forward and backward, run by eager kernels); test_compiled_cli_run_with_inductor runs
+    # Inductor once.
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **options):
+        compiled.append(options)
+        return real_compile(model, **{**options, "backend": "aot_eager"})
+
+    eager_cfg = family_config(family, tmp_path, corpus)
+    train(eager_cfg, tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    compiled_cfg = family_config(family, tmp_path, corpus)
+    compiled_cfg.train.compile = True
+    train(compiled_cfg, tmp_path / "compiled", progress=False)
+    assert compiled == [{"fullgraph": True}]
+    for key in ("loss", "val_loss"):
+        eager, compiled_losses = losses(tmp_path / "eager", key), losses(tmp_path / "compiled", key)
+        assert eager.keys() == compiled_losses.keys() and eager
+        torch.testing.assert_close(compiled_losses, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_cli_run_with_inductor(tmp_path, corpus):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["train", "--data", str(corpus), "--out", str(eager), *MICRO]) == 0
+    assert main(["train", "--data", str(corpus), "--out", str(compiled), *MICRO, "--set", "compile=true"]) == 0
+    torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- input pipeline
+
+
+def test_next_steps_batches_are_made_while_a_step_trains(tmp_path, corpus, monkeypatch):
+    # Every step's batches but the first's are made on the background thread (started as the step
+    # before began), and they are that step's: the losses equal those of batches made in line.
+    cfg = micro_config(corpus, max_steps=4, grad_accum=2, log_interval=1)
+    made = []
+    real_batch = tasks.LanguageModeling.train_batch
+
+    def recorded_batch(self, step, micro, shard):
+        made.append((step, threading.current_thread().name))
+        return real_batch(self, step, micro, shard)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.LanguageModeling, "train_batch", recorded_batch)
+        train(cfg, tmp_path / "prefetched", progress=False)
+    assert [step for step, _ in made] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {thread for step, thread in made if step} == {"fastlm-batches_0"}
+
+    monkeypatch.setattr(train_module.BatchPrefetcher, "batches", train_module.BatchPrefetcher.make)  # in line
+    train(cfg, tmp_path / "in_line", progress=False)
+    assert losses(tmp_path / "prefetched") == losses(tmp_path / "in_line")

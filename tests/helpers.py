@@ -100,6 +100,17 @@ def write_classification(path: Path, rows: int = 240, seed: int = 0) -> Path:
     return path
 
 
+def task_config(task: str, data: Path, **overrides) -> Config:
+    """A micro configuration of ``task`` (classify or seq2seq) on the data file ``data``, on the references."""
+    cfg = Config(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=64),
+                 TrainConfig(task=task, data=str(data), seq_len=32, target_len=16, batch_size=16, max_steps=8,
+                             lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1,
+                             save_interval=4, keep_last=5, backend="reference", seed=0, val_fraction=0.2))
+    for name, value in overrides.items():
+        cfg.set(name, value)
+    return cfg.validate()
+
+
 def write_copy_task(path: Path, rows: int = 300, seed: int = 0) -> Path:
     """Target = source: learnable in a few hundred steps only if cross-attention works."""
     rng = random.Random(seed)

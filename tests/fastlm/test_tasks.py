@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import typing
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,29 +13,21 @@ import torch
 import kernels
 from fastlm.batching import TruncationWarning
 from fastlm.cli import main
-from fastlm.config import Config, ModelConfig, TrainConfig, preset
+from fastlm.config import ModelConfig, TrainConfig, preset
 from fastlm.data import DataError
 from safetensors.torch import load_file
 from fastlm.generate import beam_search, decode_batch, greedy_decode
 from fastlm.metrics import classification_metrics, format_confusion
 from fastlm.model import Classifier, Seq2Seq
 from fastlm.train import train
-from helpers import (WORDS, assert_fused_trains_like_reference, losses, stop_after_checkpoint, write_classification,
-                     write_copy_task)
+from helpers import (WORDS, assert_fused_trains_like_reference, losses, stop_after_checkpoint, task_config,
+                     write_classification, write_copy_task)
 
 MICRO = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, num_classes=3)
 MICRO_ROPE = ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, num_classes=3,
                          norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False,
                          n_encoder_layer=1)
 FAMILIES = {"gpt2": MICRO, "llama": MICRO_ROPE}
-def task_config(task: str, data: Path, **overrides) -> Config:
-    cfg = Config(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=64),
-                 TrainConfig(task=task, data=str(data), seq_len=32, target_len=16, batch_size=16, max_steps=8,
-                             lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1,
-                             save_interval=4, keep_last=5, backend="reference", seed=0, val_fraction=0.2))
-    for name, value in overrides.items():
-        cfg.set(name, value)
-    return cfg.validate()
 
 
 def micro(cls, config: ModelConfig, seed: int = 0):

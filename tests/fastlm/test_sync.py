@@ -13,9 +13,7 @@ from fastlm import tasks
 from fastlm import train as train_module
 from fastlm.cli import main
 from fastlm.train import make_optimizer, train
-from test_fastlm_tasks import task_config, write_classification, write_copy_task
-from test_fastlm_cli import MICRO
-from test_fastlm_train import losses, micro_config
+from helpers import MICRO, losses, micro_config, task_config, write_classification, write_copy_task
 
 aten = torch.ops.aten
 # What reads a tensor's value on the host (Tensor.item/tolist/bool/==, torch.equal) reaches one of these.

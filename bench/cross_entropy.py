@@ -173,8 +173,6 @@ def _ce_providers() -> list[tuple[str, object, bool]]:
 
 def _linear_providers() -> dict[str, object]:
     """name -> fn(x, w, t) for the GPU linear cross-entropy comparison; the first is the baseline."""
-    import kernels
-
     providers = {
         "F.linear + F.cross_entropy": _naive,
         "kernels.linear_cross_entropy": _fused,

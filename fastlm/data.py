@@ -39,7 +39,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from .files import atomic_write
+from .files import atomic_write, remove_dir
 from .jsonfile import read_json_object, require
 from .tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
@@ -290,9 +290,7 @@ def _build_token_cache(folder: Path, docs: list[Document], tokenizer: Tokenizer,
             "sha256": digests}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():  # damaged: set aside (a process still reading it keeps its open files) and replaced
-        damaged = folder.parent / f".damaged-{folder.name}-{os.getpid()}"
-        os.rename(folder, damaged)
-        shutil.rmtree(damaged, ignore_errors=True)
+        remove_dir(folder)
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished the same cache entry first

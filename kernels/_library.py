@@ -106,20 +106,6 @@ def present(t: torch.Tensor) -> torch.Tensor | None:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
-def traced(t: torch.Tensor) -> bool:
-    """Whether ``t`` is being traced into a graph (fake or functional tensors, or a tracing mode is on).
-
-    An op whose forward returns a gradient scales it in place in the backward when
-    run eagerly (no second gradient-sized buffer); a traced backward may not mutate
-    a forward output (AOTAutograd's partitioner rejects it), so it scales out of place
-    and lets the compiler reuse the buffer.
-    """
-    if torch._is_functional_tensor(t) or torch._guards.detect_fake_mode((t,)) is not None:
-        return True
-    keys = torch._C._TorchDispatchModeKey
-    return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
-
-
 # ----------------------------------------------------------------------------- autocast
 
 

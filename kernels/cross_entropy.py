@@ -470,10 +470,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @first_order_only(triton_only_first_order("cross_entropy"))
     def backward(ctx, grad_loss):
         if ctx.grad is None:
-            raise RuntimeError(
-                "cross_entropy computes its gradient in the forward and scales it in place in the first "
-                "backward; backpropagating through it a second time is not supported (run it again)"
-            )
+            raise RuntimeError(_SECOND_BACKWARD.format(op="cross_entropy"))
         grad, ctx.grad = ctx.grad, None
         _scale_rows_(grad, grad_loss)
         return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import nn as fused
 from .attention import MAX_HEAD_DIM, attention
+from ._library import autocast_dtype
 from .cross_entropy import linear_cross_entropy
 
 ATTN_IMPLEMENTATION = "fastlm"
@@ -234,10 +235,9 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
     """transformers' ``ForCausalLMLoss(head(hidden), labels)`` through the fused head + loss."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # token t predicts t + 1
-    device = hidden.device.type
     # The caller's precision decides, as for fastlm's own models (fastlm.precision.active_dtype; kernels does
     # not import fastlm): autocast's dtype where it is on, else the hidden states'.
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = autocast_dtype(hidden.device) or hidden.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype),

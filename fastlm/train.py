@@ -309,7 +309,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
             step += 1
 
             # Only these steps read values on the host: a step that does none of it makes no sync.
-            logging, evaluating = step % t.log_interval == 0 or step == t.max_steps, step % t.eval_interval == 0
+            logging = step % t.log_interval == 0 or step == t.max_steps
+            evaluating = step % t.eval_interval == 0 or step == t.max_steps
             saving = step % t.save_interval == 0 or step == t.max_steps
             if logging or evaluating or saving:
                 watch.check(last_good)  # nothing is logged or saved after a non-finite step
@@ -335,7 +336,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
             bar.update(1)
 
             paused = time.perf_counter()  # evals and saves do not count against tokens/s
-            if evaluating or step == t.max_steps:
+            if evaluating:
                 model.eval()
                 evals = task.evaluate(forward, device, lambda: autocast_context(cfg, device))
                 model.train()

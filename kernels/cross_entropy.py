@@ -304,6 +304,11 @@ def compile_specs() -> list[KernelSpec]:
 # Off the Triton backend both run the same code with the PyTorch per-chunk loss.
 
 
+def _loss_scale(t: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, reduction: str) -> torch.Tensor:
+    """What each token's loss (and gradient) is multiplied by: 1 / (sum of counted weights) for 'mean', else 1."""
+    return mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=t.device)
+
+
 def _rows_fn(device: torch.device):
     return _cross_entropy_rows if use_triton(device) else cross_entropy_rows
 
@@ -312,7 +317,7 @@ def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smo
     C = logits.shape[-1]
     x = as_rows(logits, C)
     t = target.reshape(-1)
-    scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+    scale = _loss_scale(t, weight, ignore_index, reduction)
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_grad else None
     loss_rows = _rows_fn(x.device)(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
     loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
@@ -366,7 +371,7 @@ def _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weigh
                              ignore_index, reduction, label_smoothing, z_loss):
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
-    scale = mean_scale(t, None, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+    scale = _loss_scale(t, None, ignore_index, reduction)
     # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
     grad_scale = scale if (need_input or need_weight or need_bias) and reduction != "none" else None
     loss_rows, *grads = linear_cross_entropy_chunks(
@@ -449,7 +454,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         C = logits.shape[-1]
         x = as_rows(logits, C)
         t = target.reshape(-1)
-        scale = mean_scale(t, weight, ignore_index) if reduction == "mean" else torch.ones(1, device=x.device)
+        scale = _loss_scale(t, weight, ignore_index, reduction)
         grad = None
         if compute_grad:
             # Rows that share memory (expanded, stride 0) would read back another row's

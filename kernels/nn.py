@@ -22,10 +22,33 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """:class:`torch.nn.RMSNorm` running :func:`kernels.rms_norm`."""
+    """:class:`torch.nn.RMSNorm` running :func:`kernels.rms_norm`.
+
+    Torch's constructor, plus the keyword-only ``offset`` and ``casting_mode`` of
+    :func:`kernels.rms_norm`: ``RMSNorm(d, eps, offset=1.0, casting_mode="gemma")``
+    is Gemma's norm, whose stored weight ``w`` scales by ``1 + w``; its weight then
+    starts at ``1 - offset`` (zeros for Gemma), so a fresh module scales by one.
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
+                 offset: float = 0.0, casting_mode: str | None = None) -> None:
+        self.offset, self.casting_mode = offset, casting_mode  # before torch's __init__ calls reset_parameters
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight is not None and self.offset != 0:
+            with torch.no_grad():
+                self.weight.sub_(self.offset)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return norm.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return norm.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=self.offset,
+                             casting_mode=self.casting_mode)
+
+    def extra_repr(self) -> str:
+        options = "".join(f", {name}={value!r}" for name, value, default in
+                          (("offset", self.offset, 0.0), ("casting_mode", self.casting_mode, None)) if value != default)
+        return super().extra_repr() + options
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

@@ -7,9 +7,11 @@ Layout of this module: the kernels, their launchers, the ``fastlm::norm``,
     LayerNorm:  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps),  y = xhat * w + b
                 (mean = x0 + mean(x - x0), x0 the row's first value: exactly x0 on a
                 constant row, so xhat is exactly 0 there, as in exact math)
-    RMSNorm:    xhat = x * rstd,           rstd = 1 / sqrt(mean(x^2) + eps),  y = xhat * w
+    RMSNorm:    xhat = x * rstd,           rstd = 1 / sqrt(mean(x^2) + eps),  y = xhat * (offset + w)
+                (offset: Gemma stores w and scales by 1 + w; where the result is rounded is
+                the casting mode, see ``CASTING_MODES``)
 
-    backward, with g = dy * w:
+    backward, with g = dy * w (RMSNorm: dy * (offset + w)):
     LayerNorm:  dx = rstd * (g - xhat * mean(g * xhat) - mean(g))
     RMSNorm:    dx = rstd * (g - xhat * mean(g * xhat))
     dw = sum_rows(dy * xhat),  db = sum_rows(dy)
@@ -62,13 +64,54 @@ def _row_shift(X, RES, RES_OUT, rows, row_mask, stride_x, stride_res, HAS_RES: t
 
 
 @triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    # fp32 x rounded to DTYPE (to nearest even, as torch rounds) and back to fp32. bf16 by hand:
+    # Triton's interpreter truncates fp32 -> bf16; this is what a GPU's cvt.rn computes.
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _effective_weight(W, X, cols, col_mask, offset, CASTING: tl.constexpr):
+    # offset + w in fp32, rounded where the casting mode rounds it (CASTING_MODES):
+    # Llama adds in the weight's dtype, "none" in the input's, Gemma not at all.
+    # LayerNorm passes offset 0 and CASTING 0: the weight as it is.
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if CASTING == 2:
+        w = _rounded(w, X.dtype.element_ty)
+    w = w + offset
+    if CASTING == 1:
+        w = _rounded(w, W.dtype.element_ty)
+    if CASTING == 2:
+        w = _rounded(w, X.dtype.element_ty)
+    return w
+
+
+@triton.jit
+def _normalized(x, rstd, X, CASTING: tl.constexpr):
+    # xhat = x * rstd (x centred for LayerNorm, whose CASTING is 0) rounded as the casting mode
+    # rounds it: Llama rounds xhat to the input dtype before the weight multiply; "none" rounds
+    # rstd and xhat (the sum of squares still accumulates in fp32).
+    if CASTING == 2:
+        rstd = _rounded(rstd, X.dtype.element_ty)
+    xhat = x * rstd
+    if CASTING != 0:  # CASTING is a constexpr: the fp32 mode compiles to x * rstd alone
+        xhat = _rounded(xhat, X.dtype.element_ty)
+    return xhat
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
     M, N,
     stride_x, stride_res, stride_y, stride_res_out,
-    eps,
+    eps, offset,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr, CASTING: tl.constexpr,
 ):
     pid = tl.program_id(0)
     inv_n = 1.0 / N
@@ -102,9 +145,9 @@ def _norm_fwd_kernel(
         var = tl.sum(xc * xc, axis=1) * inv_n
         rstd = tl.rsqrt(var + eps)
         tl.store(RSTD + rows, rstd, mask=row_mask)
-        y = xc * rstd[:, None]
+        y = _normalized(xc, rstd[:, None], X, CASTING)
         if HAS_W:
-            y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            y = y * _effective_weight(W, X, cols, col_mask, offset, CASTING)[None, :]
         if HAS_B:
             y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -151,9 +194,9 @@ def _norm_fwd_kernel(
             col_mask = c < N
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(x_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean[:, None]) * rstd[:, None]
+            y = _normalized(x - mean[:, None], rstd[:, None], X, CASTING)
             if HAS_W:
-                y = y * tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                y = y * _effective_weight(W, X, c, col_mask, offset, CASTING)[None, :]
             if HAS_B:
                 y = y + tl.load(B + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_row + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -164,9 +207,9 @@ def _norm_bwd_kernel(
     X, W, DY, DX, DRES, MEAN, RSTD, DW_PART, DB_PART,
     M, N,
     stride_x, stride_dy, stride_dx, stride_dres,
-    rows_per_program,
+    rows_per_program, offset,
     IS_RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr, CASTING: tl.constexpr,
 ):
     # Each program owns a contiguous run of rows and one private row of the dW/dB
     # partial buffers: the reduction over rows needs no atomics and is deterministic.
@@ -180,7 +223,7 @@ def _norm_bwd_kernel(
     if ONE_PASS:
         col_mask = cols < N
         if HAS_W:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            w = _effective_weight(W, X, cols, col_mask, offset, CASTING)[None, :]
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for r0 in range(row_start, row_end, BLOCK_M):
@@ -236,7 +279,7 @@ def _norm_bwd_kernel(
                 x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
                 g = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
                 if HAS_W:
-                    g = g * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                    g = g * _effective_weight(W, X, c, mask, offset, CASTING)
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
                 acc1 += g * xhat
                 acc2 += g
@@ -248,7 +291,7 @@ def _norm_bwd_kernel(
                 x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
                 if HAS_W:
-                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                    g = dy * _effective_weight(W, X, c, mask, offset, CASTING)
                 else:
                     g = dy
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -317,10 +360,14 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-def _norm_forward(x, residual, weight, bias, eps, is_rms):
+# casting_mode -> the kernels' CASTING constexpr (LayerNorm: "gemma", fp32 throughout).
+_CASTING = {mode: i for i, mode in enumerate(reference.norm.CASTING_MODES)}
+
+
+def _norm_forward(x, residual, weight, bias, eps, is_rms, offset=0.0, casting_mode="gemma"):
     """Launch the forward on (M, N) views. Returns y, s (or None), mean, rstd."""
     M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=reference.norm.rms_output_dtype(x.dtype, weight, casting_mode), device=x.device)
     s = torch.empty((M, N), dtype=x.dtype, device=x.device) if residual is not None else None
     # RMSNorm has no mean: zeros, so the op's outputs are defined everywhere.
     mean = (torch.zeros if is_rms else torch.empty)((M,), dtype=torch.float32, device=x.device)
@@ -333,9 +380,9 @@ def _norm_forward(x, residual, weight, bias, eps, is_rms):
         bias if bias is not None else x, y, s if s is not None else y, mean, rstd,
         M, N,
         _row_stride(x), _row_stride(residual) if residual is not None else 0, N, N,
-        eps,
+        eps, offset,
         IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=one_pass, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=one_pass, CASTING=_CASTING[casting_mode], num_warps=num_warps,
     )
     return y, s, mean, rstd
 
@@ -347,7 +394,7 @@ def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
+def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms, offset=0.0, casting_mode="gemma"):
     """Launch the backward on (M, N) views. Returns dx, dw (or None), db (or None)."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -367,9 +414,9 @@ def _norm_backward(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
         dw_part if has_w else mean, db_part if has_bias else mean,
         M, N,
         _row_stride(x), _row_stride(dy), N, _row_stride(dres) if dres is not None else 0,
-        rows_per_program,
+        rows_per_program, offset,
         IS_RMS=is_rms, HAS_DRES=dres is not None, HAS_W=has_w, HAS_B=has_bias,
-        BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=one_pass, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=one_pass, CASTING=_CASTING[casting_mode], num_warps=num_warps,
     )
     param_dtype = weight.dtype if has_w else x.dtype
     dw = _column_sum(dw_part, weight.dtype) if has_w else None
@@ -389,14 +436,15 @@ def compile_specs() -> list[KernelSpec]:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = "*" + TRITON_DTYPE[dtype]
         for n in widths:
-            for is_rms in (False, True):
-                kind = f"{'rms' if is_rms else 'ln'} N={n} {dtype}"
-                flags = {"IS_RMS": is_rms, "HAS_W": True, "HAS_B": not is_rms}
+            # RMSNorm in each casting mode (the rounding steps differ); LayerNorm's is fp32.
+            for is_rms, casting in [(False, 0)] + [(True, c) for c in _CASTING.values()]:
+                kind = f"{'rms' if is_rms else 'ln'} N={n} {dtype}" + (f" casting={casting}" if casting else "")
+                flags = {"IS_RMS": is_rms, "HAS_W": True, "HAS_B": not is_rms, "CASTING": casting}
                 bm, bn, op, nw = _fwd_config(n, dtype)
                 sig = {k: t for k in ("X", "RES", "W", "B", "Y", "RES_OUT")}
                 sig |= {"MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32"}
                 sig |= {k: "i32" for k in ("stride_x", "stride_res", "stride_y", "stride_res_out")}
-                sig |= {"eps": "fp32"}
+                sig |= {"eps": "fp32", "offset": "fp32"}
                 for has_res in (False, True):
                     c = flags | {"HAS_RES": has_res, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
                     specs.append(_norm_spec(_norm_fwd_kernel, sig, c, nw, kind))
@@ -405,7 +453,7 @@ def compile_specs() -> list[KernelSpec]:
                 sig |= {k: "*fp32" for k in ("MEAN", "RSTD", "DW_PART", "DB_PART")}
                 sig |= {"M": "i32", "N": "i32"}
                 sig |= {k: "i32" for k in ("stride_x", "stride_dy", "stride_dx", "stride_dres")}
-                sig |= {"rows_per_program": "i32"}
+                sig |= {"rows_per_program": "i32", "offset": "fp32"}
                 for has_dres in (False, True):
                     c = flags | {"HAS_DRES": has_dres, "BLOCK_M": bm, "BLOCK_N": bn, "ONE_PASS": op}
                     specs.append(_norm_spec(_norm_bwd_kernel, sig, c, nw, kind))
@@ -428,7 +476,7 @@ def _norm_spec(kernel, sig: dict[str, str], constexprs: dict, num_warps: int, la
 # consumes them. Both forward ops serve LayerNorm and RMSNorm (is_rms).
 
 
-def _norm_forward_reference(x, residual, weight, bias, eps, is_rms):
+def _norm_forward_reference(x, residual, weight, bias, eps, is_rms, offset=0.0, casting_mode="gemma"):
     """The launcher's contract in PyTorch, on (M, N) rows: y, s (or None), mean, rstd."""
     s = x + residual if residual is not None else None
     xs = s if s is not None else x
@@ -438,7 +486,7 @@ def _norm_forward_reference(x, residual, weight, bias, eps, is_rms):
     if is_rms:
         mean = torch.zeros(xs.shape[:1], dtype=torch.float32, device=xs.device)
         rstd = torch.rsqrt(xf.square().mean(1) + eps)
-        y = reference.rms_norm(xs, (n,), w, eps)
+        y = reference.rms_norm(xs, (n,), w, eps, offset=offset, casting_mode=casting_mode)
     else:
         mean = xf.mean(1)
         rstd = torch.rsqrt(xf.var(1, unbiased=False) + eps)
@@ -446,11 +494,12 @@ def _norm_forward_reference(x, residual, weight, bias, eps, is_rms):
     return y, s, mean, rstd
 
 
-def _norm_backward_reference(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
+def _norm_backward_reference(dy, x, weight, has_bias, mean, rstd, dres, is_rms, offset=0.0, casting_mode="gemma"):
     """The backward launcher's contract in PyTorch (the module docstring's formulas): dx, dw, db."""
     xf, dyf = x.float(), dy.float()
     xhat = xf * rstd[:, None] if is_rms else (xf - mean[:, None]) * rstd[:, None]
-    g = dyf * weight.reshape(-1).float() if weight is not None else dyf
+    w = reference.norm.rms_weight(weight, offset, casting_mode, x.dtype)
+    g = dyf * w.reshape(-1).float() if weight is not None else dyf
     dx = g - xhat * (g * xhat).mean(1, keepdim=True)
     if not is_rms:
         dx = dx - g.mean(1, keepdim=True)
@@ -463,37 +512,38 @@ def _norm_backward_reference(dy, x, weight, has_bias, mean, rstd, dres, is_rms):
     return dx.to(x.dtype), dw, db
 
 
-def _norm_rows(x, residual, weight, bias, normalized_shape, eps, is_rms):
+def _norm_rows(x, residual, weight, bias, normalized_shape, eps, is_rms, offset, casting_mode):
     n = math.prod(normalized_shape)
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else None
     if use_triton(x.device):
         w = weight.contiguous() if weight is not None else None
         b = bias.contiguous() if bias is not None else None
-        y, s, mean, rstd = _norm_forward(x2, r2, w, b, eps, is_rms)
+        y, s, mean, rstd = _norm_forward(x2, r2, w, b, eps, is_rms, offset, casting_mode)
     else:
-        y, s, mean, rstd = _norm_forward_reference(x2, r2, weight, bias, eps, is_rms)
+        y, s, mean, rstd = _norm_forward_reference(x2, r2, weight, bias, eps, is_rms, offset, casting_mode)
     return y.view(x.shape), (s.view(x.shape) if s is not None else None), mean, rstd
 
 
-def _norm_op(input, weight, bias, normalized_shape, eps, is_rms):
-    y, _, mean, rstd = _norm_rows(input, None, weight, bias, normalized_shape, eps, is_rms)
+def _norm_op(input, weight, bias, normalized_shape, eps, is_rms, offset=0.0, casting_mode="gemma"):
+    y, _, mean, rstd = _norm_rows(input, None, weight, bias, normalized_shape, eps, is_rms, offset, casting_mode)
     return y, mean, rstd
 
 
-def _add_norm_op(input, residual, weight, bias, normalized_shape, eps, is_rms):
-    return _norm_rows(input, residual, weight, bias, normalized_shape, eps, is_rms)
+def _add_norm_op(input, residual, weight, bias, normalized_shape, eps, is_rms, offset=0.0, casting_mode="gemma"):
+    return _norm_rows(input, residual, weight, bias, normalized_shape, eps, is_rms, offset, casting_mode)
 
 
-def _norm_backward_op(grad_out, grad_residual_out, x, weight, has_bias, mean, rstd, normalized_shape, is_rms):
+def _norm_backward_op(grad_out, grad_residual_out, x, weight, has_bias, mean, rstd, normalized_shape, is_rms,
+                      offset=0.0, casting_mode="gemma"):
     n = math.prod(normalized_shape)
     dy2, x2 = as_rows(grad_out, n), as_rows(x, n)
     ds2 = as_rows(grad_residual_out, n) if grad_residual_out is not None else None
     if use_triton(x.device):
         dx, dw, db = _norm_backward(dy2, x2, weight.contiguous() if weight is not None else None, has_bias, mean,
-                                    rstd, ds2, is_rms)
+                                    rstd, ds2, is_rms, offset, casting_mode)
     else:
-        dx, dw, db = _norm_backward_reference(dy2, x2, weight, has_bias, mean, rstd, ds2, is_rms)
+        dx, dw, db = _norm_backward_reference(dy2, x2, weight, has_bias, mean, rstd, ds2, is_rms, offset, casting_mode)
     shape = tuple(normalized_shape)
     dw = dw.view(shape) if dw is not None else no_tensor(x)
     db = db.view(shape) if db is not None else no_tensor(x)
@@ -501,13 +551,14 @@ def _norm_backward_op(grad_out, grad_residual_out, x, weight, has_bias, mean, rs
 
 
 _AFFINE = "Tensor? weight, Tensor? bias, SymInt[] normalized_shape, float eps, bool is_rms"
-norm_op = define_op("norm", _norm_op, f"(Tensor input, {_AFFINE}) -> (Tensor, Tensor, Tensor)")
+_RMS_OPTIONS = 'float offset=0.0, str casting_mode="gemma"'  # RMSNorm's (1 + w) and rounding; see reference.norm
+norm_op = define_op("norm", _norm_op, f"(Tensor input, {_AFFINE}, {_RMS_OPTIONS}) -> (Tensor, Tensor, Tensor)")
 add_norm_op = define_op("add_norm", _add_norm_op,
-                        f"(Tensor input, Tensor residual, {_AFFINE}) -> (Tensor, Tensor, Tensor, Tensor)")
+                        f"(Tensor input, Tensor residual, {_AFFINE}, {_RMS_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)")
 norm_backward_op = define_op(
     "norm_backward", _norm_backward_op,
     "(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight, bool has_bias, Tensor mean, Tensor rstd, "
-    "SymInt[] normalized_shape, bool is_rms) -> (Tensor, Tensor, Tensor)",
+    f"SymInt[] normalized_shape, bool is_rms, {_RMS_OPTIONS}) -> (Tensor, Tensor, Tensor)",
 )
 
 
@@ -516,33 +567,33 @@ def _op_name(is_rms: bool, has_res: bool) -> str:
 
 
 def _setup_norm(ctx, inputs, output):
-    x, weight, bias, shape, _, is_rms = inputs
+    x, weight, bias, shape, _, is_rms, *rms_options = inputs
     ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.has_bias, ctx.shape, ctx.is_rms = bias is not None, shape, is_rms
+    ctx.has_bias, ctx.shape, ctx.is_rms, ctx.rms_options = bias is not None, shape, is_rms, rms_options
 
 
 def _setup_add_norm(ctx, inputs, output):
-    _, _, weight, bias, shape, _, is_rms = inputs
+    _, _, weight, bias, shape, _, is_rms, *rms_options = inputs
     ctx.save_for_backward(output[1], weight, output[2], output[3])  # the normalized sum, not the input
-    ctx.has_bias, ctx.shape, ctx.is_rms = bias is not None, shape, is_rms
+    ctx.has_bias, ctx.shape, ctx.is_rms, ctx.rms_options = bias is not None, shape, is_rms, rms_options
 
 
 def _backward(ctx, dy, ds):
     if torch.is_grad_enabled():  # create_graph=True: these gradients would look constant
         raise RuntimeError(triton_only_first_order(_op_name(ctx.is_rms, ds is not None)))
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = norm_backward_op(dy, ds, x, weight, ctx.has_bias, mean, rstd, ctx.shape, ctx.is_rms)
+    dx, dw, db = norm_backward_op(dy, ds, x, weight, ctx.has_bias, mean, rstd, ctx.shape, ctx.is_rms, *ctx.rms_options)
     return dx, present(dw) if weight is not None else None, present(db) if ctx.has_bias else None
 
 
 def _norm_grads(ctx, dy, dmean, drstd):
     dx, dw, db = _backward(ctx, dy, None)
-    return dx, dw, db, None, None, None
+    return dx, dw, db, None, None, None, None, None
 
 
 def _add_norm_grads(ctx, dy, ds, dmean, drstd):
     dx, dw, db = _backward(ctx, dy, ds)
-    return dx, dx, dw, db, None, None, None
+    return dx, dx, dw, db, None, None, None, None, None
 
 
 norm_op.register_autograd(_norm_grads, setup_context=_setup_norm)
@@ -604,20 +655,38 @@ def _autocast(name: str, input, residual, weight, bias):
     return input, residual, weight, bias
 
 
-def _run(input, residual, shape, weight, bias, eps, is_rms):
+def _run(input, residual, shape, weight, bias, eps, is_rms, offset=0.0, casting_mode="gemma"):
     """The reference backend's torch functions, or the fastlm:: op (see kernels._library)."""
     if not use_triton(input.device):
+        rms = dict(offset=offset, casting_mode=casting_mode)
         if residual is None:
             if is_rms:
-                return reference.rms_norm(input, shape, weight, eps)
+                return reference.rms_norm(input, shape, weight, eps, **rms)
             return reference.layer_norm(input, shape, weight, bias, eps)
         if is_rms:
-            return reference.add_rms_norm(input, residual, shape, weight, eps)
+            return reference.add_rms_norm(input, residual, shape, weight, eps, **rms)
         return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
     if residual is None:
-        return norm_op(input, weight, bias, shape, float(eps), is_rms)[0]
-    y, s, _, _ = add_norm_op(input, residual, weight, bias, shape, float(eps), is_rms)
+        return norm_op(input, weight, bias, shape, float(eps), is_rms, float(offset), casting_mode)[0]
+    y, s, _, _ = add_norm_op(input, residual, weight, bias, shape, float(eps), is_rms, float(offset), casting_mode)
     return y, s
+
+
+def _rms_options(input, residual, weight, offset, casting_mode):
+    """Checked ``offset`` and ``casting_mode``; inputs cast as autocast casts torch's rms_norm, where the mode is None.
+
+    An explicit casting mode reproduces a model's own module, which autocast leaves alone:
+    the inputs keep their dtypes. None is torch's function, autocast rule included.
+    """
+    if not isinstance(offset, numbers.Real) or isinstance(offset, bool) or not math.isfinite(offset):
+        raise TypeError(f"offset must be a finite float (Gemma's 1.0, or 0.0), got {offset!r}")
+    if casting_mode is None:
+        input, residual, weight, _ = _autocast("rms_norm", input, residual, weight, None)
+        return input, residual, weight, float(offset), "gemma"
+    if casting_mode not in reference.norm.CASTING_MODES:
+        raise ValueError(f"casting_mode must be None or one of {', '.join(map(repr, reference.norm.CASTING_MODES))}, "
+                         f"got {casting_mode!r}")
+    return input, residual, weight, float(offset), casting_mode
 
 
 def layer_norm(
@@ -638,13 +707,26 @@ def rms_norm(
     normalized_shape: int | Sequence[int],
     weight: torch.Tensor | None = None,
     eps: float | None = None,
+    *,
+    offset: float = 0.0,
+    casting_mode: str | None = None,
 ) -> torch.Tensor:
-    """Drop-in for :func:`torch.nn.functional.rms_norm`; ``eps=None`` means ``finfo(input.dtype).eps``."""
+    """Drop-in for :func:`torch.nn.functional.rms_norm`; ``eps=None`` means ``finfo(input.dtype).eps``.
+
+    ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``: Gemma stores ``weight`` and
+    scales by ``1 + weight`` (``offset=1.0``). ``casting_mode`` (Liger's name) says where
+    the result is rounded, to reproduce a model's own module: ``"gemma"`` computes in fp32
+    and rounds once at the end, ``"llama"`` rounds ``xhat`` to the input dtype before the
+    weight multiply (result in the promoted dtype of input and weight), ``"none"`` rounds
+    each step to the input dtype (:data:`kernels.reference.norm.CASTING_MODES`); these
+    ignore autocast, as the modules they reproduce do. ``None`` is torch's function:
+    computed as ``"gemma"``, under torch's autocast rule.
+    """
     if isinstance(input, torch.Tensor) and input.is_floating_point():
         eps = _rms_eps(input, eps)
     shape = _check(input, None, normalized_shape, weight, None, eps)
-    input, _, weight, _ = _autocast("rms_norm", input, None, weight, None)
-    return _run(input, None, shape, weight, None, eps, True)
+    input, _, weight, offset, casting_mode = _rms_options(input, None, weight, offset, casting_mode)
+    return _run(input, None, shape, weight, None, eps, True, offset, casting_mode)
 
 
 def add_layer_norm(
@@ -667,10 +749,13 @@ def add_rms_norm(
     normalized_shape: int | Sequence[int],
     weight: torch.Tensor | None = None,
     eps: float | None = None,
+    *,
+    offset: float = 0.0,
+    casting_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(input + residual), input + residual)`` in one pass over memory."""
+    """``(rms_norm(input + residual), input + residual)`` in one pass over memory (options as :func:`rms_norm`)."""
     if isinstance(input, torch.Tensor) and input.is_floating_point():
         eps = _rms_eps(input, eps)
     shape = _check(input, residual, normalized_shape, weight, None, eps)
-    input, residual, weight, _ = _autocast("rms_norm", input, residual, weight, None)
-    return _run(input, residual, shape, weight, None, eps, True)
+    input, residual, weight, offset, casting_mode = _rms_options(input, residual, weight, offset, casting_mode)
+    return _run(input, residual, shape, weight, None, eps, True, offset, casting_mode)

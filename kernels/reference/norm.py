@@ -47,11 +47,48 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return F.layer_norm(x - first, shape, w, b, eps).to(input.dtype)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
+# Where an RMSNorm rounds (``casting_mode``; Liger's names), y = xhat * (offset + w):
+#   "gemma": everything in fp32 (the weight too), one rounding to the input dtype at the end:
+#            Gemma's modules, and torch.nn.functional.rms_norm's fused kernel.
+#   "llama": xhat = x * rstd in fp32, rounded to the input dtype, then multiplied by offset + w
+#            in the weight's dtype; the result has the promoted dtype of input and weight
+#            (Llama's, Mistral's and Qwen2's modules: ``weight * xhat.to(input_dtype)``).
+#   "none":  the input dtype throughout, as a model written without casts: rstd, xhat,
+#            offset + w and y each rounded to it (the sum of squares still accumulates in fp32).
+# In fp32 (and for the fp64 golden values) the three are the same function.
+CASTING_MODES = ("gemma", "llama", "none")
+
+
+def rms_weight(weight, offset, casting_mode, input_dtype):
+    """``offset + weight`` as ``casting_mode`` rounds it (None without a weight)."""
+    if weight is None:
+        return None
+    if casting_mode == "gemma":
+        weight = _upcast(weight)
+    elif casting_mode == "none":
+        weight = weight.to(input_dtype)
+    return weight + offset if offset != 0 else weight
+
+
+def rms_output_dtype(input_dtype, weight, casting_mode):
+    """Llama's ``weight * xhat`` promotes; the other modes return the input's dtype."""
+    if casting_mode == "llama" and weight is not None:
+        return torch.promote_types(input_dtype, weight.dtype)
+    return input_dtype
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, offset=0.0, casting_mode=None):
+    casting_mode = casting_mode or "gemma"  # None: torch's, which computes as Gemma does
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    y = F.rms_norm(_upcast(input), _shape(normalized_shape), _upcast(weight), eps)
-    return y.to(input.dtype)
+    shape = _shape(normalized_shape)
+    w = rms_weight(weight, offset, casting_mode, input.dtype)
+    if casting_mode == "gemma":
+        return F.rms_norm(_upcast(input), shape, w, eps).to(input.dtype)
+    x = _upcast(input)
+    rstd = torch.rsqrt(x.square().mean(tuple(range(-len(shape), 0)), keepdim=True) + eps)
+    xhat = input * rstd.to(input.dtype) if casting_mode == "none" else (x * rstd).to(input.dtype)
+    return xhat if w is None else xhat * w
 
 
 def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -59,6 +96,6 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
     return layer_norm(s, normalized_shape, weight, bias, eps), s
 
 
-def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, offset=0.0, casting_mode=None):
     s = input + residual
-    return rms_norm(s, normalized_shape, weight, eps), s
+    return rms_norm(s, normalized_shape, weight, eps, offset=offset, casting_mode=casting_mode), s

@@ -58,6 +58,14 @@ def _op_cases():
     yield "add_rms_norm", ops.add_norm.default, (x, r, w, None, [40], 1e-6, True)
     yield "norm_backward", ops.norm_backward.default, (
         torch.randn_like(x), None, x.detach(), w.detach(), True, torch.zeros(6), torch.ones(6), [40], False)
+    # RMSNorm's offset (Gemma's 1 + w) and casting modes; Llama's promotes a bf16 input to the fp32 weight's dtype.
+    yield "rms_norm_gemma", ops.norm.default, (x, w, None, [40], 1e-6, True, 1.0, "gemma")
+    yield "rms_norm_llama", ops.norm.default, (x.detach().bfloat16().requires_grad_(), w, None, [40], 1e-6, True,
+                                               0.0, "llama")
+    yield "add_rms_norm_none", ops.add_norm.default, (x, r, w, None, [40], 1e-6, True, 1.0, "none")
+    yield "rms_norm_backward_llama", ops.norm_backward.default, (
+        torch.randn_like(x), None, x.detach(), w.detach(), False, torch.zeros(6), torch.ones(6), [40], True,
+        1.0, "llama")
     yield "attention", ops.attention.default, (q, k, v, kv_lens, 0.25, 2)
     yield "attention_plain", ops.attention.default, (q, k, v, None, 0.25, None)
     yield "cross_entropy", ops.cross_entropy.default, (logits, t, torch.rand(50), IGNORE, "mean", 0.1, 1e-3, True)

@@ -363,3 +363,111 @@ def test_rms_norm_of_zero_rows_is_exact(backend):
         dx, dw = torch.autograd.grad(y, (x, w), dy)
     assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dw, torch.zeros_like(dw))
     torch.testing.assert_close(dx, dy * w / 1e-6**0.5, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ RMSNorm offset (Gemma's 1 + w) and casting modes
+
+
+def _hf_llama_rms_norm(x, w, eps):
+    """transformers' LlamaRMSNorm.forward (Mistral and Qwen2 share it), verbatim."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(input_dtype)
+
+
+def _hf_gemma_rms_norm(x, w, eps):
+    """transformers' GemmaRMSNorm.forward (Gemma2 shares it), verbatim: the weight stored as w, scaled by 1 + w."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + w.float())).type_as(x)
+
+
+MODES = ["gemma", "llama", "none"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ns", [((3, 123), (123,)), ((2, 20000), (20000,))], ids=str)
+@pytest.mark.parametrize("casting_mode", MODES)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "add"])
+def test_rms_norm_offset_and_casting_mode_match_reference(fused, casting_mode, shape, ns, dtype):
+    # Golden: the reference in fp32/fp64, where the three modes are one function; the same-dtype
+    # reference rounds where the mode rounds. Gemma's offset 1 with weights near 0, as Gemma's are.
+    torch.manual_seed(0)
+    base, res, w = torch.randn(shape) + 0.5, torch.randn(shape), torch.randn(ns) * 0.1
+    grads = [torch.randn(shape) for _ in range(2 if fused else 1)]
+    options = dict(offset=1.0, casting_mode=casting_mode)
+
+    def run(module, dt):
+        x, r, wt = (_leaf(t.to(DEVICE), dt) for t in (base, res, w))
+        outs = (module.add_rms_norm(x, r, ns, wt, 1e-6, **options) if fused
+                else (module.rms_norm(x, ns, wt, 1e-6, **options),))
+        torch.autograd.backward(outs, [g.to(DEVICE, dt) for g in grads])
+        return list(outs) + [x.grad] + ([r.grad] if fused else []) + [wt.grad]
+
+    out, ref32, ref_lp = run(kernels, dtype), run(kernels.reference, golden_dtype(dtype)), run(kernels.reference, dtype)
+    names = (["y", "s", "dx", "dres"] if fused else ["y", "dx"]) + ["dw"]
+    for o, r32, rlp, name in zip(out, ref32, ref_lp, names):
+        assert o.dtype == rlp.dtype, f"{name}: dtype {o.dtype} != {rlp.dtype}"
+        rule = factor("add_rms_norm" if fused else "rms_norm", gradient=name.startswith("d"))
+        assert_close_to_ref(o, r32, rlp, factor=rule, name=f"{casting_mode} {name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_casting_modes_are_the_hf_modules(dtype):
+    # The reference reproduces transformers' modules to the bit, so patched models compute what they did.
+    torch.manual_seed(5)
+    x, w = torch.randn(4, 3, 96).to(dtype), (torch.randn(96) * 0.3).to(dtype)
+    ref = kernels.reference
+    assert torch.equal(ref.rms_norm(x, 96, w, 1e-6, casting_mode="llama"), _hf_llama_rms_norm(x, w, 1e-6))
+    assert torch.equal(ref.rms_norm(x, 96, w, 1e-6, offset=1.0, casting_mode="gemma"), _hf_gemma_rms_norm(x, w, 1e-6))
+    # Llama's fp32 weight on a low-precision input: the product, and the result, are fp32.
+    w32 = w.float() + 0.01
+    y = ref.rms_norm(x, 96, w32, 1e-6, casting_mode="llama")
+    assert y.dtype == torch.float32 and torch.equal(y, _hf_llama_rms_norm(x, w32, 1e-6))
+    # The casts are where the modes differ: at this dtype they give different numbers.
+    assert not torch.equal(ref.rms_norm(x, 96, w, 1e-6, casting_mode="llama"),
+                           ref.rms_norm(x, 96, w, 1e-6, casting_mode="gemma"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_llama_mode_promotes_to_the_weight_dtype(backend):
+    torch.manual_seed(6)
+    x = torch.randn(5, 64, device=DEVICE).bfloat16().requires_grad_()
+    w = torch.randn(64, device=DEVICE, requires_grad=True)
+    with kernels.use_backend(backend):
+        y = kernels.rms_norm(x, 64, w, 1e-6, casting_mode="llama")
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, _hf_llama_rms_norm(x, w, 1e-6), rtol=1e-5, atol=2e-5)
+        dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+
+
+def test_rms_norm_module_with_offset_starts_at_scale_one_and_round_trips():
+    torch.manual_seed(7)
+    gemma = kernels.nn.RMSNorm(32, eps=1e-6, offset=1.0, casting_mode="gemma")
+    assert torch.equal(gemma.weight, torch.zeros(32))  # Gemma's initialisation: 1 + 0
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(gemma(x), F.rms_norm(x, (32,), eps=1e-6))
+    with torch.no_grad():
+        gemma.weight.normal_()
+    plain = kernels.nn.RMSNorm(32, eps=1e-6)
+    plain.load_state_dict(gemma.state_dict())  # same keys; the offset is the module's, not the checkpoint's
+    torch.testing.assert_close(gemma(x), _hf_gemma_rms_norm(x, gemma.weight, 1e-6))
+    torch.testing.assert_close(gemma(x), plain(x) + F.rms_norm(x, (32,), eps=1e-6), rtol=1e-5, atol=1e-5)
+    assert "offset=1.0, casting_mode='gemma'" in repr(gemma) and "offset" not in repr(plain)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: kernels.rms_norm(torch.randn(2, 8), 8, casting_mode="llama3"), ValueError, "casting_mode"),
+        (lambda: kernels.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), 8, casting_mode=1), ValueError,
+         "casting_mode"),
+        (lambda: kernels.rms_norm(torch.randn(2, 8), 8, offset="1"), TypeError, "offset"),
+        (lambda: kernels.rms_norm(torch.randn(2, 8), 8, offset=float("nan")), TypeError, "offset"),
+    ],
+)
+def test_bad_rms_options_are_a_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -30,6 +30,10 @@ class RMSNorm(torch.nn.RMSNorm):
     starts at ``1 - offset`` (zeros for Gemma), so a fresh module scales by one.
     """
 
+    # Class defaults too: kernels.patch turns a torch.nn.RMSNorm into this class without __init__.
+    offset: float = 0.0
+    casting_mode: str | None = None
+
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
                  offset: float = 0.0, casting_mode: str | None = None) -> None:
         self.offset, self.casting_mode = offset, casting_mode  # before torch's __init__ calls reset_parameters

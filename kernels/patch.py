@@ -3,9 +3,12 @@
 - Norms: every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` becomes its
   :mod:`kernels.nn` subclass in place (same object, same parameters, so an
   optimizer built before patching keeps working); Hugging Face's own RMSNorm
-  modules (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ...: a ``weight`` and a
-  ``variance_epsilon``) are replaced by a :class:`kernels.nn.RMSNorm` holding the
-  same ``weight`` Parameter, after a probe shows they compute the same function.
+  modules (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``GemmaRMSNorm``, ...: a ``weight``
+  and a ``variance_epsilon`` or ``eps``) are replaced by a :class:`kernels.nn.RMSNorm`
+  holding the same ``weight`` Parameter, after probes show they compute the same
+  function: with Gemma's ``offset=1.0`` (it stores ``w`` and scales by ``1 + w``)
+  where that is what they compute, and the ``casting_mode`` ("llama", "gemma") that
+  rounds where they round.
 - Attention, for ``transformers`` causal LMs of the GPT-2, Llama, Mistral and
   Qwen2 families: the model's attention implementation is set to ``"fastlm"``,
   registered in transformers' ``AttentionInterface``. Without padding it runs
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nn as fused
+from . import reference
 from .attention import MAX_HEAD_DIM, attention
 from ._library import autocast_dtype
 from .cross_entropy import linear_cross_entropy
@@ -82,24 +86,52 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norm: bool = True, 
 # ----------------------------------------------------------------------------- norms
 
 
-def _hf_rms_norm_matches(module: torch.nn.Module) -> bool:
-    """True for an RMSNorm-like module (``weight`` + ``variance_epsilon``) that computes ``F.rms_norm``."""
-    weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", None)
-    if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
-            and weight.dim() == 1 and isinstance(eps, float) and weight.device.type != "meta"):
-        return False
-    if len(list(module.parameters())) != 1 or list(module.buffers()) or list(module.children()):
-        return False
-    # A lookalike may scale by (1 + weight) or normalise differently: one fp32 probe decides,
-    # run on a shallow copy holding an fp32 weight so the model itself is untouched.
+def _hf_rms_eps(module: torch.nn.Module) -> float | None:
+    """The epsilon of a transformers RMSNorm: ``variance_epsilon`` (Llama and most) or ``eps`` (Gemma)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+def _run_with_weight(module: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with ``weight`` in place of its own, on a shallow copy: the model itself is untouched."""
     twin = copy.copy(module)
-    twin._parameters = {"weight": torch.nn.Parameter(weight.detach().float())}
-    probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    twin._parameters = {"weight": torch.nn.Parameter(weight)}
     with torch.no_grad():
-        expected = F.rms_norm(probe, (weight.shape[0],), weight.detach().float(), eps)
-        got = twin(probe)
-    return got.shape == expected.shape and torch.allclose(got.float(), expected, rtol=1e-4, atol=1e-5)
+        return twin(x)
+
+
+def _hf_rms_norm_semantics(module: torch.nn.Module) -> tuple[float, str] | None:
+    """``(offset, casting_mode)`` of an RMSNorm-like module (one ``weight`` + an epsilon) that computes
+    ``rms_norm(x) * (offset + weight)``, or None; probes decide, not the class name.
+
+    An fp32 probe finds the offset (Llama's 0, Gemma's 1 for its stored ``1 + w``): the modes
+    agree there, so a module that matches neither is something else. A bf16 probe then finds
+    where it rounds: the casting mode whose reference is nearest its output (dtype included).
+    """
+    weight, eps = getattr(module, "weight", None), _hf_rms_eps(module)
+    if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1 and eps is not None and weight.device.type != "meta"):
+        return None
+    if len(list(module.parameters())) != 1 or list(module.buffers()) or list(module.children()):
+        return None
+    n = weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    probe, w = (torch.randn(shape, generator=generator).to(weight.device) for shape in ((3, n), (n,)))
+    got = _run_with_weight(module, w, probe)
+    for offset in (0.0, 1.0):
+        expected = reference.rms_norm(probe, n, w, eps, offset=offset)
+        if got.shape == expected.shape and torch.allclose(got.float(), expected, rtol=1e-4, atol=1e-5):
+            break
+    else:
+        return None
+    probe, w = probe.bfloat16(), w.bfloat16()
+    got = _run_with_weight(module, w, probe)
+    errors = {}
+    for mode in reference.norm.CASTING_MODES:
+        expected = reference.rms_norm(probe, n, w, eps, offset=offset, casting_mode=mode)
+        if got.dtype == expected.dtype and got.shape == expected.shape:
+            errors[mode] = (got.float() - expected.float()).abs().max().item()
+    return (offset, min(errors, key=errors.get)) if errors else None
 
 
 def _patch_norms(model: torch.nn.Module, report: PatchReport) -> None:
@@ -114,9 +146,11 @@ def _patch_norms(model: torch.nn.Module, report: PatchReport) -> None:
     replaced: dict[int, torch.nn.Module] = {}  # a module shared by several parents is replaced once
     for parent in list(model.modules()):  # transformers' RMSNorms: a new module holding the same weight
         for name, child in list(parent.named_children()):
-            if id(child) not in replaced and _hf_rms_norm_matches(child):
-                new = fused.RMSNorm(child.weight.shape[0], eps=child.variance_epsilon,
-                                    device=child.weight.device, dtype=child.weight.dtype)
+            semantics = _hf_rms_norm_semantics(child) if id(child) not in replaced else None
+            if semantics is not None:
+                offset, casting_mode = semantics
+                new = fused.RMSNorm(child.weight.shape[0], eps=_hf_rms_eps(child), device=child.weight.device,
+                                    dtype=child.weight.dtype, offset=offset, casting_mode=casting_mode)
                 new.weight = child.weight  # the same Parameter: optimizers and tied weights stay valid
                 new.train(child.training)
                 replaced[id(child)] = new

@@ -119,18 +119,19 @@ def test_patching_twice_is_harmless():
 
 
 class Lookalike(torch.nn.Module):
-    """Named like an HF RMSNorm, but scales by (1 + weight) as Gemma's does: must not be swapped."""
+    """Named like an HF RMSNorm, but centres its input first (a bias-free LayerNorm): must not be swapped."""
 
     def __init__(self, n):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(n))
+        self.weight = torch.nn.Parameter(torch.ones(n))
         self.variance_epsilon = 1e-6
 
     def forward(self, x):
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon) * (1 + self.weight)
+        x = x - x.mean(-1, keepdim=True)
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
 
 
-Lookalike.__name__ = "GemmaLikeRMSNorm"
+Lookalike.__name__ = "CenteredRMSNorm"
 
 
 def test_plain_torch_model_norms_are_swapped_and_the_rest_reported():
@@ -143,11 +144,40 @@ def test_plain_torch_model_norms_are_swapped_and_the_rest_reported():
         kernels.patch(model)
     message = str(caught[0].message)
     assert "attention: Sequential is not a transformers causal LM" in message and "loss:" in message
-    assert "GemmaLikeRMSNorm (unknown semantics" in message
+    assert "CenteredRMSNorm (unknown semantics" in message
     assert type(model[1]) is kernels.nn.LayerNorm and type(model[2]) is kernels.nn.RMSNorm
     assert type(model[3]) is Lookalike
     assert model[1].weight is weights[0] and model[2].weight is weights[1]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hf_llama_and_gemma_norms_become_their_casting_modes(dtype):
+    # Gemma stores w and scales by 1 + w, in fp32 to the end; Llama rounds x_hat before its weight.
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(LlamaRMSNorm(48, eps=1e-5), GemmaRMSNorm(48, eps=1e-6), Gemma2RMSNorm(48, eps=1e-6))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.to(dtype)
+    weights = [m.weight for m in model]
+    x = torch.randn(3, 5, 48, dtype=dtype)
+    expected = [m(x) for m in model]
+    with pytest.warns(UserWarning, match="attention: Sequential"):
+        kernels.patch(model)
+    assert all(type(m) is kernels.nn.RMSNorm for m in model), model
+    assert [(m.offset, m.casting_mode, m.eps) for m in model] == [
+        (0.0, "llama", 1e-5), (1.0, "gemma", 1e-6), (1.0, "gemma", 1e-6)]
+    assert all(m.weight is w for m, w in zip(model, weights))
+    assert any("norm: 1 GemmaRMSNorm module(s)" in line for line in model.kernels_patch_report.patched)
+    for m, want in zip(model, expected):
+        with kernels.use_backend("reference"):
+            assert torch.equal(m(x), want)  # the same function to the bit, dtype included
+        torch.testing.assert_close(m(x), want)  # the kernels: within a rounding
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

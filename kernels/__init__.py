@@ -7,7 +7,7 @@ kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
 Every op is registered with ``torch.library`` as ``torch.ops.fastlm.*`` (design:
 :mod:`kernels._library`); :func:`unchecked` skips the checks that read tensor
 values (a host sync each). :func:`patch` puts the kernels into an existing model (torch norms, transformers
-GPT-2/Llama/Mistral/Qwen2 attention and loss).
+GPT-2/Llama/Mistral/Qwen2/Gemma/Gemma 2 attention and loss).
 """
 
 from . import nn, reference

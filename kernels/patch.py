@@ -9,18 +9,27 @@
   function: with Gemma's ``offset=1.0`` (it stores ``w`` and scales by ``1 + w``)
   where that is what they compute, and the ``casting_mode`` ("llama", "gemma") that
   rounds where they round.
-- Attention, for ``transformers`` causal LMs of the GPT-2, Llama, Mistral and
-  Qwen2 families: the model's attention implementation is set to ``"fastlm"``,
-  registered in transformers' ``AttentionInterface``. Without padding it runs
-  :func:`kernels.attention` with ``causal=True``; a right-padding mask becomes
-  ``kv_lens``; any other mask, dropout in training, or an option the kernel lacks
-  runs transformers' SDPA path, with a warning the first time each reason occurs.
+- Attention, for ``transformers`` causal LMs of the GPT-2, Llama, Mistral, Qwen2,
+  Gemma and Gemma 2 families: the model's attention implementation is set to
+  ``"fastlm"``, registered in transformers' ``AttentionInterface``. Without padding it
+  runs :func:`kernels.attention` with ``causal=True``; a right-padding mask becomes
+  ``kv_lens``; a layer's ``sliding_window`` w becomes ``window_size=(w - 1, 0)`` (w
+  keys, the query's own included, as transformers' mask) and Gemma 2's attention
+  softcap ``softcap``. Packed sequences run :func:`kernels.varlen_attention`: the
+  ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments of transformers'
+  ``DataCollatorWithFlattening`` (taken as given, as transformers' flash-attention
+  path takes them), or the mask transformers builds from position_ids that restart
+  at 0 (without a cache, ``use_cache=False``; recognised from the mask, one host sync
+  per layer). Any other mask, dropout in training, or an option the kernel lacks runs
+  transformers' SDPA path (its eager path for a model with a softcap, which SDPA
+  lacks), with a warning the first time each reason occurs.
 - Loss, same families: in training mode, a forward with ``labels`` computes the
   loss with :func:`kernels.linear_cross_entropy` from the final hidden states
   (labels shifted exactly as transformers' ``ForCausalLMLoss``, ``num_items_in_batch``
   honoured) and returns ``logits=None``: the (tokens x vocab) logits are never
   materialised. In eval mode, or without labels, the model's own forward runs
-  and returns logits as usual.
+  and returns logits as usual. Gemma 2 caps its final logits (``final_logit_softcapping``),
+  which the fused loss lacks: its own loss runs, and the report says so.
 
 Patching is idempotent. What was asked for and could not be patched is listed in
 ``model.kernels_patch_report`` and in one warning.
@@ -40,12 +49,12 @@ import torch.nn.functional as F
 
 from . import nn as fused
 from . import reference
-from .attention import MAX_HEAD_DIM, attention
+from .attention import MAX_HEAD_DIM, attention, varlen_attention
 from ._library import autocast_dtype
 from .cross_entropy import linear_cross_entropy
 
 ATTN_IMPLEMENTATION = "fastlm"
-SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2")
 
 _warned: set[str] = set()
 
@@ -180,58 +189,136 @@ def _hf_causal_lm_family(model: torch.nn.Module) -> str | None:
     return family
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, fallback: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"kernels.patch attention: {reason} is not supported by the fused kernel; "
-                      "running transformers' sdpa attention", stacklevel=3)
+                      f"running transformers' {fallback} attention", stacklevel=4)
 
 
-def _kv_lens_from_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """``kv_lens`` (B,) when the boolean (B, 1, Nq, Nk) ``mask`` is bottom-right causal plus right padding."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, kv_len):
+def _window_left(sliding_window) -> int:
+    """flash-attention's left window for transformers' ``sliding_window`` w, -1 for none.
+
+    transformers' mask lets query i see key j when ``i - w < j <= i``: the last w keys,
+    itself included, so ``window_size=(w - 1, 0)``.
+    """
+    return -1 if sliding_window is None else int(sliding_window) - 1
+
+
+def _visible(q_len: int, kv_len: int, left: int, device: torch.device) -> torch.Tensor:
+    """(Nq, Nk) bottom-right causal mask, within ``left`` keys of the diagonal where ``left >= 0``."""
+    j = torch.arange(kv_len, device=device)
+    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return (j <= i) & (j >= i - left) if left >= 0 else j <= i
+
+
+def _is_4d_bool(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-2:] == (q_len, kv_len)
+
+
+def _kv_lens_from_mask(mask: torch.Tensor, q_len: int, kv_len: int, left: int = -1) -> torch.Tensor | None:
+    """``kv_lens`` (B,) when the boolean (B, 1, Nq, Nk) ``mask`` is bottom-right causal (within a window
+    of ``left`` keys) plus right padding."""
+    if not _is_4d_bool(mask, q_len, kv_len):
         return None
-    kv_lens = mask[:, 0, -1, :].sum(-1)  # the last query sees every unpadded key
     j = torch.arange(kv_len, device=mask.device)
-    i = torch.arange(q_len, device=mask.device)
-    causal = j[None, :] <= i[:, None] + (kv_len - q_len)  # (Nq, Nk)
-    expected = causal[None] & (j[None, None, :] < kv_lens[:, None, None])  # (B, Nq, Nk)
+    if left < 0:
+        kv_lens = mask[:, 0, -1, :].sum(-1)  # the last query sees every unpadded key
+    else:  # a window hides the first keys from the last query; each later key is seen on its own diagonal
+        kv_lens = (kv_len - q_len) + mask[:, 0, :, kv_len - q_len:].any(1).sum(-1)
+    expected = _visible(q_len, kv_len, left, mask.device)[None] & (j[None, None, :] < kv_lens[:, None, None])
     if not torch.equal(mask[:, 0], expected):
         return None
     return kv_lens
 
 
+def _cu_seqlens_from_mask(mask: torch.Tensor, n: int, left: int) -> torch.Tensor | None:
+    """int32 prefix sums over the flattened (B * N) tokens when the boolean (B, 1, N, N) ``mask`` is
+    transformers' packed-sequence mask: causal (within ``left``) inside each sequence, nothing across.
+
+    A sequence starts at 0 and wherever a query cannot see the key just before it.
+    """
+    if not _is_4d_bool(mask, n, n) or n < 2:
+        return None
+    rows = torch.arange(1, n, device=mask.device)
+    starts = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
+    starts[:, 1:] = ~mask[:, 0, rows, rows - 1]
+    sequence = starts.cumsum(-1)  # (B, N): which sequence of its row each token is in
+    expected = _visible(n, n, left, mask.device)[None] & (sequence[:, :, None] == sequence[:, None, :])
+    if not torch.equal(mask[:, 0], expected):
+        return None
+    begins = starts.flatten().nonzero().flatten()
+    return torch.cat([begins, begins.new_tensor([starts.numel()])]).to(torch.int32)
+
+
+def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *, scale, left, softcap):
+    """(B, H, N, D) tensors packed as (B * N, H, D) through :func:`kernels.varlen_attention`; (B, N, H, D) out."""
+    b, n = query.shape[0], query.shape[2]
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True, scale=scale,
+                           window_size=(left, 0), softcap=softcap)
+    return out.view(b, n, *out.shape[1:])
+
+
 def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              is_causal=None, **kwargs):
-    """transformers' attention-function signature over :func:`kernels.attention`.
+    """transformers' attention-function signature over :func:`kernels.attention` / :func:`kernels.varlen_attention`.
 
     ``query`` (B, H, Nq, D), ``key``/``value`` (B, Hkv, Nk, D); returns ((B, Nq, H, D), None).
+    The module's ``sliding_window`` and ``softcap`` keyword arguments become ``window_size``
+    and ``softcap``; packed sequences (the ``cu_seq_lens_q/k`` keyword arguments of
+    transformers' flattening collator, or the mask transformers builds from position_ids
+    that restart) run varlen attention.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    softcap = kwargs.get("softcap") or 0.0
 
-    def sdpa(reason: str):
-        _warn_once(reason)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    def fallback(reason: str):
+        # transformers' SDPA has no softcap: a model that has one (Gemma 2) falls back to its own eager attention.
+        if softcap:
+            import sys
+            forward, name = sys.modules[type(module).__module__].eager_attention_forward, "eager"
+        else:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward as forward
+            name = "sdpa"
+        _warn_once(reason, name)
+        return forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
 
     if dropout > 0.0:
-        return sdpa("attention dropout in training")
-    for option in ("softcap", "position_bias", "s_aux", "sinks"):
+        return fallback("attention dropout in training")
+    for option in ("position_bias", "s_aux", "sinks"):
         if kwargs.get(option) is not None:
-            return sdpa(option)
+            return fallback(option)
     if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] != query.shape[-1]:
-        return sdpa("this head dim")
+        return fallback("this head dim")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    left = _window_left(kwargs.get("sliding_window"))
+    if left >= 0 and not causal:
+        return fallback("a bidirectional sliding window")
     q_len, kv_len = query.shape[2], key.shape[2]
+    cu_seqlens_q, cu_seqlens_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if causal and cu_seqlens_q is not None and cu_seqlens_k is not None:
+        # The flattening collator's boundaries, as transformers' flash-attention path takes them.
+        out = _varlen(query, key, value, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                      kwargs.get("max_length_q"), kwargs.get("max_length_k"), scale=scaling, left=left,
+                      softcap=softcap)
+        return out, None
     kv_lens = None
     if attention_mask is not None:
-        kv_lens = _kv_lens_from_mask(attention_mask, q_len, kv_len) if causal else None
+        if not causal:
+            return fallback("an attention mask on a non-causal layer")
+        kv_lens = _kv_lens_from_mask(attention_mask, q_len, kv_len, left)
         if kv_lens is None:
-            return sdpa("an attention mask other than causal with right padding")
+            cu_seqlens = _cu_seqlens_from_mask(attention_mask, q_len, left) if q_len == kv_len else None
+            if cu_seqlens is None:
+                return fallback("an attention mask other than causal with right padding or packed sequences")
+            return _varlen(query, key, value, cu_seqlens, cu_seqlens, None, None, scale=scaling, left=left,
+                           softcap=softcap), None
     elif causal and 1 < q_len < kv_len:
         # transformers' SDPA path does the same: a prefill into an empty static cache.
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = attention(query, key, value, causal=causal, scale=scaling, kv_lens=kv_lens)  # (B, H, Nq, D)
+    out = attention(query, key, value, causal=causal, scale=scaling, kv_lens=kv_lens,
+                    window_size=(left, 0 if causal else -1), softcap=softcap)  # (B, H, Nq, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -284,6 +371,11 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
 
 
 def _patch_loss(model, family: str, report: PatchReport) -> None:
+    if getattr(model.config, "final_logit_softcapping", None):
+        # Gemma 2 caps its logits before the loss; linear_cross_entropy has no softcap.
+        report.not_patched.append(f"loss: {family}'s final_logit_softcapping is not supported by "
+                                  "kernels.linear_cross_entropy; the model's own loss runs")
+        return
     current = model.__dict__.get("forward")
     if getattr(current, "_kernels_fused_loss", False):
         report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy (already)")

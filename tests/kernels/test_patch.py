@@ -32,17 +32,22 @@ def model_pair(family: str):
     return reference.train(), patched.train()
 
 
-@pytest.fixture
-def attention_calls(monkeypatch):
-    """How many times the patched attention reached the fused kernel."""
+def _counted(monkeypatch, name: str, kernel) -> list:
+    """kernels.patch's ``name`` replaced by ``kernel`` that records each call's query shape."""
     calls = []
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
-        return kernels.attention(*args, **kwargs)
+        return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(patch_module, "attention", counting)
+    monkeypatch.setattr(patch_module, name, counting)
     return calls
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """How many times the patched attention reached the fused kernel."""
+    return _counted(monkeypatch, "attention", kernels.attention)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -210,24 +215,94 @@ def test_convergence_with_and_without_patch(family):
         torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_qwen2_and_mistral(family):
-    kind = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[family]
-    # Mistral's sliding window shorter than the sequence: a mask the kernel lacks, so SDPA runs, with a warning.
-    extra = {"sliding_window": 8} if family == "mistral" else {}
-    config = kind(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=32, **extra)
+WINDOW = 5  # shorter than SEQ: the window decides what each query sees
+
+
+def windowed_config(family: str):
+    """Tiny random configurations of the families with sliding windows (Qwen2: on the first layer only),
+    Gemma's (1 + w) norms, and Gemma 2's attention softcap and alternating local/global layers."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0)
+    if family == "mistral":
+        return transformers.MistralConfig(sliding_window=WINDOW, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **common)
+    if family == "gemma":
+        return transformers.GemmaConfig(**common)
+    # Gemma 2 caps its final logits too: the fused loss lacks that, so the model's own loss runs (reported).
+    return transformers.Gemma2Config(sliding_window=WINDOW, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                     query_pre_attn_scalar=8, **common)
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """How many times the patched attention reached the fused varlen kernel."""
+    return _counted(monkeypatch, "varlen_attention", kernels.varlen_attention)
+
+
+def _loss_and_grads(model, ids, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids, use_cache=False, **kwargs).loss
+    loss.backward()
+    return loss, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma", "gemma2"])
+def test_windows_softcap_and_packed_sequences_match_unpatched(family, attention_calls, varlen_calls):
     torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
-    patched = kernels.patch(copy.deepcopy(reference))
-    assert not patched.kernels_patch_report.not_patched
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
-    patch_module._warned.clear()
+    # transformers' SDPA has no attention softcap: Gemma 2's reference is its eager attention.
+    reference = transformers.AutoModelForCausalLM.from_config(
+        windowed_config(family), attn_implementation="eager" if family == "gemma2" else "sdpa").train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss = patched(ids, labels=ids).loss
-    assert any("sdpa" in str(w.message) for w in caught) == (family == "mistral")
-    torch.testing.assert_close(loss, reference(ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+        patched = kernels.patch(copy.deepcopy(reference))
+    assert len(caught) == (family == "gemma2")  # the one warning: what was not patched
+    report = patched.kernels_patch_report
+    if family == "gemma2":
+        assert report.not_patched == ["loss: gemma2's final_logit_softcapping is not supported by "
+                                      "kernels.linear_cross_entropy; the model's own loss runs"], report
+    else:
+        assert not report.not_patched, report
+    assert "attention: " + family in "\n".join(report.patched)
+    patch_module._warned.clear()
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=generator)
+    # One row of three documents (7 + 5 + 8 tokens), positions restarting at 0 as the flattening collator makes them.
+    packed = torch.randint(1, VOCAB, (1, 20), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in (7, 5, 8)])[None]
+    cu_seq_lens = torch.tensor([0, 7, 12, 20], dtype=torch.int32)
+    flash_kwargs = dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=8, max_length_k=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to transformers' attention anywhere below
+        for batch, ours, theirs in ((ids, {}, {}), (packed, {"position_ids": positions}, {"position_ids": positions}),
+                                    (packed, {"position_ids": positions, **flash_kwargs}, {"position_ids": positions})):
+            loss, grads = _loss_and_grads(patched, batch, **ours)
+            loss_ref, grads_ref = _loss_and_grads(reference, batch, **theirs)
+            torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+            for (name, _), g, g_ref in zip(reference.named_parameters(), grads, grads_ref):
+                torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert len(attention_calls) == 2 and len(varlen_calls) == 4  # per layer: dense, packed mask, cu_seq_lens
+        patched.eval(), reference.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(patched(packed, position_ids=positions, use_cache=False).logits,
+                                       reference(packed, position_ids=positions, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    # Packing is what it computed: the unpacked documents give the same logits as the packed row.
+    with torch.no_grad():
+        packed_logits = patched(packed, **flash_kwargs, position_ids=positions, use_cache=False).logits
+        first = patched(packed[:, 7:12], use_cache=False).logits
+    torch.testing.assert_close(packed_logits[:, 7:12], first, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_includes_the_query_itself():
+    # transformers' sliding_window w: a query sees the last w keys, itself included: flash's window (w - 1, 0).
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    see = sliding_window_causal_mask_function(WINDOW)
+    i, zero = 9, torch.tensor(0)
+    assert [j for j in range(SEQ) if see(zero, zero, torch.tensor(i), torch.tensor(j))] == list(range(i - WINDOW + 1, i + 1))
+    assert patch_module._window_left(WINDOW) == WINDOW - 1 and patch_module._window_left(None) == -1
 
 
 def test_unsupported_family_is_reported():

@@ -295,6 +295,26 @@ def test_windows_softcap_and_packed_sequences_match_unpatched(family, attention_
     torch.testing.assert_close(packed_logits[:, 7:12], first, rtol=1e-5, atol=1e-5)
 
 
+def test_sliding_window_with_right_padding_and_a_cache(attention_calls):
+    # The window's mask plus right padding is kv_lens; decoding past the window reads a sliding cache.
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(windowed_config("mistral"),
+                                                              attn_implementation="sdpa").eval()
+    patched = kernels.patch(copy.deepcopy(reference))
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    right = torch.ones(2, SEQ, dtype=torch.long)
+    right[1, 8:] = 0
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # no fallback
+        got, want = patched(ids, attention_mask=right).logits, reference(ids, attention_mask=right).logits
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1, :8], want[1, :8], rtol=1e-5, atol=1e-5)  # padded positions: don't-care
+        assert len(attention_calls) == 2
+        prompt = ids[:1, :4]
+        assert patched.generate(prompt, max_new_tokens=2 * WINDOW, do_sample=False).tolist() == \
+            reference.generate(prompt, max_new_tokens=2 * WINDOW, do_sample=False).tolist()
+
+
 def test_sliding_window_includes_the_query_itself():
     # transformers' sliding_window w: a query sees the last w keys, itself included: flash's window (w - 1, 0).
     from transformers.masking_utils import sliding_window_causal_mask_function

@@ -584,9 +584,9 @@ def cross_entropy(
       an undefined loss (never an out-of-bounds read).
 
     Deviations from torch: the loss is fp32 whatever the logits dtype (the gradient
-    has the logits dtype); when no target counts (all ignored, or their class
-    weights sum to 0), ``'mean'`` returns 0 with zero gradients instead of NaN; class
-    weights get no gradient. Under autocast it computes in fp32 and returns an fp32
+    has the logits dtype); when every target is ignored, ``'mean'`` returns 0 with
+    zero gradients instead of NaN (otherwise it divides by the sum of the selected
+    class weights whatever its sign, as torch); class weights get no gradient. Under autocast it computes in fp32 and returns an fp32
     loss, as torch's does (without copying the logits to fp32). The gradient is computed in the forward and scaled in
     place by the backward, so a second backward through the same graph
     (``retain_graph=True``) raises, and so does a double backward (``create_graph=True``;

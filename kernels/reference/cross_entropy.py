@@ -11,10 +11,10 @@ The first two terms are :func:`torch.nn.functional.cross_entropy`'s, term for te
 The z-loss term (PaLM's auxiliary loss) is not multiplied by a class weight.
 Ignored tokens contribute 0. ``'sum'`` adds the per-token losses; ``'mean'``
 divides that sum by ``sum(w[y])`` over the non-ignored tokens (torch's
-denominator: the count of non-ignored tokens when unweighted), z-loss included;
-``'none'`` returns the per-token losses. Deviation from torch: when that
-denominator is 0 (every target ignored), ``'mean'`` is 0 with zero gradients
-instead of NaN. The loss is fp32 whatever the logits dtype.
+denominator, whatever its sign: the count of non-ignored tokens when unweighted),
+z-loss included; ``'none'`` returns the per-token losses. Deviation from torch:
+when every target is ignored, ``'mean'`` is 0 with zero gradients instead of NaN
+(selected targets whose weights sum to 0 give torch's NaN). The loss is fp32 whatever the logits dtype.
 
 The gradient, which :func:`cross_entropy_rows` computes explicitly (as the
 Triton kernel does), with ``p = softmax(x)``::
@@ -85,16 +85,20 @@ def reduce_loss(loss: torch.Tensor, reduction: str, scale: torch.Tensor | None) 
 def mean_scale(
     target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``1 / sum(w[y])`` over the non-ignored targets as a 1-element tensor, or 0 when that sum is 0.
+    """``1 / sum(w[y])`` over the non-ignored targets as a 1-element tensor, or 0 when every target is ignored.
 
+    As torch, whatever the sign of that sum (a 0 sum of selected weights gives
+    inf, so a NaN or infinite loss, as torch's); only "no target selected" takes
+    the 0 path, decided on the count of selected targets, never on the weights.
     Computed in ``dtype`` on the targets' device, without a host synchronisation.
     """
     valid = target != ignore_index
+    count = valid.sum()
     if weight is None:
-        denom = valid.sum().to(dtype)
+        denom = count.to(dtype)
     else:
         denom = torch.where(valid, weight.to(dtype)[torch.where(valid, target, 0)], 0.0).sum()
-    return torch.where(denom > 0, 1.0 / denom, 0.0).reshape(1)
+    return torch.where(count > 0, 1.0 / denom, 0.0).reshape(1)
 
 
 def cross_entropy_rows(

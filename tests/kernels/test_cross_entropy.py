@@ -31,7 +31,7 @@ LOWP = [torch.float16, torch.bfloat16]
 
 
 def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy plus z-loss, 'mean' 0 when nothing counts."""
+    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy plus z-loss, 'mean' 0 when all are ignored."""
     C = x.shape[-1]
     x2, t2 = x.reshape(-1, C), t.reshape(-1)
     w = weight.to(x.dtype) if weight is not None else None
@@ -44,7 +44,7 @@ def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="me
     if reduction == "sum":
         return loss.sum()
     denom = valid.sum().to(x.dtype) if w is None else torch.where(valid, w[torch.where(valid, t2, 0)], 0.0).sum()
-    return loss.sum() / denom if denom > 0 else loss.sum() * 0.0
+    return loss.sum() / denom if valid.any() else loss.sum() * 0.0
 
 
 def make_targets(shape, C, ignore_frac=0.3, seed=0):
@@ -197,13 +197,25 @@ def test_all_ignored_is_zero_not_nan(reduction):
     loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(x.grad, torch.zeros_like(x))
-    # Targets whose class weights are all 0: 'mean' has nothing to divide by either.
-    x.grad = None
-    w = torch.ones(50)
-    w[3] = 0
-    loss = kernels.cross_entropy(x, torch.full((6,), 3), w, reduction="mean")
-    loss.backward()
-    assert loss.item() == 0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_mean_divides_by_the_weight_sum_whatever_its_sign(backend):
+    # Only a batch with no selected target takes the 0 path: torch divides by the sum of the
+    # selected class weights even when it is negative (or 0, giving NaN as torch does).
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -2.0]])
+    w = torch.tensor([-1.0, 1.0, 1.0])
+    for t in (torch.tensor([0, IGNORE]), torch.tensor([0, 0]), torch.tensor([0, 1])):
+        leaf, want_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with kernels.use_backend(backend):
+            loss = kernels.cross_entropy(leaf, t, w)
+        want = F.cross_entropy(want_leaf, t, w, ignore_index=IGNORE)
+        torch.testing.assert_close(loss, want, equal_nan=True, msg=f"targets {t.tolist()}")
+        if want.isfinite():
+            loss.backward()
+            want.backward()
+            torch.testing.assert_close(leaf.grad, want_leaf.grad, msg=f"targets {t.tolist()}")
+    assert F.cross_entropy(x[:1], torch.tensor([0]), w).item() == pytest.approx(1.7413, abs=1e-4)  # the report
 
 
 def test_empty_batch():

@@ -648,7 +648,13 @@ def linear_cross_entropy(
     gradient by the cross-entropy kernel, and folded into the gradients of
     ``input``, ``weight`` and ``bias`` (accumulated in fp32 over chunks), so the
     extra memory is ``O(chunk_size * C)`` plus an fp32 copy of the weight gradient
-    for fp16/bf16 weights. The loss is summed in fp32 (the total in fp64).
+    for fp16/bf16 weights. For fp16/bf16 inputs a chunk's logits are fp32, straight
+    from the GEMM's fp32 accumulator (as torch's chunked loss keeps them; rounded
+    logits would cost the loss that precision): on CUDA cuBLAS writes them so
+    (``out_dtype``) and the backward GEMMs take the chunk's gradient rounded to the
+    inputs' dtype (one more half-size chunk buffer); elsewhere the operands are
+    upcast, the weight once per call (an fp32 copy of it). The loss is summed in
+    fp32 (the total in fp64).
 
     Semantics as :func:`cross_entropy` (no class weights): 'mean' divides by the
     number of non-ignored targets in the whole call. For 'mean' and 'sum' the

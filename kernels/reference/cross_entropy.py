@@ -175,9 +175,10 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """``cross_entropy(F.linear(input, weight, bias), target, ...)``, literally: the spec of the fused version.
 
-    The logits are computed by ``F.linear`` in the inputs' dtype (as the fused
-    version's GEMM rounds them), the loss by :func:`cross_entropy` in fp32 (fp64
-    for fp64 inputs), gradients by autograd (double backward included).
+    The logits are computed by ``F.linear`` in fp32 from fp16/bf16 inputs (the
+    fused version keeps its GEMM's fp32 accumulator, as torch's chunked loss does;
+    fp64 for fp64 inputs), the loss by :func:`cross_entropy` in that precision,
+    gradients by autograd (double backward included).
     Memory: this holds the whole ``(N, C)`` logits, their fp32 copy and, in the
     backward, their gradient: O(N * C), where the fused version needs
     O(chunk_size * C). ``chunk_size`` is accepted, for the same signature, and
@@ -185,7 +186,9 @@ def linear_cross_entropy(
     fused version's chunk loop with :func:`cross_entropy_rows` as the per-chunk
     loss, see :mod:`kernels._chunked_linear_cross_entropy`.)
     """
+    dtype = torch.promote_types(input.dtype, torch.float32)
+    bias = bias.to(dtype) if bias is not None else None
     return cross_entropy(
-        F.linear(input, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
+        F.linear(input.to(dtype), weight.to(dtype), bias), target, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss,
     )

@@ -426,6 +426,25 @@ def test_linear_shapes_and_options(H, C, bias, chunk, reduction):
     check_linear(x, w, b, t, torch.float32, reduction=reduction, chunk_size=chunk, label_smoothing=0.1, z_loss=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("N,H,C", [(8, 8, 8), (8, 3, 4), (33, 64, 1000)])
+def test_linear_low_precision_logits_stay_fp32(N, H, C, dtype, backend):
+    """Each chunk's logits come from the GEMM's fp32 accumulator and stay fp32, as torch's chunked loss keeps them.
+
+    The first two shapes are torch's OpInfo samples with a bias, where rounding the logits to
+    fp16 missed the rule. Truth: the loss of the rounded inputs' exact logits; same-precision
+    reference: the same loss from fp32-accumulated logits; the loss is fp32, so fp32 slack.
+    """
+    x, w, b, t = (v.to(dtype) if v.is_floating_point() else v for v in linear_inputs(N, H, C, seed=2))
+    with kernels.use_backend(backend):
+        out = kernels.linear_cross_entropy(x, w, t, b, chunk_size=5)
+    golden = torch_cross_entropy(F.linear(x.double(), w.double(), b.double()), t)
+    same_dtype = torch_cross_entropy(F.linear(x.float(), w.float(), b.float()), t)
+    assert_close_to_ref(out, golden, same_dtype, factor=factor("linear_cross_entropy", gradient=False),
+                        atol=loss_atol(golden, torch.float32), name=f"{dtype} loss")
+
+
 def test_linear_three_dims_and_frozen_weight():
     x, w, b, t = linear_inputs(12, 40, 500)
     x3, t3 = x.view(3, 4, 40), t.view(3, 4)

@@ -51,11 +51,23 @@ from .reference.cross_entropy import REDUCTIONS, cross_entropy_rows, mean_scale,
 
 
 @triton.jit
+def _softcap(x, softcap):
+    """``softcap * tanh(x / softcap)``, from one exponential (libdevice's tanh does not run in the interpreter).
+
+    ``exp(-2|u|)`` is at most 1, so nothing overflows; -inf maps to -softcap, as torch's tanh does.
+    """
+    u = x / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(u < 0, -t, t)
+
+
+@triton.jit
 def _ce_fwd_kernel(
     LOGITS, GRAD, TARGET, WEIGHT, WEIGHT_SUM, GRAD_SCALE, LOSS,
     C, stride_logits, stride_grad, stride_scale,
-    ignore_index, label_smoothing, z_loss,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    ignore_index, label_smoothing, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -74,6 +86,8 @@ def _ce_fwd_kernel(
         # an unchecked bad target from reading out of bounds.
         y = tl.minimum(tl.maximum(y, 0), C - 1)
         x_y = tl.load(x_row + y).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_y = _softcap(x_y, softcap)
         if HAS_WEIGHT:
             w_y = tl.load(WEIGHT + y)
             w_sum = tl.load(WEIGHT_SUM)
@@ -84,6 +98,8 @@ def _ce_fwd_kernel(
         if ONE_PASS:
             mask = cols < C
             x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:  # the capped logits from here on; padding stays -inf
+                x = tl.where(mask, _softcap(x, softcap), float("-inf"))
             m = tl.max(x, axis=0)
             e = tl.exp(x - m)
             s = tl.sum(e, axis=0)
@@ -104,6 +120,8 @@ def _ce_fwd_kernel(
                 c = off + cols
                 mask = c < C
                 x = tl.load(x_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x = tl.where(mask, _softcap(x, softcap), float("-inf"))
                 bigger = x > m_vec
                 e = tl.exp(-tl.abs(x - m_vec))
                 e = tl.where(x == float("-inf"), 0.0, e)  # -inf - -inf is NaN; a -inf logit adds 0
@@ -143,12 +161,17 @@ def _ce_fwd_kernel(
                     else:
                         g -= coef_s
                 g = tl.where(cols == y, g - coef_y, g)
+                if HAS_SOFTCAP:  # d(softcap * tanh(v / softcap))/dv = 1 - tanh^2 (padding's -inf kept out)
+                    t = tl.where(mask, x / softcap, 0.0)
+                    g *= 1.0 - t * t
                 tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=mask)
             else:
                 for off in range(0, C, BLOCK_C):
                     c = off + cols
                     mask = c < C
                     x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_SOFTCAP:
+                        x = _softcap(x, softcap)
                     g = tl.exp(x - lse) * coef_p
                     if HAS_SMOOTHING:
                         if HAS_WEIGHT:
@@ -156,6 +179,9 @@ def _ce_fwd_kernel(
                         else:
                             g -= coef_s
                     g = tl.where(c == y, g - coef_y, g)
+                    if HAS_SOFTCAP:
+                        t = x / softcap
+                        g *= 1.0 - t * t
                     tl.store(g_row + c, g.to(GRAD.dtype.element_ty), mask=mask)
 
 
@@ -211,6 +237,8 @@ def _cross_entropy_rows(
     z_loss: float,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    *,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Per-row fp32 loss of ``(n, C)`` logits (unit stride along C), optionally writing the gradient.
 
@@ -236,8 +264,8 @@ def _cross_entropy_rows(
         weight if weight is not None else loss, weight_sum if weight is not None else loss,
         grad_scale if compute_grad else loss, loss,
         C, logits.stride(0), grad_out.stride(0) if compute_grad else 0, stride_scale if compute_grad else 0,
-        ignore_index, float(label_smoothing), float(z_loss),
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0,
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=softcap > 0,
         COMPUTE_GRAD=compute_grad, BLOCK_C=block, ONE_PASS=one_pass,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -269,8 +297,9 @@ def compile_specs() -> list[KernelSpec]:
     # One vocabulary per configuration _fwd_config/_scale_config can return.
     vocabs = [1 << k for k in range(4, 14)] + [32000]
     feature_sets = [
-        {"HAS_WEIGHT": False, "HAS_SMOOTHING": False, "HAS_Z_LOSS": False},  # the common case
-        {"HAS_WEIGHT": True, "HAS_SMOOTHING": True, "HAS_Z_LOSS": True},  # every branch compiled in
+        {"HAS_WEIGHT": False, "HAS_SMOOTHING": False, "HAS_Z_LOSS": False, "HAS_SOFTCAP": False},  # the common case
+        {"HAS_WEIGHT": False, "HAS_SMOOTHING": False, "HAS_Z_LOSS": False, "HAS_SOFTCAP": True},  # Gemma 2
+        {"HAS_WEIGHT": True, "HAS_SMOOTHING": True, "HAS_Z_LOSS": True, "HAS_SOFTCAP": True},  # every branch
     ]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = "*" + TRITON_DTYPE[dtype]
@@ -278,7 +307,7 @@ def compile_specs() -> list[KernelSpec]:
         fwd_sig |= {k: "*fp32" for k in ("WEIGHT", "WEIGHT_SUM", "GRAD_SCALE", "LOSS")}
         # Python ints reach the kernel as i32 below 2^31; the kernels widen row offsets to int64 themselves.
         fwd_sig |= {"C": "i32", "stride_logits": "i32", "stride_grad": "i32", "stride_scale": "i32"}
-        fwd_sig |= {"ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32"}
+        fwd_sig |= {"ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
         scale_sig = {"GRAD": t, "GRAD_LOSS": "*fp32", "C": "i32", "stride_grad": "i32", "stride_gl": "i32"}
         for c in vocabs:
             block, one_pass, num_warps, num_stages = _fwd_config(c)
@@ -313,13 +342,13 @@ def _rows_fn(device: torch.device):
     return _cross_entropy_rows if use_triton(device) else cross_entropy_rows
 
 
-def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad):
+def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
     C = logits.shape[-1]
     x = as_rows(logits, C)
     t = target.reshape(-1)
     scale = _loss_scale(t, weight, ignore_index, reduction)
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_grad else None
-    loss_rows = _rows_fn(x.device)(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
+    loss_rows = _rows_fn(x.device)(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad, softcap=softcap)
     loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
     return loss, grad.view(logits.shape) if grad is not None else no_tensor(logits)
 
@@ -327,7 +356,7 @@ def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smo
 cross_entropy_op = define_op(
     "cross_entropy", _cross_entropy_op,
     "(Tensor logits, Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, "
-    "float z_loss, bool compute_grad) -> (Tensor, Tensor)",
+    "float z_loss, float softcap, bool compute_grad) -> (Tensor, Tensor)",
 )
 
 _SECOND_BACKWARD = (
@@ -358,7 +387,7 @@ def _cross_entropy_grads(ctx, grad_loss, _):
     if ctx.grad is None:
         raise RuntimeError(_SECOND_BACKWARD.format(op="cross_entropy"))
     grad, ctx.grad = ctx.grad, None  # freed as soon as the caller is done with the scaled copy
-    return _scaled(grad, grad_loss), None, None, None, None, None, None, None
+    return _scaled(grad, grad_loss), None, None, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_cross_entropy_grads, setup_context=_setup_cross_entropy)
@@ -368,7 +397,7 @@ cross_entropy_op.register_autograd(_cross_entropy_grads, setup_context=_setup_cr
 
 
 def _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias, chunk_size,
-                             ignore_index, reduction, label_smoothing, z_loss):
+                             ignore_index, reduction, label_smoothing, z_loss, softcap):
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     scale = _loss_scale(t, None, ignore_index, reduction)
@@ -376,7 +405,7 @@ def _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weigh
     grad_scale = scale if (need_input or need_weight or need_bias) and reduction != "none" else None
     loss_rows, *grads = linear_cross_entropy_chunks(
         x, weight, bias, t, _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss, grad_scale,
-        need_input, need_weight, need_bias,
+        need_input, need_weight, need_bias, softcap=softcap,
     )
     loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
     return (loss, *_grads_out(grads, input, x))
@@ -388,11 +417,11 @@ def _grads_out(grads, input, x):
 
 
 def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, need_input, need_weight, need_bias,
-                                      chunk_size, ignore_index, label_smoothing, z_loss):
+                                      chunk_size, ignore_index, label_smoothing, z_loss, softcap):
     x = input.reshape(-1, input.shape[-1])
     _, *grads = linear_cross_entropy_chunks(
         x, weight, bias, target.reshape(-1), _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss,
-        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias,
+        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias, softcap=softcap,
     )
     return _grads_out(grads, input, x)
 
@@ -401,12 +430,12 @@ _LCE_ARGS = "bool need_input, bool need_weight, bool need_bias, SymInt chunk_siz
 linear_cross_entropy_op = define_op(
     "linear_cross_entropy", _linear_cross_entropy_op,
     f"(Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, str reduction, float label_smoothing, "
-    "float z_loss) -> (Tensor, Tensor, Tensor, Tensor)",
+    "float z_loss, float softcap) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 linear_cross_entropy_backward_op = define_op(
     "linear_cross_entropy_backward", _linear_cross_entropy_backward_op,
     f"(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, "
-    "float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor)",
+    "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)",
 )
 
 
@@ -439,7 +468,7 @@ def _linear_cross_entropy_grads(ctx, grad_loss, *_):
             raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
         grads, ctx.grads = ctx.grads, None
         grads = [_scaled(g, grad_loss) if g is not None else None for g in grads]
-    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 9
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 10
 
 
 linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_context=_setup_linear_cross_entropy)
@@ -450,7 +479,8 @@ linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_con
 # may not alias its inputs nor change after it returns). Under torch.compile the op runs.
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace, compute_grad):
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace,
+                compute_grad):
         C = logits.shape[-1]
         x = as_rows(logits, C)
         t = target.reshape(-1)
@@ -465,7 +495,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 # The logits are about to hold their gradient: autograd must refuse any
                 # other backward that saved them.
                 torch.autograd.graph.increment_version(logits)
-        loss_rows = _cross_entropy_rows(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
+        loss_rows = _cross_entropy_rows(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad,
+                                        softcap=softcap)
         ctx.grad, ctx.shape = grad, logits.shape
         if reduction == "none":
             return loss_rows.view(target.shape)
@@ -478,7 +509,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError(_SECOND_BACKWARD.format(op="cross_entropy"))
         grad, ctx.grad = ctx.grad, None
         _scale_rows_(grad, grad_loss)
-        return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
+        return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None, None
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -500,13 +531,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
         grads, ctx.grads = ctx.grads, None  # a scalar upstream gradient: 'mean' and 'sum' only
         grads = [g.mul_(grad_loss) if g is not None and need else None for g, need in zip(grads, ctx.needs)]
-        return (*grads,) + (None,) * 9
+        return (*grads,) + (None,) * 10
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_options(reduction, label_smoothing, z_loss, ignore_index):
+def _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
@@ -515,6 +546,9 @@ def _check_options(reduction, label_smoothing, z_loss, ignore_index):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < math.inf):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0.0 <= softcap < math.inf):
+        raise ValueError(f"softcap must be None (off), 0 (off) or a finite number > 0, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not -(2**63) <= ignore_index < 2**63:  # targets are compared with it in int64
@@ -553,6 +587,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     inplace_backward: bool = False,
     check_targets: bool = True,
 ) -> torch.Tensor:
@@ -570,6 +605,9 @@ def cross_entropy(
     - ``z_loss``: adds ``z_loss * logsumexp(logits)^2`` to each non-ignored token's
       loss, not multiplied by a class weight, before the reduction (so ``'mean'``
       divides it by the same denominator as the rest).
+    - ``softcap``: Gemma 2's final-logit softcapping, the loss (z-loss included) of
+      ``softcap * tanh(logits / softcap)``, with its exact gradient; ``None`` or 0
+      is off.
     - ``inplace_backward=True`` writes the gradient into ``input``'s memory during
       the forward, saving one logits-sized buffer. **This destroys the logits**: do
       not read them after the call. (If ``input`` is not stride-1 along classes, a
@@ -606,24 +644,21 @@ def cross_entropy(
         if weight.shape != (C,):
             raise ValueError(f"weight must have shape ({C},), one weight per class; got {tuple(weight.shape)}")
     check_same_device(input=input, target=target, weight=weight)
-    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap)
     if check_targets and check_values():
         _check_target_range(target, C, ignore_index)
     if not use_triton(input.device):
         return reference.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         )
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     weight = weight.detach() if weight is not None else None  # a constant, as in torch
+    options = (float(label_smoothing), float(z_loss), float(softcap or 0.0))
     if compute_grad and not torch.compiler.is_compiling():
-        return _CrossEntropyFunction.apply(
-            input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-            inplace_backward, True,
-        )
-    return cross_entropy_op(
-        input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), compute_grad
-    )[0]
+        return _CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, *options,
+                                           inplace_backward, True)
+    return cross_entropy_op(input, target, weight, ignore_index, reduction, *options, compute_grad)[0]
 
 
 def linear_cross_entropy(
@@ -636,6 +671,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     check_targets: bool = True,
 ) -> torch.Tensor:
@@ -656,7 +692,7 @@ def linear_cross_entropy(
     upcast, the weight once per call (an fp32 copy of it). The loss is summed in
     fp32 (the total in fp64).
 
-    Semantics as :func:`cross_entropy` (no class weights): 'mean' divides by the
+    Semantics as :func:`cross_entropy` (``softcap`` included; no class weights): 'mean' divides by the
     number of non-ignored targets in the whole call. For 'mean' and 'sum' the
     gradients are computed in the forward and scaled by the upstream gradient in
     the backward, so scaling the loss (gradient accumulation: ``(loss / k).backward()``)
@@ -686,7 +722,7 @@ def linear_cross_entropy(
     check_same_dtype(input=input, weight=weight, bias=bias)
     target = _check_target(target, input.shape[:-1], "input")
     check_same_device(input=input, weight=weight, target=target, bias=bias)
-    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if check_targets and check_values():
@@ -697,7 +733,8 @@ def linear_cross_entropy(
     chunk = chunk_size or default_chunk_size(target.numel(), C, input.device)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
-    args = (input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss))
+    args = (input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss),
+            float(softcap or 0.0))
     if any(needs) and reduction != "none" and not torch.compiler.is_compiling():
         return _LinearCrossEntropyFunction.apply(*args)
     return linear_cross_entropy_op(*args)[0]

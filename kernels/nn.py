@@ -31,7 +31,7 @@ class RMSNorm(torch.nn.RMSNorm):
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss` running :func:`kernels.cross_entropy`.
 
-    Torch's constructor, plus the keyword-only ``z_loss`` and ``inplace_backward``
+    Torch's constructor, plus the keyword-only ``z_loss``, ``softcap`` and ``inplace_backward``
     of :func:`kernels.cross_entropy`. Classes are the last dimension of the input.
     """
 
@@ -45,16 +45,19 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
+        softcap: float | None = None,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
+        self.softcap = softcap
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, inplace_backward=self.inplace_backward,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
         )
 
 
@@ -72,6 +75,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
+        softcap: float | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -79,6 +83,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.softcap = softcap
         self.chunk_size = chunk_size
 
     def forward(
@@ -86,13 +91,15 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     ) -> torch.Tensor:
         return linear_cross_entropy(
             input, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            chunk_size=self.chunk_size,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, chunk_size={self.chunk_size}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"chunk_size={self.chunk_size}"
         )
 
 

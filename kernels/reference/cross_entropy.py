@@ -2,7 +2,8 @@
 
 For a token with logits ``x`` over ``C`` classes, target ``y`` (not ``ignore_index``),
 class weights ``w`` (all ones when none are given), label smoothing ``eps`` and
-z-loss coefficient ``z``::
+z-loss coefficient ``z`` (with ``softcap`` s, Gemma 2's final-logit softcapping,
+``x`` stands for the capped logits ``s * tanh(logits / s)`` throughout)::
 
     lse  = logsumexp(x)
     loss = (1 - eps) * w[y] * (lse - x[y])  +  eps / C * sum_c w[c] * (lse - x[c])  +  z * lse^2
@@ -21,6 +22,8 @@ Triton kernel does), with ``p = softmax(x)``::
 
     dloss/dx[c] = p[c] * ((1 - eps) * w[y] + eps / C * sum(w) + 2 * z * lse)
                   - eps / C * w[c]  -  (1 - eps) * w[y] * [c == y]
+
+times ``1 - (x[c] / s)^2`` (the derivative of the cap) with a softcap.
 
 :func:`linear_cross_entropy` is ``cross_entropy(F.linear(...))`` as written, and
 holds the ``(N, C)`` logits. The chunk loop that avoids them is implementation,
@@ -47,6 +50,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     inplace_backward: bool = False,
     check_targets: bool = True,
 ) -> torch.Tensor:
@@ -60,6 +64,8 @@ def cross_entropy(
     C = input.shape[-1]
     dtype = torch.promote_types(input.dtype, torch.float32)  # fp32, or fp64 for a float64 truth
     x = input.reshape(-1, C).to(dtype)
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
     t = target.reshape(-1).long()  # torch's loss takes int64; ignore_index compares exactly in it
     w = weight.detach().to(dtype) if weight is not None else None
     loss = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
@@ -110,6 +116,8 @@ def cross_entropy_rows(
     z_loss: float,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    *,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Per-row loss (fp32, 0 for ignored rows) of ``(n, C)`` logits; optionally their gradient.
 
@@ -121,6 +129,8 @@ def cross_entropy_rows(
     """
     n, C = logits.shape
     x = logits.float()  # no copy when fp32: every read of x happens before grad_out is written
+    if softcap:
+        x = torch.tanh(x / softcap).mul_(softcap)  # the capped logits, a new tensor
     w = weight.float() if weight is not None else None
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
@@ -156,6 +166,8 @@ def cross_entropy_rows(
         else:
             g.sub_((label_smoothing / C * scale)[:, None])
     g.scatter_add_(1, t[:, None], (-(1.0 - label_smoothing) * w_t * scale)[:, None])
+    if softcap:
+        g.mul_(x.div_(softcap).square_().neg_().add_(1.0))  # x is read for the last time: 1 - tanh^2
     if g is not grad_out:
         grad_out.copy_(g)
     return loss
@@ -171,6 +183,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(F.linear(input, weight, bias), target, ...)``, literally: the spec of the fused version.
@@ -190,5 +203,5 @@ def linear_cross_entropy(
     bias = bias.to(dtype) if bias is not None else None
     return cross_entropy(
         F.linear(input.to(dtype), weight.to(dtype), bias), target, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
     )

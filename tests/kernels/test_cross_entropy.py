@@ -30,10 +30,14 @@ LOWP = [torch.float16, torch.bfloat16]
 # ----------------------------------------------------------------------------- oracles and helpers
 
 
-def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy plus z-loss, 'mean' 0 when all are ignored."""
+def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                        softcap=None):
+    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy (of softcapped logits) plus z-loss,
+    'mean' 0 when all are ignored."""
     C = x.shape[-1]
     x2, t2 = x.reshape(-1, C), t.reshape(-1)
+    if softcap:
+        x2 = softcap * torch.tanh(x2 / softcap)
     w = weight.to(x.dtype) if weight is not None else None
     loss = F.cross_entropy(x2, t2, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     valid = t2 != ignore_index
@@ -101,7 +105,8 @@ OPTIONS = {
     "smoothing": {"label_smoothing": 0.2},
     "weight+smoothing": {"weight": True, "label_smoothing": 0.3},
     "z_loss": {"z_loss": 1e-3},
-    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2},
+    "softcap": {"softcap": 5.0},  # well inside the logits' range (x3 normal): the cap bends them
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0},
 }
 
 
@@ -127,6 +132,7 @@ def test_options_low_precision(dtype, reduction):
     logits = torch.randn(20, C) * 3
     t = make_targets((20,), C)
     check_ce(logits, t, dtype, reduction=reduction, weight=torch.rand(C) + 0.1, label_smoothing=0.1, z_loss=1e-3)
+    check_ce(logits, t, dtype, name="softcap", reduction=reduction, softcap=4.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
@@ -182,6 +188,25 @@ def test_three_dims_and_noncontiguous():
     g = torch.randn(T, B).t()
     check_ce(transposed, t, torch.float32, name="transposed", reduction="none", g=g)
     check_ce(transposed, t, torch.bfloat16, name="transposed", reduction="mean")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("C", [300, 9000])
+def test_softcap_huge_and_infinite_logits(C, backend):
+    # Capped logits are bounded: huge ones saturate (gradient ~0) and -inf ones become -softcap,
+    # as torch's tanh makes them; None and 0 are both "off".
+    torch.manual_seed(0)
+    logits = torch.randn(6, C) * 1e4
+    logits[1, ::3] = float("-inf")
+    t = make_targets((6,), C, ignore_frac=0.2)
+    t[1] = 1
+    with kernels.use_backend(backend):
+        check_ce(logits, t, torch.float32, name="softcap huge", softcap=30.0, label_smoothing=0.1)
+        x = torch.randn(4, C)
+        tt = make_targets((4,), C, ignore_frac=0.0)
+        off = kernels.cross_entropy(x, tt)
+        assert torch.equal(kernels.cross_entropy(x, tt, softcap=None), off)
+        assert torch.equal(kernels.cross_entropy(x, tt, softcap=0), off)
 
 
 def test_unbatched_input():
@@ -427,6 +452,15 @@ def test_linear_shapes_and_options(H, C, bias, chunk, reduction):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_softcap(dtype, reduction, backend):
+    x, w, b, t = linear_inputs(19, 32, 300)
+    with kernels.use_backend(backend):
+        check_linear(x * 3, w, b, t, dtype, reduction=reduction, chunk_size=6, softcap=3.0, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("N,H,C", [(8, 8, 8), (8, 3, 4), (33, 64, 1000)])
 def test_linear_low_precision_logits_stay_fp32(N, H, C, dtype, backend):
@@ -563,7 +597,7 @@ def test_linear_second_backward_raises_except_none():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("option", [o for o in OPTIONS if o not in ("z_loss", "all")])
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o not in ("z_loss", "softcap", "all")])
 def test_reference_equals_torch(option, reduction):
     torch.manual_seed(0)
     C = 37
@@ -630,15 +664,17 @@ def test_cross_entropy_module_is_drop_in():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ga, gb = (torch.autograd.grad(v, x)[0] for v in (a, b))
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
-    z = kernels.nn.CrossEntropyLoss(reduction="sum", z_loss=1e-2)
-    torch.testing.assert_close(z(x, t), torch_cross_entropy(x, t, reduction="sum", z_loss=1e-2), rtol=1e-5, atol=1e-5)
+    z = kernels.nn.CrossEntropyLoss(reduction="sum", z_loss=1e-2, softcap=2.0)
+    torch.testing.assert_close(z(x, t), torch_cross_entropy(x, t, reduction="sum", z_loss=1e-2, softcap=2.0),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_linear_cross_entropy_module():
     x, w, b, t = linear_inputs(14, 20, 90)
-    module = kernels.nn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, chunk_size=4)
+    module = kernels.nn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, softcap=2.0, chunk_size=4)
     torch.testing.assert_close(
-        module(x, w, t, b), naive_linear(x, w, t, b, reduction="sum", label_smoothing=0.1), rtol=1e-5, atol=1e-5
+        module(x, w, t, b), naive_linear(x, w, t, b, reduction="sum", label_smoothing=0.1, softcap=2.0),
+        rtol=1e-5, atol=1e-5,
     )
     assert "chunk_size=4" in repr(module)
 
@@ -701,6 +737,9 @@ def test_bad_input_cross_entropy():
         kernels.cross_entropy(x, t, reduction="avg")
     with pytest.raises(ValueError, match="z_loss"):
         kernels.cross_entropy(x, t, z_loss=-1.0)
+    for bad_softcap in (-30.0, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="softcap must be None .off., 0 .off. or a finite number > 0"):
+            kernels.cross_entropy(x, t, softcap=bad_softcap)
     for bad_target in (10, -1):
         with pytest.raises(ValueError, match=r"target .*outside \[0, 10\)"):
             kernels.cross_entropy(x, torch.tensor([1, 2, bad_target, IGNORE]))
@@ -730,6 +769,8 @@ def test_bad_input_linear_cross_entropy():
         lce(x, w, t, label_smoothing=2.0)
     with pytest.raises(ValueError, match="chunk_size"):
         lce(x, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="softcap"):
+        lce(x, w, t, softcap=-1.0)
     with pytest.raises(ValueError, match="target"):
         lce(x, w, torch.tensor([0, 1, 2, 10]))
     with pytest.raises(ValueError, match="device"):

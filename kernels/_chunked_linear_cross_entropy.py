@@ -94,6 +94,7 @@ def linear_cross_entropy_chunks(
     need_weight: bool,
     need_bias: bool,
     *,
+    class_weight: torch.Tensor | None = None,
     softcap: float = 0.0,
 ):
     """The chunk loop: ``(loss_rows, grad_input, grad_weight, grad_bias)`` of ``(N, H)`` input.
@@ -142,8 +143,8 @@ def linear_cross_entropy_chunks(
                 logits.add_(bias)
         scale = (grad_scale[start:end] if per_row else grad_scale) if with_grad else None
         loss_rows[start:end] = rows_fn(
-            logits, target[start:end], None, ignore_index, label_smoothing, z_loss, scale, logits if with_grad else None,
-            softcap=softcap,
+            logits, target[start:end], class_weight, ignore_index, label_smoothing, z_loss, scale,
+            logits if with_grad else None, softcap=softcap,
         )
         if not with_grad:
             continue

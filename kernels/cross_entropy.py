@@ -396,16 +396,16 @@ cross_entropy_op.register_autograd(_cross_entropy_grads, setup_context=_setup_cr
 # dtype) without the fp32 copy of the logits that autocast's cast would make.
 
 
-def _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias, chunk_size,
-                             ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _linear_cross_entropy_op(input, weight, bias, target, class_weight, need_input, need_weight, need_bias,
+                             chunk_size, ignore_index, reduction, label_smoothing, z_loss, softcap):
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
-    scale = _loss_scale(t, None, ignore_index, reduction)
+    scale = _loss_scale(t, class_weight, ignore_index, reduction)
     # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
     grad_scale = scale if (need_input or need_weight or need_bias) and reduction != "none" else None
     loss_rows, *grads = linear_cross_entropy_chunks(
         x, weight, bias, t, _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss, grad_scale,
-        need_input, need_weight, need_bias, softcap=softcap,
+        need_input, need_weight, need_bias, class_weight=class_weight, softcap=softcap,
     )
     loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
     return (loss, *_grads_out(grads, input, x))
@@ -416,12 +416,12 @@ def _grads_out(grads, input, x):
     return grad_input.view(input.shape) if grad_input.numel() else grad_input, grad_weight, grad_bias
 
 
-def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, need_input, need_weight, need_bias,
-                                      chunk_size, ignore_index, label_smoothing, z_loss, softcap):
+def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, class_weight, need_input, need_weight,
+                                      need_bias, chunk_size, ignore_index, label_smoothing, z_loss, softcap):
     x = input.reshape(-1, input.shape[-1])
     _, *grads = linear_cross_entropy_chunks(
         x, weight, bias, target.reshape(-1), _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss,
-        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias, softcap=softcap,
+        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias, class_weight=class_weight, softcap=softcap,
     )
     return _grads_out(grads, input, x)
 
@@ -429,22 +429,23 @@ def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, ne
 _LCE_ARGS = "bool need_input, bool need_weight, bool need_bias, SymInt chunk_size, int ignore_index"
 linear_cross_entropy_op = define_op(
     "linear_cross_entropy", _linear_cross_entropy_op,
-    f"(Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, str reduction, float label_smoothing, "
+    f"(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, {_LCE_ARGS}, str reduction, "
+    "float label_smoothing, "
     "float z_loss, float softcap) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 linear_cross_entropy_backward_op = define_op(
     "linear_cross_entropy_backward", _linear_cross_entropy_backward_op,
-    f"(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, "
+    f"(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, {_LCE_ARGS}, "
     "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)",
 )
 
 
 def _setup_linear_cross_entropy(ctx, inputs, output):
-    input, weight, bias, target, *needs_and_options = inputs
+    input, weight, bias, target, class_weight, *needs_and_options = inputs
     ctx.needs, ctx.options = needs_and_options[:3], needs_and_options[3:5] + needs_and_options[6:]
     ctx.reduction = needs_and_options[5]
     if ctx.reduction == "none":
-        ctx.save_for_backward(input, weight, bias, target)
+        ctx.save_for_backward(input, weight, bias, target, class_weight)
     else:
         ctx.grads = [present(g) for g in output[1:]]
     ctx.set_materialize_grads(False)
@@ -460,15 +461,16 @@ _LCE_FIRST_ORDER = (
 @first_order_only(_LCE_FIRST_ORDER)
 def _linear_cross_entropy_grads(ctx, grad_loss, *_):
     if ctx.reduction == "none":
-        input, weight, bias, target = ctx.saved_tensors
-        grads = linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, *ctx.needs, *ctx.options)
+        input, weight, bias, target, class_weight = ctx.saved_tensors
+        grads = linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, class_weight, *ctx.needs,
+                                                 *ctx.options)
         grads = [present(g) for g in grads]
     else:
         if ctx.grads is None:
             raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
         grads, ctx.grads = ctx.grads, None
         grads = [_scaled(g, grad_loss) if g is not None else None for g in grads]
-    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 10
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 11
 
 
 linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_context=_setup_linear_cross_entropy)
@@ -518,9 +520,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     (whose outputs may not change after it returns) cannot do. Under torch.compile the op runs."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, target, need_input, need_weight, need_bias, *options):
-        loss, *grads = _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias,
-                                                *options)
+    def forward(ctx, input, weight, bias, target, class_weight, need_input, need_weight, need_bias, *options):
+        loss, *grads = _linear_cross_entropy_op(input, weight, bias, target, class_weight, need_input, need_weight,
+                                                need_bias, *options)
         ctx.grads, ctx.needs = [present(g) for g in grads], (need_input, need_weight, need_bias)
         return loss
 
@@ -531,7 +533,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
         grads, ctx.grads = ctx.grads, None  # a scalar upstream gradient: 'mean' and 'sum' only
         grads = [g.mul_(grad_loss) if g is not None and need else None for g, need in zip(grads, ctx.needs)]
-        return (*grads,) + (None,) * 10
+        return (*grads,) + (None,) * 11
 
 
 # ----------------------------------------------------------------------------- public API
@@ -564,6 +566,13 @@ def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str
             f"got {tuple(target.shape)}"
         )
     return target
+
+
+def _check_class_weight(name: str, weight: torch.Tensor | None, n_classes: int) -> None:
+    if weight is not None:
+        check_float(name, weight)
+        if weight.shape != (n_classes,):
+            raise ValueError(f"{name} must have shape ({n_classes},), one weight per class; got {tuple(weight.shape)}")
 
 
 def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -639,10 +648,7 @@ def cross_entropy(
     if C == 0:
         raise ValueError("input must have at least one class (last dimension of size 0)")
     target = _check_target(target, input.shape[:-1], "input")
-    if weight is not None:
-        check_float("weight", weight)
-        if weight.shape != (C,):
-            raise ValueError(f"weight must have shape ({C},), one weight per class; got {tuple(weight.shape)}")
+    _check_class_weight("weight", weight, C)
     check_same_device(input=input, target=target, weight=weight)
     _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap)
     if check_targets and check_values():
@@ -667,6 +673,7 @@ def linear_cross_entropy(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    class_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -692,8 +699,10 @@ def linear_cross_entropy(
     upcast, the weight once per call (an fp32 copy of it). The loss is summed in
     fp32 (the total in fp64).
 
-    Semantics as :func:`cross_entropy` (``softcap`` included; no class weights): 'mean' divides by the
-    number of non-ignored targets in the whole call. For 'mean' and 'sum' the
+    Semantics as :func:`cross_entropy`, ``softcap`` included. ``class_weight`` ``(C,)``
+    is :func:`cross_entropy`'s ``weight`` (torch's class weights; here ``weight`` is
+    the head's): 'mean' divides by the sum of the selected targets' class weights
+    (the number of non-ignored targets without them) in the whole call. For 'mean' and 'sum' the
     gradients are computed in the forward and scaled by the upstream gradient in
     the backward, so scaling the loss (gradient accumulation: ``(loss / k).backward()``)
     scales them exactly; a second backward through the same graph raises. For
@@ -721,7 +730,8 @@ def linear_cross_entropy(
             raise ValueError(f"bias must have shape ({C},), one per row of weight; got {tuple(bias.shape)}")
     check_same_dtype(input=input, weight=weight, bias=bias)
     target = _check_target(target, input.shape[:-1], "input")
-    check_same_device(input=input, weight=weight, target=target, bias=bias)
+    _check_class_weight("class_weight", class_weight, C)
+    check_same_device(input=input, weight=weight, target=target, bias=bias, class_weight=class_weight)
     _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -733,8 +743,9 @@ def linear_cross_entropy(
     chunk = chunk_size or default_chunk_size(target.numel(), C, input.device)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
-    args = (input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss),
-            float(softcap or 0.0))
+    class_weight = class_weight.detach() if class_weight is not None else None  # a constant, as in torch
+    args = (input, weight, bias, target, class_weight, *needs, chunk, ignore_index, reduction, float(label_smoothing),
+            float(z_loss), float(softcap or 0.0))
     if any(needs) and reduction != "none" and not torch.compiler.is_compiling():
         return _LinearCrossEntropyFunction.apply(*args)
     return linear_cross_entropy_op(*args)[0]

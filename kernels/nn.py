@@ -66,6 +66,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     Runs :func:`kernels.linear_cross_entropy`, which never materialises the logits.
     The head's parameters stay with the model; ``forward`` takes them as arguments.
+    ``class_weight`` (torch's ``weight`` of the loss) is a buffer, as in torch's module.
     """
 
     def __init__(
@@ -74,11 +75,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        class_weight: torch.Tensor | None = None,
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -90,7 +93,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         return linear_cross_entropy(
-            input, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
+            input, weight, target, bias, class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             chunk_size=self.chunk_size,
         )

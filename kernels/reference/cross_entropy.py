@@ -179,6 +179,7 @@ def linear_cross_entropy(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    class_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -202,6 +203,7 @@ def linear_cross_entropy(
     dtype = torch.promote_types(input.dtype, torch.float32)
     bias = bias.to(dtype) if bias is not None else None
     return cross_entropy(
-        F.linear(input.to(dtype), weight.to(dtype), bias), target, ignore_index=ignore_index, reduction=reduction,
+        F.linear(input.to(dtype), weight.to(dtype), bias), target, class_weight, ignore_index=ignore_index,
+        reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
     )

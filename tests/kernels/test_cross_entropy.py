@@ -414,7 +414,7 @@ def run_linear(fn, x, w, b, t, dtype, g, **kw):
 
 def naive_linear(x, w, t, b=None, **kw):
     kw.pop("chunk_size", None)
-    return torch_cross_entropy(F.linear(x, w, b), t, **kw)
+    return torch_cross_entropy(F.linear(x, w, b), t, kw.pop("class_weight", None), **kw)
 
 
 def check_linear(x, w, b, t, dtype, *, g=None, **kw):
@@ -449,6 +449,34 @@ def test_linear(dtype, reduction):
 def test_linear_shapes_and_options(H, C, bias, chunk, reduction):
     x, w, b, t = linear_inputs(21, H, C, bias)
     check_linear(x, w, b, t, torch.float32, reduction=reduction, chunk_size=chunk, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_class_weight(dtype, reduction, backend):
+    # torch's class weights: each token's loss times w[y] (label smoothing weighs every class),
+    # 'mean' divides by the sum of the selected weights over the whole call, not per chunk.
+    x, w, b, t = linear_inputs(23, 40, 500)
+    cw = torch.rand(500, generator=torch.Generator().manual_seed(5)) * 2 + 0.1
+    with kernels.use_backend(backend):
+        check_linear(x, w, b, t, dtype, reduction=reduction, chunk_size=7, class_weight=cw.to(dtype),
+                     label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_linear_mean_divides_by_a_negative_weight_sum(backend):
+    x, w, b, t = linear_inputs(6, 8, 5)
+    t = torch.tensor([0, 0, IGNORE, 1, 0, IGNORE])
+    cw = torch.tensor([-1.0, 0.5, 1.0, 1.0, 1.0])  # selected weights sum to -2.5
+    with kernels.use_backend(backend):
+        ours = run_linear(kernels.linear_cross_entropy, x, w, b, t, torch.float32, torch.tensor(1.0), chunk_size=4,
+                          class_weight=cw)
+    want = run_linear(naive_linear, x, w, b, t, torch.float64,
+                      torch.tensor(1.0), class_weight=cw.double())
+    assert want[0] != 0
+    for a, r in zip(ours, want):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -677,6 +705,10 @@ def test_linear_cross_entropy_module():
         rtol=1e-5, atol=1e-5,
     )
     assert "chunk_size=4" in repr(module)
+    cw = torch.rand(90) + 0.5
+    weighted = kernels.nn.LinearCrossEntropyLoss(class_weight=cw)
+    assert torch.equal(weighted.state_dict()["class_weight"], cw)
+    torch.testing.assert_close(weighted(x, w, t, b), naive_linear(x, w, t, b, class_weight=cw), rtol=1e-5, atol=1e-5)
 
 
 # Every integer dtype the validator accepts for targets (uint64 is refused: int64 cannot hold it).
@@ -771,6 +803,10 @@ def test_bad_input_linear_cross_entropy():
         lce(x, w, t, chunk_size=0)
     with pytest.raises(ValueError, match="softcap"):
         lce(x, w, t, softcap=-1.0)
+    with pytest.raises(ValueError, match=r"class_weight must have shape \(10,\)"):
+        lce(x, w, t, class_weight=torch.ones(9))
+    with pytest.raises(TypeError, match="class_weight"):
+        lce(x, w, t, class_weight=torch.ones(10, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         lce(x, w, torch.tensor([0, 1, 2, 10]))
     with pytest.raises(ValueError, match="device"):

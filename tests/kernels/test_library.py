@@ -60,12 +60,13 @@ def _op_cases():
         torch.randn_like(x), None, x.detach(), w.detach(), True, torch.zeros(6), torch.ones(6), [40], False)
     yield "attention", ops.attention.default, (q, k, v, kv_lens, 0.25, 2)
     yield "attention_plain", ops.attention.default, (q, k, v, None, 0.25, None)
-    yield "cross_entropy", ops.cross_entropy.default, (logits, t, torch.rand(50), IGNORE, "mean", 0.1, 1e-3, 3.0, True)
+    yield "cross_entropy", ops.cross_entropy.default, (
+        logits, t, torch.rand(50, device=DEVICE), IGNORE, "mean", 0.1, 1e-3, 3.0, True)
     yield "cross_entropy_none", ops.cross_entropy.default, (logits, t, None, IGNORE, "none", 0.0, 0.0, 0.0, True)
     yield "linear_cross_entropy", ops.linear_cross_entropy.default, (
-        h, hw, hb, t, True, True, True, 4, IGNORE, "mean", 0.1, 1e-3, 3.0)
+        h, hw, hb, t, torch.rand(50, device=DEVICE), True, True, True, 4, IGNORE, "mean", 0.1, 1e-3, 3.0)
     yield "linear_cross_entropy_none", ops.linear_cross_entropy.default, (
-        h, hw, None, t, True, True, False, 4, IGNORE, "none", 0.0, 0.0, 0.0)
+        h, hw, None, t, None, True, True, False, 4, IGNORE, "none", 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

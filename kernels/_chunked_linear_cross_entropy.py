@@ -96,11 +96,12 @@ def linear_cross_entropy_chunks(
     *,
     class_weight: torch.Tensor | None = None,
     softcap: float = 0.0,
+    z_rows: torch.Tensor | None = None,
 ):
     """The chunk loop: ``(loss_rows, grad_input, grad_weight, grad_bias)`` of ``(N, H)`` input.
 
     ``grad_scale`` (fp32, 1 element or ``N``) multiplies every gradient; ``None``
-    computes the losses only. Gradients are ``None`` where not asked for.
+    computes the losses only. ``z_rows`` (fp32, ``N``) receives each row's z-loss term. Gradients are ``None`` where not asked for.
     ``grad_weight``/``grad_bias`` are accumulated over chunks in fp32 and returned
     in the dtype of ``weight``.
     """
@@ -144,7 +145,7 @@ def linear_cross_entropy_chunks(
         scale = (grad_scale[start:end] if per_row else grad_scale) if with_grad else None
         loss_rows[start:end] = rows_fn(
             logits, target[start:end], class_weight, ignore_index, label_smoothing, z_loss, scale,
-            logits if with_grad else None, softcap=softcap,
+            logits if with_grad else None, softcap=softcap, z_rows=z_rows[start:end] if z_rows is not None else None,
         )
         if not with_grad:
             continue

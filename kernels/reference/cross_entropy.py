@@ -51,11 +51,14 @@ def cross_entropy(
     *,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    return_z_loss: bool = False,
     inplace_backward: bool = False,
     check_targets: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``(..., C)`` logits against ``(...)`` class indices, by autograd through torch ops.
 
+    ``return_z_loss=True`` returns ``(loss, z_loss)``: the z-loss term the loss
+    includes, reduced the same way, detached (for logging).
     ``inplace_backward`` and ``check_targets`` have no effect here: this never
     writes into ``input``, and torch's own indexing rejects out-of-range targets.
     """
@@ -69,11 +72,16 @@ def cross_entropy(
     t = target.reshape(-1).long()  # torch's loss takes int64; ignore_index compares exactly in it
     w = weight.detach().to(dtype) if weight is not None else None
     loss = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    if z_loss or return_z_loss:
+        z_rows = torch.where(t != ignore_index, z_loss * torch.logsumexp(x, dim=1).square(), 0.0)
     if z_loss:
-        loss = loss + torch.where(t != ignore_index, z_loss * torch.logsumexp(x, dim=1).square(), 0.0)
-    if reduction == "none":
-        return loss.view(target.shape)
-    return reduce_loss(loss, reduction, mean_scale(t, w, ignore_index, dtype) if reduction == "mean" else None)
+        loss = loss + z_rows
+    scale = mean_scale(t, w, ignore_index, dtype) if reduction == "mean" else None
+
+    def reduced(rows):
+        return rows.view(target.shape) if reduction == "none" else reduce_loss(rows, reduction, scale)
+
+    return (reduced(loss), reduced(z_rows.detach())) if return_z_loss else reduced(loss)
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str, scale: torch.Tensor | None) -> torch.Tensor:
@@ -118,12 +126,14 @@ def cross_entropy_rows(
     grad_out: torch.Tensor | None = None,
     *,
     softcap: float = 0.0,
+    z_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss (fp32, 0 for ignored rows) of ``(n, C)`` logits; optionally their gradient.
 
     With ``grad_out`` (``(n, C)``, may be ``logits`` itself, which is then
     overwritten), writes ``dloss_i/dlogits_i * grad_scale_i`` into it;
     ``grad_scale`` is fp32 with 1 element (every row) or ``n`` (one per row).
+    ``z_rows`` (fp32, ``(n,)``) receives each row's z-loss term ``z * lse^2`` (0 when ignored).
     The Triton launcher :func:`kernels.cross_entropy._cross_entropy_rows` has this
     signature and contract.
     """
@@ -152,6 +162,8 @@ def cross_entropy_rows(
     if z_loss:
         loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
+    if z_rows is not None:
+        z_rows.copy_(torch.where(valid, z_loss * lse.square(), 0.0))
     if grad_out is None:
         return loss
 
@@ -185,8 +197,9 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    return_z_loss: bool = False,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy(F.linear(input, weight, bias), target, ...)``, literally: the spec of the fused version.
 
     The logits are computed by ``F.linear`` in fp32 from fp16/bf16 inputs (the
@@ -205,5 +218,5 @@ def linear_cross_entropy(
     return cross_entropy(
         F.linear(input.to(dtype), weight.to(dtype), bias), target, class_weight, ignore_index=ignore_index,
         reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
     )

@@ -209,6 +209,50 @@ def test_softcap_huge_and_infinite_logits(C, backend):
         assert torch.equal(kernels.cross_entropy(x, tt, softcap=0), off)
 
 
+def torch_z_loss(x, t, weight=None, *, reduction="mean", z_loss=0.0, softcap=None, **_):
+    """The z-loss term of torch_cross_entropy's loss, reduced as the loss is (same 'mean' denominator)."""
+    x2, t2 = x.reshape(-1, x.shape[-1]).double(), t.reshape(-1)
+    if softcap:
+        x2 = softcap * torch.tanh(x2 / softcap)
+    valid = t2 != IGNORE
+    rows = torch.where(valid, z_loss * torch.logsumexp(x2, dim=1).square(), 0.0)
+    if reduction == "none":
+        return rows.view(t.shape)
+    if reduction == "sum" or not valid.any():
+        return rows.sum()
+    w = weight.double() if weight is not None else torch.ones(x2.shape[1], dtype=torch.float64)
+    return rows.sum() / w[t2[valid]].sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_z_loss(reduction, backend):
+    torch.manual_seed(0)
+    C = 300
+    logits = torch.randn(10, C) * 3
+    t = make_targets((10,), C)
+    kw = dict(weight=torch.rand(C) + 0.1, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)
+    with kernels.use_backend(backend):
+        for requires_grad in (True, False):  # the eager autograd path and the op
+            x = logits.clone().requires_grad_(requires_grad)
+            plain = kernels.cross_entropy(x, t, **kw)
+            loss, z = kernels.cross_entropy(x, t, return_z_loss=True, **kw)
+            torch.testing.assert_close(loss, plain, rtol=0, atol=0)  # the same loss, z-loss term included
+            assert not z.requires_grad and z.dtype == torch.float32 and z.shape == loss.shape
+            torch.testing.assert_close(z.double(), torch_z_loss(logits, t, **kw), rtol=1e-5, atol=1e-7)
+            if requires_grad:  # the gradient is the loss's, z-loss term included, nothing more
+                loss.backward(upstream(reduction, t.shape))
+                leaf = logits.clone().requires_grad_()
+                want = torch.autograd.grad(torch_cross_entropy(leaf, t, **kw), leaf, upstream(reduction, t.shape))
+                torch.testing.assert_close(x.grad, want[0], rtol=1e-5, atol=1e-7)
+        # Without a z-loss coefficient the term is 0; all ignored: 0, not NaN.
+        _, z0 = kernels.cross_entropy(logits, t, return_z_loss=True, reduction=reduction)
+        assert torch.equal(z0, torch.zeros_like(z0))
+        _, z_ignored = kernels.cross_entropy(logits, torch.full_like(t, IGNORE), return_z_loss=True, z_loss=1e-2,
+                                             reduction=reduction)
+        assert torch.equal(z_ignored, torch.zeros_like(z_ignored))
+
+
 def test_unbatched_input():
     logits = torch.randn(11)
     check_ce(logits, torch.tensor(4), torch.float32, reduction="none")
@@ -481,6 +525,27 @@ def test_linear_mean_divides_by_a_negative_weight_sum(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_return_z_loss(reduction, backend):
+    x, w, b, t = linear_inputs(17, 24, 200)
+    cw = torch.rand(200) + 0.1
+    kw = dict(reduction=reduction, z_loss=1e-2, softcap=4.0, class_weight=cw, chunk_size=5)
+    with kernels.use_backend(backend):
+        for requires_grad in (True, False):
+            head = w.clone().requires_grad_(requires_grad)
+            plain = kernels.linear_cross_entropy(x, head, t, b, **kw)
+            loss, z = kernels.linear_cross_entropy(x, head, t, b, return_z_loss=True, **kw)
+            torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+            assert not z.requires_grad and z.dtype == torch.float32 and z.shape == loss.shape
+            want = torch_z_loss(F.linear(x, w, b), t, cw, **kw)
+            torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-7)
+            if requires_grad:
+                loss.backward(upstream(reduction, t.shape))
+                expected = torch.autograd.grad(naive_linear(x, head, t, b, **kw), head, upstream(reduction, t.shape))
+                torch.testing.assert_close(head.grad, expected[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_softcap(dtype, reduction, backend):
     x, w, b, t = linear_inputs(19, 32, 300)
@@ -500,11 +565,15 @@ def test_linear_low_precision_logits_stay_fp32(N, H, C, dtype, backend):
     """
     x, w, b, t = (v.to(dtype) if v.is_floating_point() else v for v in linear_inputs(N, H, C, seed=2))
     with kernels.use_backend(backend):
-        out = kernels.linear_cross_entropy(x, w, t, b, chunk_size=5)
+        check_fp32_logits(x, w, b, t)
+
+
+def check_fp32_logits(x, w, b, t):
+    out = kernels.linear_cross_entropy(x, w, t, b, chunk_size=5)
     golden = torch_cross_entropy(F.linear(x.double(), w.double(), b.double()), t)
     same_dtype = torch_cross_entropy(F.linear(x.float(), w.float(), b.float()), t)
     assert_close_to_ref(out, golden, same_dtype, factor=factor("linear_cross_entropy", gradient=False),
-                        atol=loss_atol(golden, torch.float32), name=f"{dtype} loss")
+                        atol=loss_atol(golden, torch.float32), name=f"{x.dtype} loss")
 
 
 def test_linear_three_dims_and_frozen_weight():
@@ -769,6 +838,8 @@ def test_bad_input_cross_entropy():
         kernels.cross_entropy(x, t, reduction="avg")
     with pytest.raises(ValueError, match="z_loss"):
         kernels.cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(TypeError, match="return_z_loss must be a bool"):
+        kernels.cross_entropy(x, t, return_z_loss=1)
     for bad_softcap in (-30.0, float("inf"), float("nan"), True, "30"):
         with pytest.raises(ValueError, match="softcap must be None .off., 0 .off. or a finite number > 0"):
             kernels.cross_entropy(x, t, softcap=bad_softcap)
@@ -840,6 +911,16 @@ def test_gpu_large_vocab_bf16(C):
 def test_gpu_linear(dtype):
     x, w, b, t = (v.cuda() if v is not None else None for v in linear_inputs(1000, 1000, 32000))
     check_linear(x, w, b, t, dtype, reduction="mean", chunk_size=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gpu_linear_low_precision_logits_stay_fp32(dtype):
+    # cuBLAS's fp32-output GEMM (out_dtype) path, which CPUs do not have; the softcap and
+    # class weights with it, against the naive loss.
+    x, w, b, t = (v.cuda().to(dtype) if v.is_floating_point() else v.cuda() for v in linear_inputs(333, 256, 5000))
+    check_fp32_logits(x, w, b, t)
+    check_linear(x, w, b, t, dtype, reduction="sum", chunk_size=100, softcap=30.0, class_weight=torch.rand(5000).cuda())
 
 
 # ----------------------------------------------------------------------------- double backward

@@ -61,12 +61,13 @@ def _op_cases():
     yield "attention", ops.attention.default, (q, k, v, kv_lens, 0.25, 2)
     yield "attention_plain", ops.attention.default, (q, k, v, None, 0.25, None)
     yield "cross_entropy", ops.cross_entropy.default, (
-        logits, t, torch.rand(50, device=DEVICE), IGNORE, "mean", 0.1, 1e-3, 3.0, True)
-    yield "cross_entropy_none", ops.cross_entropy.default, (logits, t, None, IGNORE, "none", 0.0, 0.0, 0.0, True)
+        logits, t, torch.rand(50, device=DEVICE), IGNORE, "mean", 0.1, 1e-3, 3.0, True, True)
+    yield "cross_entropy_none", ops.cross_entropy.default, (
+        logits, t, None, IGNORE, "none", 0.0, 0.0, 0.0, True, False)
     yield "linear_cross_entropy", ops.linear_cross_entropy.default, (
-        h, hw, hb, t, torch.rand(50, device=DEVICE), True, True, True, 4, IGNORE, "mean", 0.1, 1e-3, 3.0)
+        h, hw, hb, t, torch.rand(50, device=DEVICE), True, True, True, 4, IGNORE, "mean", 0.1, 1e-3, 3.0, True)
     yield "linear_cross_entropy_none", ops.linear_cross_entropy.default, (
-        h, hw, None, t, None, True, True, False, 4, IGNORE, "none", 0.0, 0.0, 0.0)
+        h, hw, None, t, None, True, True, False, 4, IGNORE, "none", 0.0, 0.0, 0.0, False)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -101,6 +102,11 @@ def _compile_cases():
     yield "sdpa", lambda: kernels.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v)
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t, label_smoothing=0.1), (logits,)
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), (h, hw, hb)
+    cw = torch.rand(50, device=DEVICE) + 0.5
+    yield "cross_entropy_softcap_z", lambda: sum(kernels.cross_entropy(
+        logits, t, cw, z_loss=1e-3, softcap=3.0, return_z_loss=True)), (logits,)
+    yield "linear_cross_entropy_softcap_z", lambda: sum(kernels.linear_cross_entropy(
+        h, hw, t, hb, class_weight=cw, z_loss=1e-3, softcap=3.0, return_z_loss=True, chunk_size=4)), (h, hw, hb)
     yield "nn.LayerNorm", lambda: ln(x), (x, ln.weight, ln.bias)
     yield "nn.RMSNorm", lambda: rms(x), (x, rms.weight)
     yield "nn.CrossEntropyLoss", lambda: kernels.nn.CrossEntropyLoss()(logits, t), (logits,)
@@ -173,6 +179,14 @@ def _sync_cases():
     yield "attention_kv_lens", lambda: kernels.attention(q, k, v, kv_lens=kv_lens), 1
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t), 1
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), 1
+    # Class weights (the 'mean' denominator decided on device), softcap, the returned z-loss, and
+    # bf16 inputs (fp32 chunk logits) add none.
+    cw = torch.rand(50, device=DEVICE) - 0.2
+    yield "cross_entropy_options", lambda: sum(kernels.cross_entropy(
+        logits, t, cw, z_loss=1e-3, softcap=3.0, return_z_loss=True)), 1
+    yield "linear_cross_entropy_options", lambda: sum(kernels.linear_cross_entropy(
+        h.bfloat16(), hw.bfloat16(), t, hb.bfloat16(), class_weight=cw, z_loss=1e-3, softcap=3.0, return_z_loss=True,
+        chunk_size=4)), 1
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -101,7 +101,8 @@ def linear_cross_entropy_chunks(
     """The chunk loop: ``(loss_rows, grad_input, grad_weight, grad_bias)`` of ``(N, H)`` input.
 
     ``grad_scale`` (fp32, 1 element or ``N``) multiplies every gradient; ``None``
-    computes the losses only. ``z_rows`` (fp32, ``N``) receives each row's z-loss term. Gradients are ``None`` where not asked for.
+    computes the losses only. Gradients are ``None`` where not asked for.
+    ``z_rows`` (fp32, ``N``), when given, receives each row's z-loss term.
     ``grad_weight``/``grad_bias`` are accumulated over chunks in fp32 and returned
     in the dtype of ``weight``.
     """
@@ -132,8 +133,10 @@ def linear_cross_entropy_chunks(
         end = min(start + chunk_size, N)
         xc = x[start:end]
         logits = chunk_buffer[: end - start]  # (n, C)
-        if not low_precision:
-            torch.mm(xc, weight.t(), out=logits) if bias is None else torch.addmm(bias, xc, weight.t(), out=logits)
+        if not low_precision and bias is not None:
+            torch.addmm(bias, xc, weight.t(), out=logits)
+        elif not low_precision:
+            torch.mm(xc, weight.t(), out=logits)
         else:
             if out_dtype_gemm:
                 torch.mm(xc, weight.t(), out_dtype=torch.float32, out=logits)

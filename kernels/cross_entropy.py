@@ -9,6 +9,10 @@ for the full statement with class weights ``w``, label smoothing ``eps`` and z-l
     loss = (1 - eps) * w[y] * (lse - x[y]) + eps / C * sum_c w[c] * (lse - x[c]) + z * lse^2
     dx   = p * ((1 - eps) * w[y] + eps / C * sum(w) + 2 z lse) - eps / C * w - (1 - eps) * w[y] * onehot(y)
 
+With a softcap ``s``, ``x`` is ``s * tanh(logits / s)`` (computed as loaded, from
+one exponential) and ``dx`` is multiplied by ``1 - (x / s)^2``. The kernel can
+also store each row's ``z * lse^2`` (``return_z_loss``).
+
 The gradient of the loss is known as soon as ``lse`` is, so the forward kernel
 writes it: one program per row, a first sweep over the vocabulary for ``lse``
 (an online log-sum-exp kept per lane, one exponential per element, reduced across
@@ -270,7 +274,8 @@ def _cross_entropy_rows(
         grad_scale if compute_grad else loss, loss, z_rows if z_rows is not None else loss,
         C, logits.stride(0), grad_out.stride(0) if compute_grad else 0, stride_scale if compute_grad else 0,
         ignore_index, float(label_smoothing), float(z_loss), float(softcap),
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=softcap > 0,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0,
+        HAS_SOFTCAP=softcap > 0,
         STORE_Z=z_rows is not None, COMPUTE_GRAD=compute_grad, BLOCK_C=block, ONE_PASS=one_pass,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -663,8 +668,9 @@ def cross_entropy(
     Deviations from torch: the loss is fp32 whatever the logits dtype (the gradient
     has the logits dtype); when every target is ignored, ``'mean'`` returns 0 with
     zero gradients instead of NaN (otherwise it divides by the sum of the selected
-    class weights whatever its sign, as torch); class weights get no gradient. Under autocast it computes in fp32 and returns an fp32
-    loss, as torch's does (without copying the logits to fp32). The gradient is computed in the forward and scaled in
+    class weights whatever its sign, as torch); class weights get no gradient.
+    Under autocast it computes in fp32 and returns an fp32 loss, as torch's does
+    (without copying the logits to fp32). The gradient is computed in the forward and scaled in
     place by the backward, so a second backward through the same graph
     (``retain_graph=True``) raises, and so does a double backward (``create_graph=True``;
     the reference backend supports it).

@@ -9,6 +9,10 @@ for the full statement with class weights ``w``, label smoothing ``eps`` and z-l
     loss = (1 - eps) * w[y] * (lse - x[y]) + eps / C * sum_c w[c] * (lse - x[c]) + z * lse^2
     dx   = p * ((1 - eps) * w[y] + eps / C * sum(w) + 2 z lse) - eps / C * w - (1 - eps) * w[y] * onehot(y)
 
+With a softcap ``s``, ``x`` is ``s * tanh(logits / s)`` (computed as loaded, from
+one exponential) and ``dx`` is multiplied by ``1 - (x / s)^2``. The kernel can
+also store each row's ``z * lse^2`` (``return_z_loss``).
+
 The gradient of the loss is known as soon as ``lse`` is, so the forward kernel
 writes it: one program per row, a first sweep over the vocabulary for ``lse``
 (an online log-sum-exp kept per lane, one exponential per element, reduced across
@@ -51,12 +55,24 @@ from .reference.cross_entropy import REDUCTIONS, cross_entropy_rows, mean_scale,
 
 
 @triton.jit
+def _softcap(x, softcap):
+    """``softcap * tanh(x / softcap)``, from one exponential (libdevice's tanh does not run in the interpreter).
+
+    ``exp(-2|u|)`` is at most 1, so nothing overflows; -inf maps to -softcap, as torch's tanh does.
+    """
+    u = x / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(u < 0, -t, t)
+
+
+@triton.jit
 def _ce_fwd_kernel(
-    LOGITS, GRAD, TARGET, WEIGHT, WEIGHT_SUM, GRAD_SCALE, LOSS,
+    LOGITS, GRAD, TARGET, WEIGHT, WEIGHT_SUM, GRAD_SCALE, LOSS, Z_ROWS,
     C, stride_logits, stride_grad, stride_scale,
-    ignore_index, label_smoothing, z_loss,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
+    ignore_index, label_smoothing, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    STORE_Z: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = LOGITS + row * stride_logits
@@ -65,6 +81,8 @@ def _ce_fwd_kernel(
     y = tl.load(TARGET + row)
     if y == ignore_index:
         tl.store(LOSS + row, 0.0)
+        if STORE_Z:
+            tl.store(Z_ROWS + row, 0.0)
         if COMPUTE_GRAD:
             zero = tl.zeros([BLOCK_C], dtype=tl.float32).to(GRAD.dtype.element_ty)
             for off in range(0, C, BLOCK_C):
@@ -74,6 +92,8 @@ def _ce_fwd_kernel(
         # an unchecked bad target from reading out of bounds.
         y = tl.minimum(tl.maximum(y, 0), C - 1)
         x_y = tl.load(x_row + y).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_y = _softcap(x_y, softcap)
         if HAS_WEIGHT:
             w_y = tl.load(WEIGHT + y)
             w_sum = tl.load(WEIGHT_SUM)
@@ -84,6 +104,8 @@ def _ce_fwd_kernel(
         if ONE_PASS:
             mask = cols < C
             x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:  # the capped logits from here on; padding stays -inf
+                x = tl.where(mask, _softcap(x, softcap), float("-inf"))
             m = tl.max(x, axis=0)
             e = tl.exp(x - m)
             s = tl.sum(e, axis=0)
@@ -104,6 +126,8 @@ def _ce_fwd_kernel(
                 c = off + cols
                 mask = c < C
                 x = tl.load(x_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x = tl.where(mask, _softcap(x, softcap), float("-inf"))
                 bigger = x > m_vec
                 e = tl.exp(-tl.abs(x - m_vec))
                 e = tl.where(x == float("-inf"), 0.0, e)  # -inf - -inf is NaN; a -inf logit adds 0
@@ -129,6 +153,8 @@ def _ce_fwd_kernel(
             loss += z_loss * lse * lse
             coef_p += 2.0 * z_loss * lse
         tl.store(LOSS + row, loss)
+        if STORE_Z:  # the z-loss term of this row's loss, for logging
+            tl.store(Z_ROWS + row, z_loss * lse * lse)
 
         if COMPUTE_GRAD:
             scale = tl.load(GRAD_SCALE + row * stride_scale)
@@ -143,12 +169,17 @@ def _ce_fwd_kernel(
                     else:
                         g -= coef_s
                 g = tl.where(cols == y, g - coef_y, g)
+                if HAS_SOFTCAP:  # d(softcap * tanh(v / softcap))/dv = 1 - tanh^2 (padding's -inf kept out)
+                    t = tl.where(mask, x / softcap, 0.0)
+                    g *= 1.0 - t * t
                 tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=mask)
             else:
                 for off in range(0, C, BLOCK_C):
                     c = off + cols
                     mask = c < C
                     x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_SOFTCAP:
+                        x = _softcap(x, softcap)
                     g = tl.exp(x - lse) * coef_p
                     if HAS_SMOOTHING:
                         if HAS_WEIGHT:
@@ -156,6 +187,9 @@ def _ce_fwd_kernel(
                         else:
                             g -= coef_s
                     g = tl.where(c == y, g - coef_y, g)
+                    if HAS_SOFTCAP:
+                        t = x / softcap
+                        g *= 1.0 - t * t
                     tl.store(g_row + c, g.to(GRAD.dtype.element_ty), mask=mask)
 
 
@@ -211,6 +245,9 @@ def _cross_entropy_rows(
     z_loss: float,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    *,
+    softcap: float = 0.0,
+    z_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row fp32 loss of ``(n, C)`` logits (unit stride along C), optionally writing the gradient.
 
@@ -234,11 +271,12 @@ def _cross_entropy_rows(
     launch(_ce_fwd_kernel)[(n,)](
         logits, grad_out if compute_grad else logits, target,
         weight if weight is not None else loss, weight_sum if weight is not None else loss,
-        grad_scale if compute_grad else loss, loss,
+        grad_scale if compute_grad else loss, loss, z_rows if z_rows is not None else loss,
         C, logits.stride(0), grad_out.stride(0) if compute_grad else 0, stride_scale if compute_grad else 0,
-        ignore_index, float(label_smoothing), float(z_loss),
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0,
-        COMPUTE_GRAD=compute_grad, BLOCK_C=block, ONE_PASS=one_pass,
+        HAS_SOFTCAP=softcap > 0,
+        STORE_Z=z_rows is not None, COMPUTE_GRAD=compute_grad, BLOCK_C=block, ONE_PASS=one_pass,
         num_warps=num_warps, num_stages=num_stages,
     )
     return loss
@@ -269,16 +307,17 @@ def compile_specs() -> list[KernelSpec]:
     # One vocabulary per configuration _fwd_config/_scale_config can return.
     vocabs = [1 << k for k in range(4, 14)] + [32000]
     feature_sets = [
-        {"HAS_WEIGHT": False, "HAS_SMOOTHING": False, "HAS_Z_LOSS": False},  # the common case
-        {"HAS_WEIGHT": True, "HAS_SMOOTHING": True, "HAS_Z_LOSS": True},  # every branch compiled in
+        dict(HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False, STORE_Z=False),  # usual
+        dict(HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=True, STORE_Z=False),  # Gemma 2
+        dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, STORE_Z=True),  # every branch
     ]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = "*" + TRITON_DTYPE[dtype]
         fwd_sig = {"LOGITS": t, "GRAD": t, "TARGET": "*i64"}
-        fwd_sig |= {k: "*fp32" for k in ("WEIGHT", "WEIGHT_SUM", "GRAD_SCALE", "LOSS")}
+        fwd_sig |= {k: "*fp32" for k in ("WEIGHT", "WEIGHT_SUM", "GRAD_SCALE", "LOSS", "Z_ROWS")}
         # Python ints reach the kernel as i32 below 2^31; the kernels widen row offsets to int64 themselves.
         fwd_sig |= {"C": "i32", "stride_logits": "i32", "stride_grad": "i32", "stride_scale": "i32"}
-        fwd_sig |= {"ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32"}
+        fwd_sig |= {"ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
         scale_sig = {"GRAD": t, "GRAD_LOSS": "*fp32", "C": "i32", "stride_grad": "i32", "stride_gl": "i32"}
         for c in vocabs:
             block, one_pass, num_warps, num_stages = _fwd_config(c)
@@ -313,21 +352,36 @@ def _rows_fn(device: torch.device):
     return _cross_entropy_rows if use_triton(device) else cross_entropy_rows
 
 
-def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad):
+def _z_rows(t: torch.Tensor, return_z_loss: bool) -> torch.Tensor | None:
+    """The buffer the per-row z-loss terms go to when they are to be returned."""
+    return torch.empty(t.shape, dtype=torch.float32, device=t.device) if return_z_loss else None
+
+
+def _reduced(rows: torch.Tensor | None, target: torch.Tensor, reduction: str, scale: torch.Tensor) -> torch.Tensor:
+    """Per-row fp32 values reduced as the loss is (``rows`` None: the op's stand-in for no output)."""
+    if rows is None:
+        return no_tensor(scale)
+    return rows.view(target.shape) if reduction == "none" else reduce_loss(rows, reduction, scale)
+
+
+def _cross_entropy_op(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad,
+                      return_z_loss):
     C = logits.shape[-1]
     x = as_rows(logits, C)
     t = target.reshape(-1)
     scale = _loss_scale(t, weight, ignore_index, reduction)
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_grad else None
-    loss_rows = _rows_fn(x.device)(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
-    loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
-    return loss, grad.view(logits.shape) if grad is not None else no_tensor(logits)
+    z_rows = _z_rows(t, return_z_loss)
+    loss_rows = _rows_fn(x.device)(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad, softcap=softcap,
+                                   z_rows=z_rows)
+    grad = grad.view(logits.shape) if grad is not None else no_tensor(logits)
+    return _reduced(loss_rows, target, reduction, scale), grad, _reduced(z_rows, target, reduction, scale)
 
 
 cross_entropy_op = define_op(
     "cross_entropy", _cross_entropy_op,
     "(Tensor logits, Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, "
-    "float z_loss, bool compute_grad) -> (Tensor, Tensor)",
+    "float z_loss, float softcap, bool compute_grad, bool return_z_loss) -> (Tensor, Tensor, Tensor)",
 )
 
 _SECOND_BACKWARD = (
@@ -350,15 +404,16 @@ def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 
 def _setup_cross_entropy(ctx, inputs, output):
     ctx.grad = present(output[1])  # handed over, scaled, by the one backward
+    ctx.mark_non_differentiable(output[2])  # the z-loss, for logging: its part of the loss is in output[0]
     ctx.set_materialize_grads(False)  # the gradient output gets no gradient: no logits-sized zeros
 
 
 @first_order_only(triton_only_first_order("cross_entropy"))
-def _cross_entropy_grads(ctx, grad_loss, _):
+def _cross_entropy_grads(ctx, grad_loss, *_):
     if ctx.grad is None:
         raise RuntimeError(_SECOND_BACKWARD.format(op="cross_entropy"))
     grad, ctx.grad = ctx.grad, None  # freed as soon as the caller is done with the scaled copy
-    return _scaled(grad, grad_loss), None, None, None, None, None, None, None
+    return (_scaled(grad, grad_loss),) + (None,) * 9
 
 
 cross_entropy_op.register_autograd(_cross_entropy_grads, setup_context=_setup_cross_entropy)
@@ -367,19 +422,20 @@ cross_entropy_op.register_autograd(_cross_entropy_grads, setup_context=_setup_cr
 # dtype) without the fp32 copy of the logits that autocast's cast would make.
 
 
-def _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias, chunk_size,
-                             ignore_index, reduction, label_smoothing, z_loss):
+def _linear_cross_entropy_op(input, weight, bias, target, class_weight, need_input, need_weight, need_bias,
+                             chunk_size, ignore_index, reduction, label_smoothing, z_loss, softcap, return_z_loss):
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
-    scale = _loss_scale(t, None, ignore_index, reduction)
+    scale = _loss_scale(t, class_weight, ignore_index, reduction)
     # 'none' defers the gradients to the backward, where the per-token upstream gradient is known.
     grad_scale = scale if (need_input or need_weight or need_bias) and reduction != "none" else None
+    z_rows = _z_rows(t, return_z_loss)
     loss_rows, *grads = linear_cross_entropy_chunks(
         x, weight, bias, t, _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss, grad_scale,
-        need_input, need_weight, need_bias,
+        need_input, need_weight, need_bias, class_weight=class_weight, softcap=softcap, z_rows=z_rows,
     )
-    loss = loss_rows.view(target.shape) if reduction == "none" else reduce_loss(loss_rows, reduction, scale)
-    return (loss, *_grads_out(grads, input, x))
+    return (_reduced(loss_rows, target, reduction, scale), *_grads_out(grads, input, x),
+            _reduced(z_rows, target, reduction, scale))
 
 
 def _grads_out(grads, input, x):
@@ -387,12 +443,12 @@ def _grads_out(grads, input, x):
     return grad_input.view(input.shape) if grad_input.numel() else grad_input, grad_weight, grad_bias
 
 
-def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, need_input, need_weight, need_bias,
-                                      chunk_size, ignore_index, label_smoothing, z_loss):
+def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, class_weight, need_input, need_weight,
+                                      need_bias, chunk_size, ignore_index, label_smoothing, z_loss, softcap):
     x = input.reshape(-1, input.shape[-1])
     _, *grads = linear_cross_entropy_chunks(
         x, weight, bias, target.reshape(-1), _rows_fn(x.device), chunk_size, ignore_index, label_smoothing, z_loss,
-        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias,
+        grad_loss.reshape(-1).float(), need_input, need_weight, need_bias, class_weight=class_weight, softcap=softcap,
     )
     return _grads_out(grads, input, x)
 
@@ -400,24 +456,26 @@ def _linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, ne
 _LCE_ARGS = "bool need_input, bool need_weight, bool need_bias, SymInt chunk_size, int ignore_index"
 linear_cross_entropy_op = define_op(
     "linear_cross_entropy", _linear_cross_entropy_op,
-    f"(Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, str reduction, float label_smoothing, "
-    "float z_loss) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, {_LCE_ARGS}, str reduction, "
+    "float label_smoothing, "
+    "float z_loss, float softcap, bool return_z_loss) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 linear_cross_entropy_backward_op = define_op(
     "linear_cross_entropy_backward", _linear_cross_entropy_backward_op,
-    f"(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, {_LCE_ARGS}, "
-    "float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor)",
+    f"(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, {_LCE_ARGS}, "
+    "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)",
 )
 
 
 def _setup_linear_cross_entropy(ctx, inputs, output):
-    input, weight, bias, target, *needs_and_options = inputs
-    ctx.needs, ctx.options = needs_and_options[:3], needs_and_options[3:5] + needs_and_options[6:]
-    ctx.reduction = needs_and_options[5]
+    input, weight, bias, target, class_weight, *needs_and_options = inputs
+    chunk_size, ignore_index, ctx.reduction, label_smoothing, z_loss, softcap, _ = needs_and_options[3:]
+    ctx.needs, ctx.options = needs_and_options[:3], (chunk_size, ignore_index, label_smoothing, z_loss, softcap)
     if ctx.reduction == "none":
-        ctx.save_for_backward(input, weight, bias, target)
+        ctx.save_for_backward(input, weight, bias, target, class_weight)
     else:
-        ctx.grads = [present(g) for g in output[1:]]
+        ctx.grads = [present(g) for g in output[1:4]]
+    ctx.mark_non_differentiable(output[4])  # the z-loss, for logging
     ctx.set_materialize_grads(False)
 
 
@@ -431,15 +489,16 @@ _LCE_FIRST_ORDER = (
 @first_order_only(_LCE_FIRST_ORDER)
 def _linear_cross_entropy_grads(ctx, grad_loss, *_):
     if ctx.reduction == "none":
-        input, weight, bias, target = ctx.saved_tensors
-        grads = linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, *ctx.needs, *ctx.options)
+        input, weight, bias, target, class_weight = ctx.saved_tensors
+        grads = linear_cross_entropy_backward_op(grad_loss, input, weight, bias, target, class_weight, *ctx.needs,
+                                                 *ctx.options)
         grads = [present(g) for g in grads]
     else:
         if ctx.grads is None:
             raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
         grads, ctx.grads = ctx.grads, None
         grads = [_scaled(g, grad_loss) if g is not None else None for g in grads]
-    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 9
+    return (*[g if need else None for g, need in zip(grads, ctx.needs)],) + (None,) * 12
 
 
 linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_context=_setup_linear_cross_entropy)
@@ -450,35 +509,36 @@ linear_cross_entropy_op.register_autograd(_linear_cross_entropy_grads, setup_con
 # may not alias its inputs nor change after it returns). Under torch.compile the op runs.
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace, compute_grad):
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace,
+                return_z_loss):
         C = logits.shape[-1]
         x = as_rows(logits, C)
         t = target.reshape(-1)
         scale = _loss_scale(t, weight, ignore_index, reduction)
-        grad = None
-        if compute_grad:
-            # Rows that share memory (expanded, stride 0) would read back another row's
-            # gradient as their logits: those get a separate buffer, as the docstring says.
-            rows_overlap = x.shape[0] > 1 and x.stride(0) < x.shape[1]
-            grad = x if inplace and not rows_overlap else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            if grad is x and x.data_ptr() == logits.data_ptr():
-                # The logits are about to hold their gradient: autograd must refuse any
-                # other backward that saved them.
-                torch.autograd.graph.increment_version(logits)
-        loss_rows = _cross_entropy_rows(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad)
+        # Rows that share memory (expanded, stride 0) would read back another row's
+        # gradient as their logits: those get a separate buffer, as the docstring says.
+        rows_overlap = x.shape[0] > 1 and x.stride(0) < x.shape[1]
+        grad = x if inplace and not rows_overlap else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if grad is x and x.data_ptr() == logits.data_ptr():
+            # The logits are about to hold their gradient: autograd must refuse any
+            # other backward that saved them.
+            torch.autograd.graph.increment_version(logits)
+        z_rows = _z_rows(t, return_z_loss)
+        loss_rows = _cross_entropy_rows(x, t, weight, ignore_index, label_smoothing, z_loss, scale, grad,
+                                        softcap=softcap, z_rows=z_rows)
         ctx.grad, ctx.shape = grad, logits.shape
-        if reduction == "none":
-            return loss_rows.view(target.shape)
-        return reduce_loss(loss_rows, reduction, scale)
+        z = _reduced(z_rows, target, reduction, scale)
+        ctx.mark_non_differentiable(z)  # the z-loss, for logging: its part of the loss is in the loss
+        return _reduced(loss_rows, target, reduction, scale), z
 
     @staticmethod
     @first_order_only(triton_only_first_order("cross_entropy"))
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _):
         if ctx.grad is None:
             raise RuntimeError(_SECOND_BACKWARD.format(op="cross_entropy"))
         grad, ctx.grad = ctx.grad, None
         _scale_rows_(grad, grad_loss)
-        return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
+        return (grad.reshape(ctx.shape),) + (None,) * 9
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -487,26 +547,27 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     (whose outputs may not change after it returns) cannot do. Under torch.compile the op runs."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, target, need_input, need_weight, need_bias, *options):
-        loss, *grads = _linear_cross_entropy_op(input, weight, bias, target, need_input, need_weight, need_bias,
-                                                *options)
+    def forward(ctx, input, weight, bias, target, class_weight, need_input, need_weight, need_bias, *options):
+        loss, *grads, z = _linear_cross_entropy_op(input, weight, bias, target, class_weight, need_input, need_weight,
+                                                   need_bias, *options)
         ctx.grads, ctx.needs = [present(g) for g in grads], (need_input, need_weight, need_bias)
-        return loss
+        ctx.mark_non_differentiable(z)  # the z-loss, for logging
+        return loss, z
 
     @staticmethod
     @first_order_only(_LCE_FIRST_ORDER)
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _):
         if ctx.grads is None:
             raise RuntimeError(_SECOND_BACKWARD.format(op="linear_cross_entropy"))
         grads, ctx.grads = ctx.grads, None  # a scalar upstream gradient: 'mean' and 'sum' only
         grads = [g.mul_(grad_loss) if g is not None and need else None for g, need in zip(grads, ctx.needs)]
-        return (*grads,) + (None,) * 9
+        return (*grads,) + (None,) * 12
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_options(reduction, label_smoothing, z_loss, ignore_index):
+def _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap, return_z_loss):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
@@ -515,6 +576,11 @@ def _check_options(reduction, label_smoothing, z_loss, ignore_index):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < math.inf):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0.0 <= softcap < math.inf):
+        raise ValueError(f"softcap must be None (off), 0 (off) or a finite number > 0, got {softcap!r}")
+    if not isinstance(return_z_loss, bool):
+        raise TypeError(f"return_z_loss must be a bool, got {return_z_loss!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not -(2**63) <= ignore_index < 2**63:  # targets are compared with it in int64
@@ -530,6 +596,13 @@ def _check_target(target: torch.Tensor, batch_shape: torch.Size, input_name: str
             f"got {tuple(target.shape)}"
         )
     return target
+
+
+def _check_class_weight(name: str, weight: torch.Tensor | None, n_classes: int) -> None:
+    if weight is not None:
+        check_float(name, weight)
+        if weight.shape != (n_classes,):
+            raise ValueError(f"{name} must have shape ({n_classes},), one weight per class; got {tuple(weight.shape)}")
 
 
 def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -553,9 +626,11 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
     inplace_backward: bool = False,
     check_targets: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for :func:`torch.nn.functional.cross_entropy` with class-index targets.
 
     ``input`` is ``(..., C)`` logits (classes in the *last* dimension, the language
@@ -570,6 +645,13 @@ def cross_entropy(
     - ``z_loss``: adds ``z_loss * logsumexp(logits)^2`` to each non-ignored token's
       loss, not multiplied by a class weight, before the reduction (so ``'mean'``
       divides it by the same denominator as the rest).
+    - ``softcap``: Gemma 2's final-logit softcapping, the loss (z-loss included) of
+      ``softcap * tanh(logits / softcap)``, with its exact gradient; ``None`` or 0
+      is off.
+    - ``return_z_loss=True`` returns ``(loss, z_loss)``: ``z_loss`` is the z-loss
+      term that ``loss`` already includes, reduced the same way (``'mean'``: divided
+      by the same denominator; ``'none'``: per token), returned detached, for
+      logging (0 when ``z_loss`` is 0). Computed in the same pass, no extra sync.
     - ``inplace_backward=True`` writes the gradient into ``input``'s memory during
       the forward, saving one logits-sized buffer. **This destroys the logits**: do
       not read them after the call. (If ``input`` is not stride-1 along classes, a
@@ -584,10 +666,11 @@ def cross_entropy(
       an undefined loss (never an out-of-bounds read).
 
     Deviations from torch: the loss is fp32 whatever the logits dtype (the gradient
-    has the logits dtype); when no target counts (all ignored, or their class
-    weights sum to 0), ``'mean'`` returns 0 with zero gradients instead of NaN; class
-    weights get no gradient. Under autocast it computes in fp32 and returns an fp32
-    loss, as torch's does (without copying the logits to fp32). The gradient is computed in the forward and scaled in
+    has the logits dtype); when every target is ignored, ``'mean'`` returns 0 with
+    zero gradients instead of NaN (otherwise it divides by the sum of the selected
+    class weights whatever its sign, as torch); class weights get no gradient.
+    Under autocast it computes in fp32 and returns an fp32 loss, as torch's does
+    (without copying the logits to fp32). The gradient is computed in the forward and scaled in
     place by the backward, so a second backward through the same graph
     (``retain_graph=True``) raises, and so does a double backward (``create_graph=True``;
     the reference backend supports it).
@@ -601,29 +684,26 @@ def cross_entropy(
     if C == 0:
         raise ValueError("input must have at least one class (last dimension of size 0)")
     target = _check_target(target, input.shape[:-1], "input")
-    if weight is not None:
-        check_float("weight", weight)
-        if weight.shape != (C,):
-            raise ValueError(f"weight must have shape ({C},), one weight per class; got {tuple(weight.shape)}")
+    _check_class_weight("weight", weight, C)
     check_same_device(input=input, target=target, weight=weight)
-    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap, return_z_loss)
     if check_targets and check_values():
         _check_target_range(target, C, ignore_index)
     if not use_triton(input.device):
         return reference.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
         )
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     weight = weight.detach() if weight is not None else None  # a constant, as in torch
+    options = (float(label_smoothing), float(z_loss), float(softcap or 0.0))
     if compute_grad and not torch.compiler.is_compiling():
-        return _CrossEntropyFunction.apply(
-            input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-            inplace_backward, True,
-        )
-    return cross_entropy_op(
-        input, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), compute_grad
-    )[0]
+        loss, z = _CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, *options,
+                                              inplace_backward, return_z_loss)
+    else:
+        loss, _, z = cross_entropy_op(input, target, weight, ignore_index, reduction, *options, compute_grad,
+                                      return_z_loss)
+    return (loss, z) if return_z_loss else loss
 
 
 def linear_cross_entropy(
@@ -632,13 +712,16 @@ def linear_cross_entropy(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    class_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
     chunk_size: int | None = None,
     check_targets: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without materialising the logits.
 
     ``input`` is ``(..., H)``, ``weight`` ``(C, H)``, ``bias`` ``(C,)``, ``target``
@@ -648,10 +731,18 @@ def linear_cross_entropy(
     gradient by the cross-entropy kernel, and folded into the gradients of
     ``input``, ``weight`` and ``bias`` (accumulated in fp32 over chunks), so the
     extra memory is ``O(chunk_size * C)`` plus an fp32 copy of the weight gradient
-    for fp16/bf16 weights. The loss is summed in fp32 (the total in fp64).
+    for fp16/bf16 weights. For fp16/bf16 inputs a chunk's logits are fp32, straight
+    from the GEMM's fp32 accumulator (as torch's chunked loss keeps them; rounded
+    logits would cost the loss that precision): on CUDA cuBLAS writes them so
+    (``out_dtype``) and the backward GEMMs take the chunk's gradient rounded to the
+    inputs' dtype (one more half-size chunk buffer); elsewhere the operands are
+    upcast, the weight once per call (an fp32 copy of it). The loss is summed in
+    fp32 (the total in fp64).
 
-    Semantics as :func:`cross_entropy` (no class weights): 'mean' divides by the
-    number of non-ignored targets in the whole call. For 'mean' and 'sum' the
+    Semantics as :func:`cross_entropy`, ``softcap`` and ``return_z_loss`` included. ``class_weight`` ``(C,)``
+    is :func:`cross_entropy`'s ``weight`` (torch's class weights; here ``weight`` is
+    the head's): 'mean' divides by the sum of the selected targets' class weights
+    (the number of non-ignored targets without them) in the whole call. For 'mean' and 'sum' the
     gradients are computed in the forward and scaled by the upstream gradient in
     the backward, so scaling the loss (gradient accumulation: ``(loss / k).backward()``)
     scales them exactly; a second backward through the same graph raises. For
@@ -679,8 +770,9 @@ def linear_cross_entropy(
             raise ValueError(f"bias must have shape ({C},), one per row of weight; got {tuple(bias.shape)}")
     check_same_dtype(input=input, weight=weight, bias=bias)
     target = _check_target(target, input.shape[:-1], "input")
-    check_same_device(input=input, weight=weight, target=target, bias=bias)
-    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _check_class_weight("class_weight", class_weight, C)
+    check_same_device(input=input, weight=weight, target=target, bias=bias, class_weight=class_weight)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index, softcap, return_z_loss)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if check_targets and check_values():
@@ -691,7 +783,11 @@ def linear_cross_entropy(
     chunk = chunk_size or default_chunk_size(target.numel(), C, input.device)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
-    args = (input, weight, bias, target, *needs, chunk, ignore_index, reduction, float(label_smoothing), float(z_loss))
+    class_weight = class_weight.detach() if class_weight is not None else None  # a constant, as in torch
+    args = (input, weight, bias, target, class_weight, *needs, chunk, ignore_index, reduction, float(label_smoothing),
+            float(z_loss), float(softcap or 0.0), return_z_loss)
     if any(needs) and reduction != "none" and not torch.compiler.is_compiling():
-        return _LinearCrossEntropyFunction.apply(*args)
-    return linear_cross_entropy_op(*args)[0]
+        loss, z = _LinearCrossEntropyFunction.apply(*args)
+    else:
+        loss, *_, z = linear_cross_entropy_op(*args)
+    return (loss, z) if return_z_loss else loss

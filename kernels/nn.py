@@ -58,7 +58,7 @@ class RMSNorm(torch.nn.RMSNorm):
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss` running :func:`kernels.cross_entropy`.
 
-    Torch's constructor, plus the keyword-only ``z_loss`` and ``inplace_backward``
+    Torch's constructor, plus the keyword-only ``z_loss``, ``softcap`` and ``inplace_backward``
     of :func:`kernels.cross_entropy`. Classes are the last dimension of the input.
     """
 
@@ -72,16 +72,19 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
+        softcap: float | None = None,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
+        self.softcap = softcap
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, inplace_backward=self.inplace_backward,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
         )
 
 
@@ -90,6 +93,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     Runs :func:`kernels.linear_cross_entropy`, which never materialises the logits.
     The head's parameters stay with the model; ``forward`` takes them as arguments.
+    ``class_weight`` (torch's ``weight`` of the loss) is a buffer, as in torch's module.
     """
 
     def __init__(
@@ -98,28 +102,35 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        class_weight: torch.Tensor | None = None,
         z_loss: float = 0.0,
+        softcap: float | None = None,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.softcap = softcap
         self.chunk_size = chunk_size
 
     def forward(
         self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         return linear_cross_entropy(
-            input, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size,
+            input, weight, target, bias, class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            chunk_size=self.chunk_size,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, chunk_size={self.chunk_size}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"chunk_size={self.chunk_size}"
         )
 
 

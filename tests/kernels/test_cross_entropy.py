@@ -30,10 +30,14 @@ LOWP = [torch.float16, torch.bfloat16]
 # ----------------------------------------------------------------------------- oracles and helpers
 
 
-def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy plus z-loss, 'mean' 0 when nothing counts."""
+def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                        softcap=None):
+    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy (of softcapped logits) plus z-loss,
+    'mean' 0 when all are ignored."""
     C = x.shape[-1]
     x2, t2 = x.reshape(-1, C), t.reshape(-1)
+    if softcap:
+        x2 = softcap * torch.tanh(x2 / softcap)
     w = weight.to(x.dtype) if weight is not None else None
     loss = F.cross_entropy(x2, t2, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     valid = t2 != ignore_index
@@ -44,7 +48,7 @@ def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="me
     if reduction == "sum":
         return loss.sum()
     denom = valid.sum().to(x.dtype) if w is None else torch.where(valid, w[torch.where(valid, t2, 0)], 0.0).sum()
-    return loss.sum() / denom if denom > 0 else loss.sum() * 0.0
+    return loss.sum() / denom if valid.any() else loss.sum() * 0.0
 
 
 def make_targets(shape, C, ignore_frac=0.3, seed=0):
@@ -101,7 +105,8 @@ OPTIONS = {
     "smoothing": {"label_smoothing": 0.2},
     "weight+smoothing": {"weight": True, "label_smoothing": 0.3},
     "z_loss": {"z_loss": 1e-3},
-    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2},
+    "softcap": {"softcap": 5.0},  # well inside the logits' range (x3 normal): the cap bends them
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0},
 }
 
 
@@ -127,6 +132,7 @@ def test_options_low_precision(dtype, reduction):
     logits = torch.randn(20, C) * 3
     t = make_targets((20,), C)
     check_ce(logits, t, dtype, reduction=reduction, weight=torch.rand(C) + 0.1, label_smoothing=0.1, z_loss=1e-3)
+    check_ce(logits, t, dtype, name="softcap", reduction=reduction, softcap=4.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
@@ -184,6 +190,69 @@ def test_three_dims_and_noncontiguous():
     check_ce(transposed, t, torch.bfloat16, name="transposed", reduction="mean")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("C", [300, 9000])
+def test_softcap_huge_and_infinite_logits(C, backend):
+    # Capped logits are bounded: huge ones saturate (gradient ~0) and -inf ones become -softcap,
+    # as torch's tanh makes them; None and 0 are both "off".
+    torch.manual_seed(0)
+    logits = torch.randn(6, C) * 1e4
+    logits[1, ::3] = float("-inf")
+    t = make_targets((6,), C, ignore_frac=0.2)
+    t[1] = 1
+    with kernels.use_backend(backend):
+        check_ce(logits, t, torch.float32, name="softcap huge", softcap=30.0, label_smoothing=0.1)
+        x = torch.randn(4, C)
+        tt = make_targets((4,), C, ignore_frac=0.0)
+        off = kernels.cross_entropy(x, tt)
+        assert torch.equal(kernels.cross_entropy(x, tt, softcap=None), off)
+        assert torch.equal(kernels.cross_entropy(x, tt, softcap=0), off)
+
+
+def torch_z_loss(x, t, weight=None, *, reduction="mean", z_loss=0.0, softcap=None, **_):
+    """The z-loss term of torch_cross_entropy's loss, reduced as the loss is (same 'mean' denominator)."""
+    x2, t2 = x.reshape(-1, x.shape[-1]).double(), t.reshape(-1)
+    if softcap:
+        x2 = softcap * torch.tanh(x2 / softcap)
+    valid = t2 != IGNORE
+    rows = torch.where(valid, z_loss * torch.logsumexp(x2, dim=1).square(), 0.0)
+    if reduction == "none":
+        return rows.view(t.shape)
+    if reduction == "sum" or not valid.any():
+        return rows.sum()
+    w = weight.double() if weight is not None else torch.ones(x2.shape[1], dtype=torch.float64)
+    return rows.sum() / w[t2[valid]].sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_z_loss(reduction, backend):
+    torch.manual_seed(0)
+    C = 300
+    logits = torch.randn(10, C) * 3
+    t = make_targets((10,), C)
+    kw = dict(weight=torch.rand(C) + 0.1, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)
+    with kernels.use_backend(backend):
+        for requires_grad in (True, False):  # the eager autograd path and the op
+            x = logits.clone().requires_grad_(requires_grad)
+            plain = kernels.cross_entropy(x, t, **kw)
+            loss, z = kernels.cross_entropy(x, t, return_z_loss=True, **kw)
+            torch.testing.assert_close(loss, plain, rtol=0, atol=0)  # the same loss, z-loss term included
+            assert not z.requires_grad and z.dtype == torch.float32 and z.shape == loss.shape
+            torch.testing.assert_close(z.double(), torch_z_loss(logits, t, **kw), rtol=1e-5, atol=1e-7)
+            if requires_grad:  # the gradient is the loss's, z-loss term included, nothing more
+                loss.backward(upstream(reduction, t.shape))
+                leaf = logits.clone().requires_grad_()
+                want = torch.autograd.grad(torch_cross_entropy(leaf, t, **kw), leaf, upstream(reduction, t.shape))
+                torch.testing.assert_close(x.grad, want[0], rtol=1e-5, atol=1e-7)
+        # Without a z-loss coefficient the term is 0; all ignored: 0, not NaN.
+        _, z0 = kernels.cross_entropy(logits, t, return_z_loss=True, reduction=reduction)
+        assert torch.equal(z0, torch.zeros_like(z0))
+        _, z_ignored = kernels.cross_entropy(logits, torch.full_like(t, IGNORE), return_z_loss=True, z_loss=1e-2,
+                                             reduction=reduction)
+        assert torch.equal(z_ignored, torch.zeros_like(z_ignored))
+
+
 def test_unbatched_input():
     logits = torch.randn(11)
     check_ce(logits, torch.tensor(4), torch.float32, reduction="none")
@@ -197,13 +266,25 @@ def test_all_ignored_is_zero_not_nan(reduction):
     loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(x.grad, torch.zeros_like(x))
-    # Targets whose class weights are all 0: 'mean' has nothing to divide by either.
-    x.grad = None
-    w = torch.ones(50)
-    w[3] = 0
-    loss = kernels.cross_entropy(x, torch.full((6,), 3), w, reduction="mean")
-    loss.backward()
-    assert loss.item() == 0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_mean_divides_by_the_weight_sum_whatever_its_sign(backend):
+    # Only a batch with no selected target takes the 0 path: torch divides by the sum of the
+    # selected class weights even when it is negative (or 0, giving NaN as torch does).
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -2.0]])
+    w = torch.tensor([-1.0, 1.0, 1.0])
+    for t in (torch.tensor([0, IGNORE]), torch.tensor([0, 0]), torch.tensor([0, 1])):
+        leaf, want_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with kernels.use_backend(backend):
+            loss = kernels.cross_entropy(leaf, t, w)
+        want = F.cross_entropy(want_leaf, t, w, ignore_index=IGNORE)
+        torch.testing.assert_close(loss, want, equal_nan=True, msg=f"targets {t.tolist()}")
+        if want.isfinite():
+            loss.backward()
+            want.backward()
+            torch.testing.assert_close(leaf.grad, want_leaf.grad, msg=f"targets {t.tolist()}")
+    assert F.cross_entropy(x[:1], torch.tensor([0]), w).item() == pytest.approx(1.7413, abs=1e-4)  # the report
 
 
 def test_empty_batch():
@@ -377,7 +458,7 @@ def run_linear(fn, x, w, b, t, dtype, g, **kw):
 
 def naive_linear(x, w, t, b=None, **kw):
     kw.pop("chunk_size", None)
-    return torch_cross_entropy(F.linear(x, w, b), t, **kw)
+    return torch_cross_entropy(F.linear(x, w, b), t, kw.pop("class_weight", None), **kw)
 
 
 def check_linear(x, w, b, t, dtype, *, g=None, **kw):
@@ -412,6 +493,87 @@ def test_linear(dtype, reduction):
 def test_linear_shapes_and_options(H, C, bias, chunk, reduction):
     x, w, b, t = linear_inputs(21, H, C, bias)
     check_linear(x, w, b, t, torch.float32, reduction=reduction, chunk_size=chunk, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_class_weight(dtype, reduction, backend):
+    # torch's class weights: each token's loss times w[y] (label smoothing weighs every class),
+    # 'mean' divides by the sum of the selected weights over the whole call, not per chunk.
+    x, w, b, t = linear_inputs(23, 40, 500)
+    cw = torch.rand(500, generator=torch.Generator().manual_seed(5)) * 2 + 0.1
+    with kernels.use_backend(backend):
+        check_linear(x, w, b, t, dtype, reduction=reduction, chunk_size=7, class_weight=cw.to(dtype),
+                     label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_linear_mean_divides_by_a_negative_weight_sum(backend):
+    x, w, b, t = linear_inputs(6, 8, 5)
+    t = torch.tensor([0, 0, IGNORE, 1, 0, IGNORE])
+    cw = torch.tensor([-1.0, 0.5, 1.0, 1.0, 1.0])  # selected weights sum to -2.5
+    with kernels.use_backend(backend):
+        ours = run_linear(kernels.linear_cross_entropy, x, w, b, t, torch.float32, torch.tensor(1.0), chunk_size=4,
+                          class_weight=cw)
+    want = run_linear(naive_linear, x, w, b, t, torch.float64,
+                      torch.tensor(1.0), class_weight=cw.double())
+    assert want[0] != 0
+    for a, r in zip(ours, want):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_return_z_loss(reduction, backend):
+    x, w, b, t = linear_inputs(17, 24, 200)
+    cw = torch.rand(200) + 0.1
+    kw = dict(reduction=reduction, z_loss=1e-2, softcap=4.0, class_weight=cw, chunk_size=5)
+    with kernels.use_backend(backend):
+        for requires_grad in (True, False):
+            head = w.clone().requires_grad_(requires_grad)
+            plain = kernels.linear_cross_entropy(x, head, t, b, **kw)
+            loss, z = kernels.linear_cross_entropy(x, head, t, b, return_z_loss=True, **kw)
+            torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+            assert not z.requires_grad and z.dtype == torch.float32 and z.shape == loss.shape
+            want = torch_z_loss(F.linear(x, w, b), t, cw, **kw)
+            torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-7)
+            if requires_grad:
+                loss.backward(upstream(reduction, t.shape))
+                expected = torch.autograd.grad(naive_linear(x, head, t, b, **kw), head, upstream(reduction, t.shape))
+                torch.testing.assert_close(head.grad, expected[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_softcap(dtype, reduction, backend):
+    x, w, b, t = linear_inputs(19, 32, 300)
+    with kernels.use_backend(backend):
+        check_linear(x * 3, w, b, t, dtype, reduction=reduction, chunk_size=6, softcap=3.0, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("N,H,C", [(8, 8, 8), (8, 3, 4), (33, 64, 1000)])
+def test_linear_low_precision_logits_stay_fp32(N, H, C, dtype, backend):
+    """Each chunk's logits come from the GEMM's fp32 accumulator and stay fp32, as torch's chunked loss keeps them.
+
+    The first two shapes are torch's OpInfo samples with a bias, where rounding the logits to
+    fp16 missed the rule. Truth: the loss of the rounded inputs' exact logits; same-precision
+    reference: the same loss from fp32-accumulated logits; the loss is fp32, so fp32 slack.
+    """
+    x, w, b, t = (v.to(dtype) if v.is_floating_point() else v for v in linear_inputs(N, H, C, seed=2))
+    with kernels.use_backend(backend):
+        check_fp32_logits(x, w, b, t)
+
+
+def check_fp32_logits(x, w, b, t):
+    out = kernels.linear_cross_entropy(x, w, t, b, chunk_size=5)
+    golden = torch_cross_entropy(F.linear(x.double(), w.double(), b.double()), t)
+    same_dtype = torch_cross_entropy(F.linear(x.float(), w.float(), b.float()), t)
+    assert_close_to_ref(out, golden, same_dtype, factor=factor("linear_cross_entropy", gradient=False),
+                        atol=loss_atol(golden, torch.float32), name=f"{x.dtype} loss")
 
 
 def test_linear_three_dims_and_frozen_weight():
@@ -532,7 +694,7 @@ def test_linear_second_backward_raises_except_none():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("option", [o for o in OPTIONS if o not in ("z_loss", "all")])
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o not in ("z_loss", "softcap", "all")])
 def test_reference_equals_torch(option, reduction):
     torch.manual_seed(0)
     C = 37
@@ -599,17 +761,23 @@ def test_cross_entropy_module_is_drop_in():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ga, gb = (torch.autograd.grad(v, x)[0] for v in (a, b))
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
-    z = kernels.nn.CrossEntropyLoss(reduction="sum", z_loss=1e-2)
-    torch.testing.assert_close(z(x, t), torch_cross_entropy(x, t, reduction="sum", z_loss=1e-2), rtol=1e-5, atol=1e-5)
+    z = kernels.nn.CrossEntropyLoss(reduction="sum", z_loss=1e-2, softcap=2.0)
+    torch.testing.assert_close(z(x, t), torch_cross_entropy(x, t, reduction="sum", z_loss=1e-2, softcap=2.0),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_linear_cross_entropy_module():
     x, w, b, t = linear_inputs(14, 20, 90)
-    module = kernels.nn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, chunk_size=4)
+    module = kernels.nn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, softcap=2.0, chunk_size=4)
     torch.testing.assert_close(
-        module(x, w, t, b), naive_linear(x, w, t, b, reduction="sum", label_smoothing=0.1), rtol=1e-5, atol=1e-5
+        module(x, w, t, b), naive_linear(x, w, t, b, reduction="sum", label_smoothing=0.1, softcap=2.0),
+        rtol=1e-5, atol=1e-5,
     )
     assert "chunk_size=4" in repr(module)
+    cw = torch.rand(90) + 0.5
+    weighted = kernels.nn.LinearCrossEntropyLoss(class_weight=cw)
+    assert torch.equal(weighted.state_dict()["class_weight"], cw)
+    torch.testing.assert_close(weighted(x, w, t, b), naive_linear(x, w, t, b, class_weight=cw), rtol=1e-5, atol=1e-5)
 
 
 # Every integer dtype the validator accepts for targets (uint64 is refused: int64 cannot hold it).
@@ -670,6 +838,11 @@ def test_bad_input_cross_entropy():
         kernels.cross_entropy(x, t, reduction="avg")
     with pytest.raises(ValueError, match="z_loss"):
         kernels.cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(TypeError, match="return_z_loss must be a bool"):
+        kernels.cross_entropy(x, t, return_z_loss=1)
+    for bad_softcap in (-30.0, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="softcap must be None .off., 0 .off. or a finite number > 0"):
+            kernels.cross_entropy(x, t, softcap=bad_softcap)
     for bad_target in (10, -1):
         with pytest.raises(ValueError, match=r"target .*outside \[0, 10\)"):
             kernels.cross_entropy(x, torch.tensor([1, 2, bad_target, IGNORE]))
@@ -699,6 +872,12 @@ def test_bad_input_linear_cross_entropy():
         lce(x, w, t, label_smoothing=2.0)
     with pytest.raises(ValueError, match="chunk_size"):
         lce(x, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="softcap"):
+        lce(x, w, t, softcap=-1.0)
+    with pytest.raises(ValueError, match=r"class_weight must have shape \(10,\)"):
+        lce(x, w, t, class_weight=torch.ones(9))
+    with pytest.raises(TypeError, match="class_weight"):
+        lce(x, w, t, class_weight=torch.ones(10, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         lce(x, w, torch.tensor([0, 1, 2, 10]))
     with pytest.raises(ValueError, match="device"):
@@ -732,6 +911,16 @@ def test_gpu_large_vocab_bf16(C):
 def test_gpu_linear(dtype):
     x, w, b, t = (v.cuda() if v is not None else None for v in linear_inputs(1000, 1000, 32000))
     check_linear(x, w, b, t, dtype, reduction="mean", chunk_size=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gpu_linear_low_precision_logits_stay_fp32(dtype):
+    # cuBLAS's fp32-output GEMM (out_dtype) path, which CPUs do not have; the softcap and
+    # class weights with it, against the naive loss.
+    x, w, b, t = (v.cuda().to(dtype) if v.is_floating_point() else v.cuda() for v in linear_inputs(333, 256, 5000))
+    check_fp32_logits(x, w, b, t)
+    check_linear(x, w, b, t, dtype, reduction="sum", chunk_size=100, softcap=30.0, class_weight=torch.rand(5000).cuda())
 
 
 # ----------------------------------------------------------------------------- double backward

@@ -84,12 +84,14 @@ def _op_cases():
     yield "varlen_attention", ops.varlen_attention.default, (qp, kp, vp, cu_q, cu_k, 6, 7, 0.25, -1, 0, 0.0, None)
     yield "varlen_attention_features", ops.varlen_attention.default, (
         qp, kp, vp, cu_q, cu_k, 6, 7, 0.25, 2, 0, 3.0, sinks)
-    yield "cross_entropy", ops.cross_entropy.default, (logits, t, torch.rand(50), IGNORE, "mean", 0.1, 1e-3, True)
-    yield "cross_entropy_none", ops.cross_entropy.default, (logits, t, None, IGNORE, "none", 0.0, 0.0, True)
+    yield "cross_entropy", ops.cross_entropy.default, (
+        logits, t, torch.rand(50, device=DEVICE), IGNORE, "mean", 0.1, 1e-3, 3.0, True, True)
+    yield "cross_entropy_none", ops.cross_entropy.default, (
+        logits, t, None, IGNORE, "none", 0.0, 0.0, 0.0, True, False)
     yield "linear_cross_entropy", ops.linear_cross_entropy.default, (
-        h, hw, hb, t, True, True, True, 4, IGNORE, "mean", 0.1, 1e-3)
+        h, hw, hb, t, torch.rand(50, device=DEVICE), True, True, True, 4, IGNORE, "mean", 0.1, 1e-3, 3.0, True)
     yield "linear_cross_entropy_none", ops.linear_cross_entropy.default, (
-        h, hw, None, t, True, True, False, 4, IGNORE, "none", 0.0, 0.0)
+        h, hw, None, t, None, True, True, False, 4, IGNORE, "none", 0.0, 0.0, 0.0, False)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -129,6 +131,11 @@ def _compile_cases():
         qp, kp, vp, cu_q, cu_k, 6, 7, causal=True, window_size=(2, 0), softcap=3.0, sinks=sinks), (qp, kp, vp, sinks)
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t, label_smoothing=0.1), (logits,)
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), (h, hw, hb)
+    cw = torch.rand(50, device=DEVICE) + 0.5
+    yield "cross_entropy_softcap_z", lambda: sum(kernels.cross_entropy(
+        logits, t, cw, z_loss=1e-3, softcap=3.0, return_z_loss=True)), (logits,)
+    yield "linear_cross_entropy_softcap_z", lambda: sum(kernels.linear_cross_entropy(
+        h, hw, t, hb, class_weight=cw, z_loss=1e-3, softcap=3.0, return_z_loss=True, chunk_size=4)), (h, hw, hb)
     yield "nn.LayerNorm", lambda: ln(x), (x, ln.weight, ln.bias)
     yield "nn.RMSNorm", lambda: rms(x), (x, rms.weight)
     yield "nn.CrossEntropyLoss", lambda: kernels.nn.CrossEntropyLoss()(logits, t), (logits,)
@@ -201,6 +208,14 @@ def _sync_cases():
     yield "attention_kv_lens", lambda: kernels.attention(q, k, v, kv_lens=kv_lens), 1
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t), 1
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), 1
+    # Class weights (the 'mean' denominator decided on device), softcap, the returned z-loss, and
+    # bf16 inputs (fp32 chunk logits) add none.
+    cw = torch.rand(50, device=DEVICE) - 0.2
+    yield "cross_entropy_options", lambda: sum(kernels.cross_entropy(
+        logits, t, cw, z_loss=1e-3, softcap=3.0, return_z_loss=True)), 1
+    yield "linear_cross_entropy_options", lambda: sum(kernels.linear_cross_entropy(
+        h.bfloat16(), hw.bfloat16(), t, hb.bfloat16(), class_weight=cw, z_loss=1e-3, softcap=3.0, return_z_loss=True,
+        chunk_size=4)), 1
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

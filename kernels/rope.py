@@ -18,8 +18,8 @@ works on both backends).
 One program per (batch row, block of tokens): it loads the tokens' cos/sin rows
 once, in fp32, and rotates every head of q and then of k with them. Inputs may
 have any strides (e.g. the (batch, seq, heads, head_dim) layout of a fused QKV
-projection, viewed as (batch, heads, seq, head_dim)); outputs are new contiguous
-(batch, heads, seq, head_dim) tensors; the inputs are never written.
+projection, viewed as (batch, heads, seq, head_dim)); outputs are new tensors in
+the inputs' memory order (see ``_new_like``); the inputs are never written.
 """
 
 from __future__ import annotations
@@ -130,11 +130,20 @@ def _batched(t: torch.Tensor, dims: int) -> tuple[torch.Tensor, int]:
     return t, (t.stride(0) if t.shape[0] > 1 else 0)
 
 
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    """An output for ``x`` (batch, heads, seq, head_dim) in its memory order: (batch, seq, heads, head_dim)
+    when x's heads are inner to its positions (a projection viewed with ``.transpose(1, 2)``, as HF and
+    fastlm make q and k), so the attention output's transpose back stays a view; else contiguous."""
+    B, H, S, D = x.shape
+    if x.stride(1) < x.stride(2):
+        return torch.empty((B, S, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+    return torch.empty((B, H, S, D), dtype=x.dtype, device=x.device)
+
+
 def _rope_forward(q, k, cos, sin, position_ids, transpose):
     B, HQ, S, D = q.shape
     HK = k.shape[1]
-    qo = torch.empty((B, HQ, S, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, HK, S, D), dtype=k.dtype, device=k.device)
+    qo, ko = _new_like(q), _new_like(k)
     if qo.numel() == 0 and ko.numel() == 0:
         return qo, ko
     cos3, cb = _batched(cos, 3)
@@ -196,7 +205,7 @@ def _rope_reference(q, k, cos, sin, position_ids, transpose):
         s1, s2 = sin.chunk(2, dim=-1)
         sin = -torch.cat([s2, s1], dim=-1)
     qo, ko = reference.rope(q, k, cos, sin, position_ids=position_ids)
-    return qo.contiguous(), ko.contiguous()
+    return _new_like(q).copy_(qo), _new_like(k).copy_(ko)
 
 
 def _rope_op(q, k, cos, sin, position_ids, transpose):
@@ -362,7 +371,8 @@ def rope(
       ``torch.compile``.
 
     Returns new (batch, heads, seq, head_dim) tensors in q's/k's dtype (computed
-    in fp32; contiguous on the Triton backend); the inputs are never written. Gradients flow to q and k
+    in fp32), laid out as (batch, seq, heads, head_dim) in memory when q/k are, so
+    the attention output's transpose back is a view; the inputs are never written. Gradients flow to q and k
     (cos/sin must not require grad); double backward works. Tables:
     :func:`rope_tables`.
     """

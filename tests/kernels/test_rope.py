@@ -237,3 +237,16 @@ def test_out_of_range_positions_unchecked_are_clamped_not_read_out_of_bounds():
 def test_gpu_rope_at_model_sizes(dtype):
     _compare((2, 32, 8, 1024, 128, 128), dtype, layout="bshd")
     _compare((2, 8, 8, 500, 64, 32), dtype)
+
+
+def test_outputs_keep_the_memory_order_of_a_transposed_projection():
+    # q/k made as HF and fastlm make them, projection.view(B, T, H, D).transpose(1, 2): the rotated
+    # tensors are (B, T, H, D) in memory too, so the attention output's transpose back is a view.
+    qkv = torch.randn(2, 5, (4 + 2 * 2) * 8, device=DEVICE)
+    q = qkv[..., :32].view(2, 5, 4, 8).transpose(1, 2)
+    k = qkv[..., 32:48].view(2, 5, 2, 8).transpose(1, 2)
+    cos, sin = kernels.rope_tables(5, 8, device=DEVICE)
+    q_rot, k_rot = kernels.rope(q, k, cos, sin)
+    assert q_rot.transpose(1, 2).is_contiguous() and k_rot.transpose(1, 2).is_contiguous()
+    q_rot, k_rot = kernels.rope(q.contiguous(), k.contiguous(), cos, sin)
+    assert q_rot.is_contiguous() and k_rot.is_contiguous()

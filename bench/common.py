@@ -104,6 +104,14 @@ def write_report(op: str, rows: list[dict], device: str, *, meta: dict, x: str, 
     return out_dir
 
 
+def report_bandwidth(op: str, rows: list[dict], device: str, copy_gbps: float, *, x: str) -> None:
+    """Write and print a memory-bound op's rows (:func:`bench_modes`): GB/s against ``x``, one line per provider."""
+    meta = {"device": device_name(device), "copy_GB/s": copy_gbps, "torch": torch.__version__}
+    out = write_report(op, rows, device, meta=meta, x=x, y="GB/s", series="provider")
+    print(markdown_table(rows, [c for c in rows[0] if c not in ("ms_p20", "ms_p80")], meta))
+    print(f"written to {out}/{op}.*")
+
+
 def markdown_table(rows: list[dict], columns: list[str], meta: dict) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -139,3 +147,52 @@ def _plot(path: str, title: str, rows: list[dict], *, x: str, y: str, series: st
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bench_modes(fn: Callable, inputs: tuple, leaves: list[torch.Tensor], row: dict, bytes_moved: Callable[[str], int],
+                device: str, copy_gbps: float) -> list[dict]:
+    """Rows for ``fn(*inputs)`` forward, forward+backward and backward: time, GB/s, fraction of copy, peak memory.
+
+    ``bytes_moved(mode)`` is what the op must read and write in that mode; ``row`` the
+    case's identifying columns. Gradients flow to ``leaves``; upstream gradients are
+    made once, outside the timed closures. A provider that fails is one ``error`` row.
+    """
+    rows = []
+    try:
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = [torch.randn_like(o) for o in outs]
+
+        def fwd():
+            return fn(*inputs)
+
+        def bwd():
+            torch.autograd.backward(outs, grads, retain_graph=True, inputs=leaves)
+
+        def fwd_bwd():
+            o = fn(*inputs)
+            torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads, inputs=leaves)
+
+        timed = {}
+        for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd), ("bwd", bwd)):
+            r = dict(row, mode=mode)
+            try:
+                ms, lo, hi = time_ms(call, device)
+                peak = peak_memory_bytes(call, device)
+            except RuntimeError as e:
+                if mode != "bwd" or len(timed) < 2:
+                    raise
+                # torch.compile's backward refuses retain_graph (donated buffers): derive it.
+                ms, lo, hi, peak = timed["fwd+bwd"] - timed["fwd"], None, None, None
+                r["bwd_derived"] = f"fwd+bwd - fwd ({type(e).__name__})"
+            timed[mode] = ms
+            gbps = bytes_moved(mode) / ms / 1e6
+            r.update({"ms": ms, "ms_p20": lo, "ms_p80": hi, "GB/s": gbps, "frac_of_copy": gbps / copy_gbps,
+                      "peak_mem_MB": None if peak is None else peak / 2**20})
+            rows.append(r)
+    except Exception as e:  # a provider that cannot run this case is reported, not fatal
+        rows.append(dict(row, mode="error", error=repr(e)[:200]))
+    finally:
+        for t in leaves:
+            t.grad = None
+    return rows

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check: GPU tests, then kernel and end-to-end benchmarks, in about 8 minutes.
+# The one-shot GPU check: GPU tests, then kernel and end-to-end benchmarks, in about 9 minutes.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_results)
 #
@@ -48,6 +48,8 @@ step bench-xent      90 python -m bench.cross_entropy --gpu --vocabs 32000,12825
 # backends. The score-materialising rows (sdpa-math, torch.compile) are left to the
 # full `python -m bench.attention`: their compiles and 16k scores do not fit the limit.
 step bench-attention 105 python -m bench.attention --seqlens 4096,16384 --causal yes --providers fastlm,sdpa-flash,sdpa-cudnn,sdpa-efficient
+step bench-rope      25 python -m bench.rope --seqlens 4096
+step bench-glu       35 python -m bench.glu --ops swiglu,swiglu_packed --hidden 14336
 step bench-train     60 python -m bench.train
 
 {

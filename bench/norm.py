@@ -93,44 +93,12 @@ def bench_op(op: str, m: int, n: int, dtype: torch.dtype, device: str, copy_gbps
     w = torch.randn(n, device=device, dtype=dtype, generator=g).requires_grad_()
     b = torch.randn(n, device=device, dtype=dtype, generator=g).requires_grad_() if op == "layer_norm" else None
     leaves = [t for t in (x, r, w, b) if t is not None]
+    elem = x.element_size()
+    rows = []
     for name, fn in _providers(op, device, dtype).items():
-        try:
-            outs = fn(x, r, w, b)
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            grads = [torch.randn_like(o) for o in outs]
-
-            def fwd():
-                return fn(x, r, w, b)
-
-            def bwd():
-                torch.autograd.backward(outs, grads, retain_graph=True, inputs=leaves)
-
-            def fwd_bwd():
-                o = fn(x, r, w, b)
-                torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads, inputs=leaves)
-
-            timed = {}
-            for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd), ("bwd", bwd)):
-                row = {"op": op, "provider": name, "mode": mode, "rows": m, "hidden": n,
-                       "dtype": str(dtype).replace("torch.", "")}
-                try:
-                    ms, lo, hi = common.time_ms(call, device)
-                    peak = common.peak_memory_bytes(call, device)
-                except RuntimeError as e:
-                    if mode != "bwd" or len(timed) < 2:
-                        raise
-                    # torch.compile's backward refuses retain_graph (donated buffers): derive it.
-                    ms, lo, hi, peak = timed["fwd+bwd"] - timed["fwd"], None, None, None
-                    row["bwd_derived"] = f"fwd+bwd - fwd ({type(e).__name__})"
-                timed[mode] = ms
-                gbps = _bytes_moved(op, mode, m, n, x.element_size()) / ms / 1e6
-                row.update({"ms": ms, "ms_p20": lo, "ms_p80": hi, "GB/s": gbps, "frac_of_copy": gbps / copy_gbps,
-                            "peak_mem_MB": None if peak is None else peak / 2**20})
-                rows.append(row)
-            for t in leaves:
-                t.grad = None
-        except Exception as e:  # a provider that cannot run this case is reported, not fatal
-            rows.append({"op": op, "provider": name, "mode": "error", "rows": m, "hidden": n, "error": repr(e)[:200]})
+        row = {"op": op, "provider": name, "rows": m, "hidden": n, "dtype": str(dtype).replace("torch.", "")}
+        rows += common.bench_modes(fn, (x, r, w, b), leaves, row, lambda mode: _bytes_moved(op, mode, m, n, elem),
+                                   device, copy_gbps)
     return rows
 
 
@@ -150,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for op in args.ops.split(","):
         for n in hidden:
             rows += bench_op(op, m, n, dtype, device, copy_gbps)
-    meta = {"device": common.device_name(device), "copy_GB/s": copy_gbps, "torch": torch.__version__}
-    out = common.write_report("norm", rows, device, meta=meta, x="hidden", y="GB/s", series="provider")
-    print(common.markdown_table(rows, [c for c in rows[0] if c not in ("ms_p20", "ms_p80")], meta))
-    print(f"written to {out}/norm.*")
+    common.report_bandwidth("norm", rows, device, copy_gbps, x="hidden")
     return 0
 
 

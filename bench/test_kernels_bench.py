@@ -3,7 +3,8 @@
     pytest bench --benchmark-only [--benchmark-group-by=param:op]
 
 Forward + backward of each op (attention, layer_norm, rms_norm, add_rms_norm,
-cross_entropy, linear_cross_entropy), one benchmark group per op, providers:
+cross_entropy, linear_cross_entropy, rope, swiglu, geglu, swiglu_packed), one
+benchmark group per op, providers:
 
 - ``fastlm``: the Triton kernels, on a GPU only (synchronising after each call);
   on CPU fastlm runs its references, which the next row times;
@@ -11,7 +12,8 @@ cross_entropy, linear_cross_entropy), one benchmark group per op, providers:
   linear_cross_entropy what the reference backend runs, the fused chunk loop with
   the pure-PyTorch per-chunk loss (the spec holds the logits, as ``torch`` does);
 - ``torch``: torch eager as a user would write it (``F.layer_norm``, ``F.rms_norm``,
-  ``F.cross_entropy``, ``F.linear`` + ``F.cross_entropy``, and for attention
+  ``F.cross_entropy``, ``F.linear`` + ``F.cross_entropy``, ``F.silu(gate) * up``, HF's
+  ``apply_rotary_pos_emb`` (:func:`bench.rope.eager_rope`), and for attention
   :func:`bench.attention.eager_attention`, softmax(q k^T) v with the scores materialised);
 - ``torch.compile``: the same compiled (``dynamic=False``; its compile falls in the
   untimed warm-up round);
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 import kernels
 from bench.attention import eager_attention
+from bench.rope import eager_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -49,7 +52,7 @@ def _sync():
 
 
 def _summed(fn):
-    """add+norm returns (normed, x + residual): one scalar through both, as a block's two uses would."""
+    """add+norm returns (normed, x + residual), rope (q_rot, k_rot): one scalar through both, as a block's two uses would."""
     return lambda *args: sum(t.float().sum() for t in fn(*args))
 
 
@@ -72,6 +75,10 @@ def _cases():
     b, nh, seq, d = (4, 16, 4096, 128) if BIG else (2, 4, 256, 64)
     target = torch.randint(0, vocab, (tokens,), device=DEVICE)
     ref = kernels.reference
+
+    cos, sin = kernels.rope_tables(seq, d, device=DEVICE, dtype=DTYPE)
+    cos, sin = cos[None].expand(b, -1, -1), sin[None].expand(b, -1, -1)  # HF's (batch, seq, head_dim)
+    mlp = 11008 if BIG else 1024
 
     def add_rms_norm(x, r, w):
         s = x + r
@@ -126,6 +133,27 @@ def _cases():
                 lambda x, w: _on_reference_backend(kernels.linear_cross_entropy, x, w, target),
                 lambda x, w: F.cross_entropy(F.linear(x, w), target),
             ),
+        ),
+        "rope": (
+            lambda: _inputs((b, nh, seq, d), (b, nh // 4, seq, d)),
+            _providers(
+                _summed(lambda q, k: kernels.rope(q, k, cos, sin)),
+                _summed(lambda q, k: ref.rope(q, k, cos, sin)),
+                _summed(lambda q, k: eager_rope(q, k, cos, sin)),
+            ),
+        ),
+        "swiglu": (
+            lambda: _inputs((rows, mlp), (rows, mlp)),
+            _providers(kernels.swiglu, ref.swiglu, lambda gate, up: F.silu(gate) * up),
+        ),
+        "geglu": (
+            lambda: _inputs((rows, mlp), (rows, mlp)),
+            _providers(kernels.geglu, ref.geglu, lambda gate, up: F.gelu(gate, approximate="tanh") * up),
+        ),
+        "swiglu_packed": (
+            lambda: _inputs((rows, 2 * mlp)),
+            _providers(kernels.swiglu_packed, ref.swiglu_packed,
+                       lambda gate_up: F.silu(gate_up[:, :mlp]) * gate_up[:, mlp:]),
         ),
     }
 

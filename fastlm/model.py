@@ -1,9 +1,9 @@
 """Transformers on the fused kernels: the decoder-only LM (GPT-2 and Llama as two settings of one
 config), a bidirectional encoder classifier and an encoder-decoder, built from the same blocks.
 
-The hot ops run through :mod:`kernels`: attention, the residual add fused into
-the following norm (``add_layer_norm`` / ``add_rms_norm``) and the head fused
-into the loss (``linear_cross_entropy``), so training never materialises the
+The hot ops run through :mod:`kernels`: attention, rotary positions, the SwiGLU
+activation, the residual add fused into the following norm (``add_layer_norm`` /
+``add_rms_norm``) and the head fused into the loss (``linear_cross_entropy``), so training never materialises the
 (tokens x vocab) logits. Which implementation runs (Triton or the PyTorch
 reference) is the kernels package's choice, switched from outside with
 ``kernels.use_backend``; the model knows nothing about it, nor about
@@ -29,8 +29,10 @@ mapping:
     layers.i.mlp.down_proj              transformer.h.i.mlp.c_proj
     lm_head                             lm_head
 
-Rotary embeddings use the rotate-half convention of HF's Llama, so its q/k
-weights need no permutation.
+Rotary embeddings (``kernels.rope``) use the rotate-half convention of HF's
+Llama, so its q/k weights need no permutation; the SwiGLU activation
+(``kernels.swiglu_packed``) reads the gate and up halves of ``c_fc``'s output in
+place.
 
 The encoder (:class:`Classifier`, and the first half of :class:`Seq2Seq`) is the
 same stack with bidirectional attention; right padding is masked by passing the
@@ -79,26 +81,6 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return kernels.nn.RMSNorm(config.n_embd, eps=config.norm_eps)
     return kernels.nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-
-
-# ----------------------------------------------------------------------------- rotary positions
-
-
-def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (block_size, head_dim), in the rotate-half layout."""
-    hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by position; cos/sin are (T, D). Computed in fp32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -154,7 +136,7 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = kernels.rope(q, k, *rope)  # cos/sin (T, head_dim): this call's positions
         if cache is not None:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
@@ -209,8 +191,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = kernels.swiglu_packed(h)  # silu(gate) * up of the two halves, read in place
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
         return self.c_proj(h)
@@ -271,9 +252,10 @@ class _Transformer(nn.Module):
         if config.position == "learned":
             return {"wpe": nn.Embedding(config.block_size, config.n_embd)}
         if not hasattr(self, "rope_cos"):
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            # Copies of the shared cached tables: buffers follow the model's .to() and dtype casts.
+            cos, sin = kernels.rope_tables(config.block_size, config.head_dim, theta=config.rope_theta)
+            self.register_buffer("rope_cos", cos.clone(), persistent=False)
+            self.register_buffer("rope_sin", sin.clone(), persistent=False)
         return {}
 
     def _embed(self, stack: nn.ModuleDict, h: torch.Tensor, start: int):

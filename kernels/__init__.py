@@ -16,6 +16,8 @@ from ._library import unchecked
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .attention import attention, scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .rope import rope, rope_tables
+from .glu import geglu, geglu_packed, swiglu, swiglu_packed
 from .patch import patch
 
 __all__ = [
@@ -28,6 +30,12 @@ __all__ = [
     "add_rms_norm",
     "cross_entropy",
     "linear_cross_entropy",
+    "rope",
+    "rope_tables",
+    "swiglu",
+    "geglu",
+    "swiglu_packed",
+    "geglu_packed",
     "use_backend",
     "unchecked",
     "patch",

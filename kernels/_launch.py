@@ -85,5 +85,10 @@ def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2
 
 
+def row_stride(t: torch.Tensor) -> int:
+    """The row stride of a (rows, n) view; a single row may report any stride, so take it as dense."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)

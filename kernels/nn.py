@@ -12,6 +12,8 @@ import torch
 from . import norm
 from .attention import attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .glu import activation_name, geglu, swiglu
+from .rope import rope, rope_tables
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -168,4 +170,91 @@ class Attention(torch.nn.Module):
         return f"causal={self.causal}, scale={self.scale}, window_size={self.window_size}, softcap={self.softcap}"
 
 
-__all__ = ["Attention", "LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
+class SwiGLU(torch.nn.Module):
+    """``silu(gate) * up`` as a module: :func:`kernels.swiglu` (no parameters)."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return swiglu(gate, up)
+
+
+class GeGLU(torch.nn.Module):
+    """``gelu(gate, approximate) * up`` as a module: :func:`kernels.geglu` (no parameters)."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        activation_name(approximate)  # a bad approximate fails here, not at forward
+        self.approximate = approximate
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return geglu(gate, up, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class GatedMLP(torch.nn.Module):
+    """The Llama/Gemma MLP, ``down_proj(act(gate_proj(x)) * up_proj(x))``, with the fused activation.
+
+    Parameter names are HF's ``LlamaMLP``/``GemmaMLP`` ones, so their state dicts
+    load unchanged. ``activation``: ``"silu"`` (SwiGLU), ``"gelu_tanh"`` or
+    ``"gelu"`` (GeGLU).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if activation not in ("silu", "gelu_tanh", "gelu"):
+            raise ValueError(f"activation must be 'silu', 'gelu_tanh' or 'gelu', got {activation!r}")
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **kw)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "silu":
+            h = swiglu(gate, up)
+        else:
+            h = geglu(gate, up, "tanh" if self.activation == "gelu_tanh" else "none")
+        return self.down_proj(h)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotates q and k by position: :func:`kernels.rope` with tables from :func:`kernels.rope_tables`.
+
+    ``dim`` is the rotary dim (the head dim, or less for partial rotary);
+    ``max_positions`` the table length. ``forward(q, k, position_ids=None)`` on
+    (batch, heads, seq, head_dim) tensors: positions ``0..seq-1`` unless
+    ``position_ids`` is given. Frequency scaling: ``inv_freq`` and
+    ``attention_scaling``, as :func:`kernels.rope_tables` takes them. The tables
+    are cached per device and dtype (fp32), not buffers: the module has no state.
+    """
+
+    def __init__(self, dim: int, max_positions: int, theta: float = 10000.0, inv_freq: torch.Tensor | None = None,
+                 attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        rope_tables(0, dim, theta=theta, inv_freq=inv_freq, attention_scaling=attention_scaling)  # fail early
+        self.dim, self.max_positions, self.theta = dim, max_positions, theta
+        self.inv_freq = None if inv_freq is None else inv_freq.detach().cpu()
+        self.attention_scaling = attention_scaling
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_tables(self.max_positions, self.dim, theta=self.theta, inv_freq=self.inv_freq,
+                               attention_scaling=self.attention_scaling, device=q.device)
+        if position_ids is None:
+            if q.shape[2] > self.max_positions:
+                raise ValueError(f"sequence of {q.shape[2]} positions exceeds max_positions {self.max_positions}")
+            cos, sin = cos[:q.shape[2]], sin[:q.shape[2]]
+        return rope(q, k, cos, sin, position_ids=position_ids)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, max_positions={self.max_positions}, theta={self.theta}"
+
+
+__all__ = ["Attention", "LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss", "SwiGLU", "GeGLU",
+           "GatedMLP", "RotaryEmbedding"]

@@ -31,6 +31,9 @@ FACTORS = {
     "cross_entropy": (2.0, 2.0),
     "linear_cross_entropy": (2.0, 2.0),
     "attention": (2.0, 3.0),  # FlashAttention: 2x forward, 3x gradients (dq, dk, dv)
+    "rope": (2.0, 2.0),
+    "swiglu": (2.0, 2.0),
+    "geglu": (2.0, 2.0),
 }
 
 

@@ -73,6 +73,20 @@ def _cases(device: str):
                           lambda q, k, v: (kernels.attention(q, k, v, causal=True),),
                           lambda q, k, v: (reference.attention(q, k, v, causal=True),),
                           lambda dtype=dtype: _randn(shapes, device, dtype)))
+
+        # RoPE with GQA, partial rotary and packed positions that restart; SwiGLU and the packed
+        # exact GeGLU. Inputs at scale 0.5 keep outputs O(1), the magnitude the slack is one ulp of.
+        cos, sin = kernels.rope_tables(64, 48, theta=10000.0, device=device)
+        positions = torch.cat([torch.arange(40), torch.arange(37)]).to(device)
+        half = lambda shapes, dtype=dtype: [t * 0.5 for t in _randn(shapes, device, dtype)]  # noqa: E731
+        cases.append(("rope GQA 77 tokens, rotary 48 of 64", dtype,
+                      lambda q, k: kernels.rope(q, k, cos, sin, position_ids=positions),
+                      lambda q, k: reference.rope(q, k, cos, sin, position_ids=positions),
+                      lambda half=half: half(((2, 4, 77, 64), (2, 2, 77, 64)))))
+        cases.append(("swiglu 96x1500", dtype, lambda g, u: (kernels.swiglu(g, u),),
+                      lambda g, u: (reference.swiglu(g, u),), lambda half=half: half(((96, 1500), (96, 1500)))))
+        cases.append(("geglu packed exact 96x2x700", dtype, lambda gu: (kernels.geglu_packed(gu, "none"),),
+                      lambda gu: (reference.geglu_packed(gu, "none"),), lambda half=half: half(((96, 1400),))))
     return cases
 
 

@@ -10,5 +10,9 @@ with this package's per-chunk loss instead. One module per op.
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .attention import attention, scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .rope import rope
+from .glu import geglu, geglu_packed, swiglu, swiglu_packed
 
-__all__ = ["attention", "varlen_attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["attention", "varlen_attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "add_layer_norm",
+           "add_rms_norm", "cross_entropy", "linear_cross_entropy", "rope", "swiglu", "geglu", "swiglu_packed",
+           "geglu_packed"]

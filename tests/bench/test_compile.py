@@ -31,7 +31,8 @@ def test_every_kernel_config_compiles_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kernels_seen = {r["kernel"] for r in rows}
     assert {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_ce_fwd_kernel",
-            "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= kernels_seen
+            "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_rope_kernel", "_glu_fwd_kernel",
+            "_glu_bwd_kernel"} <= kernels_seen
     assert {r["target"] for r in rows} == {"sm_90", "sm_80"}
     # Hopper attention must use warpgroup MMA at the head dims models use.
     hopper_attn = [r for r in rows if r["kernel"] == "_attn_fwd_kernel" and r["target"] == "sm_90"]

@@ -57,6 +57,22 @@ def _ce_inputs():
     return x, t, h, w, b
 
 
+def _rope_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 2, 5, 16, device=DEVICE, requires_grad=True)
+    cos, sin = kernels.rope_tables(9, 12, device=DEVICE)
+    return q, k, cos, sin, torch.tensor([[0, 1, 2, 0, 1], [4, 5, 6, 7, 8]], device=DEVICE)
+
+
+def _glu_inputs():
+    torch.manual_seed(0)
+    gate_up = torch.randn(2, 3, 24, device=DEVICE, requires_grad=True)
+    gate = torch.randn(2, 3, 12, device=DEVICE, requires_grad=True)
+    up = torch.randn(2, 3, 12, device=DEVICE, requires_grad=True)
+    return gate_up, gate, up
+
+
 def _op_cases():
     x, r, w, b = _norm_inputs()
     q, k, v, kv_lens = _attention_inputs()
@@ -92,6 +108,14 @@ def _op_cases():
         h, hw, hb, t, torch.rand(50, device=DEVICE), True, True, True, 4, IGNORE, "mean", 0.1, 1e-3, 3.0, True)
     yield "linear_cross_entropy_none", ops.linear_cross_entropy.default, (
         h, hw, None, t, None, True, True, False, 4, IGNORE, "none", 0.0, 0.0, 0.0, False)
+    q, k, cos, sin, pos = _rope_inputs()
+    yield "rope", ops.rope.default, (q, k, cos[:5], sin[:5], None, False)
+    yield "rope_positions_transposed", ops.rope.default, (q, k, cos, sin, pos, True)
+    gate_up, gate, up = _glu_inputs()
+    yield "glu_silu", ops.glu.default, (gate, up, "silu")
+    yield "glu_packed_gelu", ops.glu.default, (gate_up, None, "gelu")
+    yield "glu_backward", ops.glu_backward.default, (torch.randn_like(gate), gate.detach(), up.detach(), "gelu_tanh")
+    yield "glu_backward_packed", ops.glu_backward.default, (torch.randn_like(gate), gate_up.detach(), None, "silu")
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -107,7 +131,7 @@ def test_every_op_lives_in_one_namespace():
     names = {name for name in dir(torch.ops.fastlm) if not name.startswith("_")}
     assert {"norm", "add_norm", "norm_backward", "attention", "attention_backward", "varlen_attention",
             "varlen_attention_backward", "cross_entropy",
-            "linear_cross_entropy", "linear_cross_entropy_backward"} <= names
+            "linear_cross_entropy", "linear_cross_entropy_backward", "rope", "glu", "glu_backward"} <= names
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -141,6 +165,11 @@ def _compile_cases():
     yield "nn.CrossEntropyLoss", lambda: kernels.nn.CrossEntropyLoss()(logits, t), (logits,)
     yield "nn.LinearCrossEntropyLoss", lambda: kernels.nn.LinearCrossEntropyLoss(chunk_size=4)(h, hw, t), (h, hw)
     yield "nn.Attention", lambda: kernels.nn.Attention()(q, k, v, kv_lens), (q, k, v)
+    rq, rk, cos, sin, pos = _rope_inputs()
+    yield "rope", lambda: sum(t.sum() for t in kernels.rope(rq, rk, cos, sin, position_ids=pos)), (rq, rk)
+    gate_up, gate, up = _glu_inputs()
+    yield "swiglu_packed", lambda: kernels.swiglu_packed(gate_up), (gate_up,)
+    yield "geglu", lambda: kernels.geglu(gate, up), (gate, up)
 
 
 @pytest.mark.parametrize("case", [name for name, _, _ in _compile_cases()])
@@ -216,6 +245,11 @@ def _sync_cases():
     yield "linear_cross_entropy_options", lambda: sum(kernels.linear_cross_entropy(
         h.bfloat16(), hw.bfloat16(), t, hb.bfloat16(), class_weight=cw, z_loss=1e-3, softcap=3.0, return_z_loss=True,
         chunk_size=4)), 1
+    rq, rk, cos, sin, pos = _rope_inputs()
+    yield "rope", lambda: kernels.rope(rq, rk, cos[:5], sin[:5])[0], 0
+    yield "rope_position_ids", lambda: kernels.rope(rq, rk, cos, sin, position_ids=pos)[0], 1
+    gate_up, _, _ = _glu_inputs()
+    yield "swiglu_packed", lambda: kernels.swiglu_packed(gate_up), 0
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -362,17 +362,15 @@ def _attn_fwd_tma_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, LSE, DLSE, DELTA, CU_Q, SINKS, DSINKS,
+    O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh,
     Nq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    # delta = rowsum(dO * O) - dlse (the lse's own gradient enters dS through delta). With sinks,
-    # also this block's share of dsink = -sum_rows exp(sink - lse) * delta, one slot per program
-    # (summed on the host in a fixed order: deterministic).
+    # delta = rowsum(dO * O) - dlse (the lse's own gradient enters dS through delta).
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -388,11 +386,6 @@ def _attn_bwd_preprocess_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
     tl.store(DELTA + row, delta, mask=offs_m < Nq)
-    if HAS_SINKS:
-        lse = tl.load(LSE + row, mask=offs_m < Nq, other=float("-inf"))
-        p_sink = tl.where(lse == float("-inf"), 0.0, tl.exp(tl.load(SINKS + h) - lse))
-        slot = (h * tl.num_programs(2) + b) * tl.num_programs(0) + pid_m
-        tl.store(DSINKS + slot, -tl.sum(p_sink * delta, 0))
 
 
 @triton.jit
@@ -515,8 +508,8 @@ def _attn_bwd_dkdv_kernel(
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
              kv_len, causal_offset, window_offset, qk_scale, softcap_in,
              stride_kn, stride_kd, stride_vn, stride_vd,
-             edge, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             edge, po, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     cols = start_n + offs_n
     k = _load_tile(k_base, cols, kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
     v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
@@ -527,12 +520,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, of
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None]) * dcap
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    if HAS_SINKS:  # rowsum(P * dP) = dO . O in fp32, from the unrounded O
+        po += tl.sum(p * dp, 1)
+    return dq, po
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_Q, CU_K, SINKS, DLSE, DSINKS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -542,9 +537,11 @@ def _attn_bwd_dq_kernel(
     H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DLSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ per block of queries; with sinks also this block's share of dsink = -sum_rows p_sink * (dO . O - dlse),
+    written to its own slot (DSINKS is (batch, query blocks, heads), summed in a fixed order: deterministic)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -571,28 +568,37 @@ def _attn_bwd_dq_kernel(
     row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     lse2, delta = _load_row_stats(LSE, DELTA, row, offs_m, Nq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    po = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
                                             BLOCK_M, BLOCK_N)
     if WINDOW:  # one loop, masking only the edge tiles (as the forward)
         for start_n in range(lo, end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                           kv_len, causal_offset, window_offset, qk_scale, softcap_in,
                           stride_kn, stride_kd, stride_vn, stride_vd, (start_n < full_lo) | (start_n >= full_end),
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                          po, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
     else:
         for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                           kv_len, causal_offset, window_offset, qk_scale, softcap_in,
                           stride_kn, stride_kd, stride_vn, stride_vd, False,
-                          HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                          po, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                           kv_len, causal_offset, window_offset, qk_scale, softcap_in,
                           stride_kn, stride_kd, stride_vn, stride_vd, True,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                          po, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
     _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm,
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, Nq, stride_dqm, offs_d, stride_dqd, HEAD_DIM, BLOCK_D)
+    if HAS_SINKS:
+        # The sink is a key whose value is zero: dS_sink = p_sink * (0 - (dO . O - dlse)). lse2 is +inf on
+        # rows without a key (and past Nq), so p_sink = 0 there.
+        p_sink = tl.math.exp2(tl.load(SINKS + h) * 1.4426950408889634 - lse2)
+        if HAS_DLSE:
+            po -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
+        slot = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + h
+        tl.store(DSINKS + slot, -tl.sum(p_sink * po, 0))
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -690,6 +696,7 @@ _GPU_CONFIGS_FP32 = {
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
 _PREPROCESS_BLOCK_M = 64
+_MIN_BLOCK_M = 16  # the smallest dq BLOCK_M of any configuration: sizes the dsinks partials
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
             "dq": _attn_bwd_dq_kernel}
 
@@ -758,8 +765,9 @@ def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str):
         for c in gpu_configs(kind, block_d, dtype, family)
     ]
     features = ["VARLEN"] if kind != "fwd_tma" else []
-    features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind.startswith("fwd") else [])
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", *features, "tune_nq", "tune_nk"])(
+    features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind != "dkdv" else [])
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", *features, "tune_nq", "tune_nk"],
+                           reset_to_zero=["DSINKS"] if kind == "dq" else None)(
         _KERNELS[kind]
     )
 
@@ -908,27 +916,29 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     block_d = _block_d(D)
     delta = torch.empty_like(lse)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
-    pre_blocks = cdiv(Nq, _PREPROCESS_BLOCK_M)
-    partials = torch.empty((H, B * pre_blocks), dtype=torch.float32, device=q.device) if p.sinks is not None else lse
-    launch(_attn_bwd_preprocess_kernel)[(pre_blocks, H, B)](
-        o, do, lse, dlse if dlse is not None else delta, delta, cu_q, sinks, partials,
-        *_strides(o), *_strides(do), *lse_strides, Nq,
+    launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
+        o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *lse_strides, Nq,
         HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, VARLEN=p.cu is not None,
-        HAS_SINKS=p.sinks is not None, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
+        BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
     )
-    if p.sinks is not None:
-        dsinks = partials.sum(1)  # a fixed-shape reduction: the same bits every run
-    consts = _common_consts(q, p)
+    consts = _common_consts(q, p) | {"HAS_DLSE": dlse is not None}
     shared = (*lse_strides, H, H // Hkv, Nq, Nk, p.causal_offset, p.window_offset, p.scale, p.qk_scale, p.softcap_in,
               _seq_bucket(Nq), _seq_bucket(Nk))
     _launch("dkdv", Nk, Hkv, B, (
         q, k, v, do, lse, delta, dk, dv, kv_lens, cu_q, cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *shared,
     ), consts, q.device)
+    # dsinks: one partial per dq program, (batch, query blocks, heads), sized for the smallest BLOCK_M
+    # of any configuration (zeros where no program writes; the autotuner re-zeroes it per trial),
+    # summed in a fixed order: deterministic.
+    partials = torch.zeros((B * cdiv(Nq, _MIN_BLOCK_M) if p.sinks is not None else 1, H), dtype=torch.float32,
+                           device=q.device)
     _launch("dq", Nq, H, B, (
-        q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k,
+        q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse if dlse is not None else lse, partials,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
     ), consts, q.device)
+    if p.sinks is not None:
+        dsinks = partials.sum(0)
     return dq, dk, dv, dsinks
 
 
@@ -996,7 +1006,7 @@ def compile_specs() -> list[KernelSpec]:
                                  if name.startswith("stride_") and name.endswith("d")}
                             c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KV_LENS": False,
                                   "VARLEN": features, "WINDOW": features, "SOFTCAP": features,
-                                  "HAS_SINKS": features, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                                  "HAS_SINKS": features, "HAS_DLSE": False, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
                             c = {k: v for k, v in c.items() if k in kernel.arg_names}
                             sig = _signature(kernel, ptr, c)
@@ -1009,7 +1019,7 @@ def compile_specs() -> list[KernelSpec]:
                             ))
             for features in (False, True):
                 c = {"stride_od": 1, "stride_dod": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "HAS_DLSE": False,
-                     "VARLEN": features, "HAS_SINKS": features, "BLOCK_M": _PREPROCESS_BLOCK_M}
+                     "VARLEN": features, "BLOCK_M": _PREPROCESS_BLOCK_M}
                 sig = _signature(_attn_bwd_preprocess_kernel, ptr, c)
                 specs.append(KernelSpec(
                     _attn_bwd_preprocess_kernel, sig, c, 4 if block_d <= 128 else 8, 1, hot=False,

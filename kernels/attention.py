@@ -670,6 +670,8 @@ _GPU_CONFIGS_16BIT = {
     },
     "sm80": {
         "fwd": {
+            # At head dim 32 the 4-warp tile with 3 stages hits the 128-register cap (8 bytes spilled): 2 stages.
+            32: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)],
             64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2)],
             256: [TileConfig(64, 64, 8, 2)],
@@ -695,6 +697,20 @@ _GPU_CONFIGS_FP32 = {
     "dkdv": {64: [TileConfig(16, 32, 4, 2)], 128: [TileConfig(16, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
+# With a feature on (_FEATURES) the kernels hold more registers: the candidates that do not spill
+# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs:
+# every feature on, the most registers any call takes).
+_FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
+_FEATURE_CONFIGS_16BIT = {
+    "sm90": {
+        "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
+        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
+    },
+    "sm80": {
+        "dkdv": {64: [TileConfig(16, 128, 8, 3)]},
+        "dq": {64: [TileConfig(128, 32, 8, 3)], 128: [TileConfig(64, 32, 8, 2), TileConfig(64, 32, 4, 2)]},
+    },
+}
 _PREPROCESS_BLOCK_M = 64
 _MIN_BLOCK_M = 16  # the smallest dq BLOCK_M of any configuration: sizes the dsinks partials
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
@@ -712,13 +728,19 @@ def gpu_family(device: torch.device) -> str:
     return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
 
 
-def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90") -> list[TileConfig]:
+def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90",
+                features: bool = False) -> list[TileConfig]:
     """The autotuner's candidates for one kernel ('fwd', 'fwd_tma', 'dkdv', 'dq') at a padded head dim.
 
-    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32.
+    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32. ``features``: a
+    packed batch, window, softcap or sinks is on, which costs registers: where a plain
+    candidate would spill then, :data:`_FEATURE_CONFIGS_16BIT` names the ones that do not.
     """
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS_16BIT[family]
-    configs = table.get(kind, {}).get(max(64, block_d), [])
+    key = block_d if block_d in table.get(kind, {}) else max(64, block_d)  # head dims up to 64 share, but for 32
+    configs = table.get(kind, {}).get(key, [])
+    if features and dtype != torch.float32:
+        configs = _FEATURE_CONFIGS_16BIT[family].get(kind, {}).get(key, configs)
     return [c for c in configs if HAS_WARP_SPECIALIZE or not c.warp_specialize]
 
 
@@ -758,11 +780,11 @@ def _seq_bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str):
+def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str, features: bool):
     configs = [
         triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **_ws_kwarg(kind, c)}, num_warps=c.num_warps,
                       num_stages=c.num_stages, pre_hook=_set_block_shapes if kind == "fwd_tma" else None)
-        for c in gpu_configs(kind, block_d, dtype, family)
+        for c in gpu_configs(kind, block_d, dtype, family, features)
     ]
     features = ["VARLEN"] if kind != "fwd_tma" else []
     features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind != "dkdv" else [])
@@ -781,7 +803,8 @@ def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, cons
     dtype = consts["_dtype"]
     consts = {k: v for k, v in consts.items() if k in _KERNELS[kind].arg_names}  # the features this kernel has
     if device.type == "cuda":
-        kernel = launch(_autotuned(kind, consts["BLOCK_D"], dtype, gpu_family(device)))
+        features = any(consts.get(name) for name in _FEATURES)
+        kernel = launch(_autotuned(kind, consts["BLOCK_D"], dtype, gpu_family(device), features))
         block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
         kernel[lambda meta: (cdiv(grid_rows, meta[block]), heads, batch)](*args, **consts)
     else:
@@ -995,12 +1018,12 @@ def compile_specs() -> list[KernelSpec]:
             block_d = _block_d(head_dim)
             for kind, kernel in _KERNELS.items():
                 # Each configuration once, with the targets of the families that can pick it.
-                targets: dict[TileConfig, list[int]] = {}
-                for family, cc in GPU_FAMILIES.items():
-                    for cfg in gpu_configs(kind, block_d, dtype, family):
-                        targets.setdefault(cfg, []).append(cc)
                 for causal in (False, True):
                     for features in (False, True):  # the plain path, and every feature on (packed, window, ...)
+                        targets: dict[TileConfig, list[int]] = {}
+                        for family, cc in GPU_FAMILIES.items():
+                            for cfg in gpu_configs(kind, block_d, dtype, family, features):
+                                targets.setdefault(cfg, []).append(cc)
                         for cfg, ccs in targets.items():
                             c = {name: 1 for name in kernel.arg_names
                                  if name.startswith("stride_") and name.endswith("d")}
@@ -1429,14 +1452,15 @@ def varlen_attention(
     scale = _check(q, k, v, None, scale, dims=3)
     left, right, softcap, sinks32 = _check_features(q, window_size, softcap, sinks)
     max_seqlen_q, max_seqlen_k = _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if not use_triton(q.device) and not torch.compiler.is_compiling():
+    if not use_triton(q.device) and check_values():
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           causal=causal, scale=scale, window_size=(left, right), softcap=softcap,
                                           sinks=sinks, return_lse=return_lse)
     left, right = window_bounds(causal, (left, right))
     if not use_triton(q.device):
-        # The reference's loop reads cu_seqlens on the host: the compiler traces the ops'
-        # block-diagonal twin instead, plain torch ops, differentiable to any order.
+        # The reference's loop reads cu_seqlens on the host: under kernels.unchecked() and
+        # torch.compile the ops' block-diagonal twin runs instead (no sync, traceable), plain
+        # torch ops, differentiable to any order.
         out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks)
         return (out, lse) if return_lse else out
     out, lse = varlen_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,

@@ -11,11 +11,21 @@ head_dim) with any strides. The math, per (batch, query head h), with kv head
     backward, with delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q
 
-Masking: query i sees key j when ``j <= i + causal_offset`` (causal) and
-``j < kv_len`` (``kv_lens``). ``kernels.attention`` aligns causal bottom-right
-(offset Nk - Nq, as FlashAttention), ``scaled_dot_product_attention`` top-left
-(offset 0, as torch): one code path. A row with no visible key gets output 0,
-gradient 0 and ``lse = -inf``.
+Masking: query i sees key j when ``j <= i + causal_offset`` (CAUSAL: causal, or a
+right window), ``j >= i + window_offset`` (WINDOW: a left window) and ``j < kv_len``
+(``kv_lens``). ``kernels.attention`` aligns causal and windows bottom-right (offset
+Nk - Nq, as FlashAttention), ``scaled_dot_product_attention`` top-left (offset 0, as
+torch): one code path. A row with no visible key gets output 0, gradient 0 and
+``lse = -inf``.
+
+Packed sequences (``varlen_attention``, VARLEN) run the same kernels: each program
+reads its sequence's start and length from ``cu_seqlens`` (:func:`_sequence`), the
+batch stride is 0 and the offsets are shifted by ``len_k - len_q`` per sequence; the
+grid covers the longest sequence and the programs past a shorter one return.
+SOFTCAP replaces the scores by ``tanh(S / softcap)`` with ``softcap`` folded into the
+exp2 scale (dS picks up ``1 - tanh^2``); HAS_SINKS adds ``exp(sink)`` to each row's
+denominator after the key loop, and the dQ kernel forms dsinks. Each feature is a
+constexpr, so the plain kernels compile as they did without them.
 
 Forward: one program per block of BLOCK_M query rows, streaming key blocks with
 an online softmax in the exp2 domain (``scale * log2(e)`` folded into one FMA)

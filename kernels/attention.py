@@ -11,11 +11,21 @@ head_dim) with any strides. The math, per (batch, query head h), with kv head
     backward, with delta = rowsum(dO * O) - dlse:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q
 
-Masking: query i sees key j when ``j <= i + causal_offset`` (causal) and
-``j < kv_len`` (``kv_lens``). ``kernels.attention`` aligns causal bottom-right
-(offset Nk - Nq, as FlashAttention), ``scaled_dot_product_attention`` top-left
-(offset 0, as torch): one code path. A row with no visible key gets output 0,
-gradient 0 and ``lse = -inf``.
+Masking: query i sees key j when ``j <= i + causal_offset`` (CAUSAL: causal, or a
+right window), ``j >= i + window_offset`` (WINDOW: a left window) and ``j < kv_len``
+(``kv_lens``). ``kernels.attention`` aligns causal and windows bottom-right (offset
+Nk - Nq, as FlashAttention), ``scaled_dot_product_attention`` top-left (offset 0, as
+torch): one code path. A row with no visible key gets output 0, gradient 0 and
+``lse = -inf``.
+
+Packed sequences (``varlen_attention``, VARLEN) run the same kernels: each program
+reads its sequence's start and length from ``cu_seqlens`` (:func:`_sequence`), the
+batch stride is 0 and the offsets are shifted by ``len_k - len_q`` per sequence; the
+grid covers the longest sequence and the programs past a shorter one return.
+SOFTCAP replaces the scores by ``tanh(S / softcap)`` with ``softcap`` folded into the
+exp2 scale (dS picks up ``1 - tanh^2``); HAS_SINKS adds ``exp(sink)`` to each row's
+denominator after the key loop, and the dQ kernel forms dsinks. Each feature is a
+constexpr, so the plain kernels compile as they did without them.
 
 Forward: one program per block of BLOCK_M query rows, streaming key blocks with
 an online softmax in the exp2 domain (``scale * log2(e)`` folded into one FMA)
@@ -362,17 +372,15 @@ def _attn_fwd_tma_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, LSE, DLSE, DELTA, CU_Q, SINKS, DSINKS,
+    O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh,
     Nq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    # delta = rowsum(dO * O) - dlse (the lse's own gradient enters dS through delta). With sinks,
-    # also this block's share of dsink = -sum_rows exp(sink - lse) * delta, one slot per program
-    # (summed on the host in a fixed order: deterministic).
+    # delta = rowsum(dO * O) - dlse (the lse's own gradient enters dS through delta).
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -388,11 +396,6 @@ def _attn_bwd_preprocess_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
     tl.store(DELTA + row, delta, mask=offs_m < Nq)
-    if HAS_SINKS:
-        lse = tl.load(LSE + row, mask=offs_m < Nq, other=float("-inf"))
-        p_sink = tl.where(lse == float("-inf"), 0.0, tl.exp(tl.load(SINKS + h) - lse))
-        slot = (h * tl.num_programs(2) + b) * tl.num_programs(0) + pid_m
-        tl.store(DSINKS + slot, -tl.sum(p_sink * delta, 0))
 
 
 @triton.jit
@@ -515,8 +518,8 @@ def _attn_bwd_dkdv_kernel(
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
              kv_len, causal_offset, window_offset, qk_scale, softcap_in,
              stride_kn, stride_kd, stride_vn, stride_vd,
-             edge, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             edge, po, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     cols = start_n + offs_n
     k = _load_tile(k_base, cols, kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
     v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
@@ -527,12 +530,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, of
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None]) * dcap
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    if HAS_SINKS:  # rowsum(P * dP) = dO . O in fp32, from the unrounded O
+        po += tl.sum(p * dp, 1)
+    return dq, po
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_Q, CU_K, SINKS, DLSE, DSINKS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -542,9 +547,11 @@ def _attn_bwd_dq_kernel(
     H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DLSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ per block of queries; with sinks also this block's share of dsink = -sum_rows p_sink * (dO . O - dlse),
+    written to its own slot (DSINKS is (batch, query blocks, heads), summed in a fixed order: deterministic)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -571,28 +578,37 @@ def _attn_bwd_dq_kernel(
     row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     lse2, delta = _load_row_stats(LSE, DELTA, row, offs_m, Nq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    po = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
                                             BLOCK_M, BLOCK_N)
     if WINDOW:  # one loop, masking only the edge tiles (as the forward)
         for start_n in range(lo, end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                           kv_len, causal_offset, window_offset, qk_scale, softcap_in,
                           stride_kn, stride_kd, stride_vn, stride_vd, (start_n < full_lo) | (start_n >= full_end),
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                          po, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
     else:
         for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                           kv_len, causal_offset, window_offset, qk_scale, softcap_in,
                           stride_kn, stride_kd, stride_vn, stride_vd, False,
-                          HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                          po, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
                           kv_len, causal_offset, window_offset, qk_scale, softcap_in,
                           stride_kn, stride_kd, stride_vn, stride_vd, True,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                          po, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
     _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm,
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, Nq, stride_dqm, offs_d, stride_dqd, HEAD_DIM, BLOCK_D)
+    if HAS_SINKS:
+        # The sink is a key whose value is zero: dS_sink = p_sink * (0 - (dO . O - dlse)). lse2 is +inf on
+        # rows without a key (and past Nq), so p_sink = 0 there.
+        p_sink = tl.math.exp2(tl.load(SINKS + h) * 1.4426950408889634 - lse2)
+        if HAS_DLSE:
+            po -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
+        slot = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + h
+        tl.store(DSINKS + slot, -tl.sum(p_sink * po, 0))
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -664,6 +680,8 @@ _GPU_CONFIGS_16BIT = {
     },
     "sm80": {
         "fwd": {
+            # At head dim 32 the 4-warp tile with 3 stages hits the 128-register cap (8 bytes spilled): 2 stages.
+            32: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)],
             64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2)],
             256: [TileConfig(64, 64, 8, 2)],
@@ -689,7 +707,22 @@ _GPU_CONFIGS_FP32 = {
     "dkdv": {64: [TileConfig(16, 32, 4, 2)], 128: [TileConfig(16, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
+# With a feature on (_FEATURES) the kernels hold more registers: the candidates that do not spill
+# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs:
+# every feature on, the most registers any call takes).
+_FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
+_FEATURE_CONFIGS_16BIT = {
+    "sm90": {
+        "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
+        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
+    },
+    "sm80": {
+        "dkdv": {64: [TileConfig(16, 128, 8, 3)]},
+        "dq": {64: [TileConfig(128, 32, 8, 3)], 128: [TileConfig(64, 32, 8, 2), TileConfig(64, 32, 4, 2)]},
+    },
+}
 _PREPROCESS_BLOCK_M = 64
+_MIN_BLOCK_M = 16  # the smallest dq BLOCK_M of any configuration: sizes the dsinks partials
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
             "dq": _attn_bwd_dq_kernel}
 
@@ -705,13 +738,19 @@ def gpu_family(device: torch.device) -> str:
     return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
 
 
-def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90") -> list[TileConfig]:
+def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90",
+                features: bool = False) -> list[TileConfig]:
     """The autotuner's candidates for one kernel ('fwd', 'fwd_tma', 'dkdv', 'dq') at a padded head dim.
 
-    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32.
+    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32. ``features``: a
+    packed batch, window, softcap or sinks is on, which costs registers: where a plain
+    candidate would spill then, :data:`_FEATURE_CONFIGS_16BIT` names the ones that do not.
     """
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS_16BIT[family]
-    configs = table.get(kind, {}).get(max(64, block_d), [])
+    key = block_d if block_d in table.get(kind, {}) else max(64, block_d)  # head dims up to 64 share, but for 32
+    configs = table.get(kind, {}).get(key, [])
+    if features and dtype != torch.float32:
+        configs = _FEATURE_CONFIGS_16BIT[family].get(kind, {}).get(key, configs)
     return [c for c in configs if HAS_WARP_SPECIALIZE or not c.warp_specialize]
 
 
@@ -751,15 +790,16 @@ def _seq_bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str):
+def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str, features: bool):
     configs = [
         triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **_ws_kwarg(kind, c)}, num_warps=c.num_warps,
                       num_stages=c.num_stages, pre_hook=_set_block_shapes if kind == "fwd_tma" else None)
-        for c in gpu_configs(kind, block_d, dtype, family)
+        for c in gpu_configs(kind, block_d, dtype, family, features)
     ]
     features = ["VARLEN"] if kind != "fwd_tma" else []
-    features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind.startswith("fwd") else [])
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", *features, "tune_nq", "tune_nk"])(
+    features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind != "dkdv" else [])
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", *features, "tune_nq", "tune_nk"],
+                           reset_to_zero=["DSINKS"] if kind == "dq" else None)(
         _KERNELS[kind]
     )
 
@@ -773,7 +813,8 @@ def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, cons
     dtype = consts["_dtype"]
     consts = {k: v for k, v in consts.items() if k in _KERNELS[kind].arg_names}  # the features this kernel has
     if device.type == "cuda":
-        kernel = launch(_autotuned(kind, consts["BLOCK_D"], dtype, gpu_family(device)))
+        features = any(consts.get(name) for name in _FEATURES)
+        kernel = launch(_autotuned(kind, consts["BLOCK_D"], dtype, gpu_family(device), features))
         block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
         kernel[lambda meta: (cdiv(grid_rows, meta[block]), heads, batch)](*args, **consts)
     else:
@@ -908,27 +949,29 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     block_d = _block_d(D)
     delta = torch.empty_like(lse)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
-    pre_blocks = cdiv(Nq, _PREPROCESS_BLOCK_M)
-    partials = torch.empty((H, B * pre_blocks), dtype=torch.float32, device=q.device) if p.sinks is not None else lse
-    launch(_attn_bwd_preprocess_kernel)[(pre_blocks, H, B)](
-        o, do, lse, dlse if dlse is not None else delta, delta, cu_q, sinks, partials,
-        *_strides(o), *_strides(do), *lse_strides, Nq,
+    launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
+        o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *lse_strides, Nq,
         HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, VARLEN=p.cu is not None,
-        HAS_SINKS=p.sinks is not None, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
+        BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
     )
-    if p.sinks is not None:
-        dsinks = partials.sum(1)  # a fixed-shape reduction: the same bits every run
-    consts = _common_consts(q, p)
+    consts = _common_consts(q, p) | {"HAS_DLSE": dlse is not None}
     shared = (*lse_strides, H, H // Hkv, Nq, Nk, p.causal_offset, p.window_offset, p.scale, p.qk_scale, p.softcap_in,
               _seq_bucket(Nq), _seq_bucket(Nk))
     _launch("dkdv", Nk, Hkv, B, (
         q, k, v, do, lse, delta, dk, dv, kv_lens, cu_q, cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *shared,
     ), consts, q.device)
+    # dsinks: one partial per dq program, (batch, query blocks, heads), sized for the smallest BLOCK_M
+    # of any configuration (zeros where no program writes; the autotuner re-zeroes it per trial),
+    # summed in a fixed order: deterministic.
+    partials = torch.zeros((B * cdiv(Nq, _MIN_BLOCK_M) if p.sinks is not None else 1, H), dtype=torch.float32,
+                           device=q.device)
     _launch("dq", Nq, H, B, (
-        q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k,
+        q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse if dlse is not None else lse, partials,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
     ), consts, q.device)
+    if p.sinks is not None:
+        dsinks = partials.sum(0)
     return dq, dk, dv, dsinks
 
 
@@ -985,18 +1028,18 @@ def compile_specs() -> list[KernelSpec]:
             block_d = _block_d(head_dim)
             for kind, kernel in _KERNELS.items():
                 # Each configuration once, with the targets of the families that can pick it.
-                targets: dict[TileConfig, list[int]] = {}
-                for family, cc in GPU_FAMILIES.items():
-                    for cfg in gpu_configs(kind, block_d, dtype, family):
-                        targets.setdefault(cfg, []).append(cc)
                 for causal in (False, True):
                     for features in (False, True):  # the plain path, and every feature on (packed, window, ...)
+                        targets: dict[TileConfig, list[int]] = {}
+                        for family, cc in GPU_FAMILIES.items():
+                            for cfg in gpu_configs(kind, block_d, dtype, family, features):
+                                targets.setdefault(cfg, []).append(cc)
                         for cfg, ccs in targets.items():
                             c = {name: 1 for name in kernel.arg_names
                                  if name.startswith("stride_") and name.endswith("d")}
                             c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KV_LENS": False,
                                   "VARLEN": features, "WINDOW": features, "SOFTCAP": features,
-                                  "HAS_SINKS": features, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                                  "HAS_SINKS": features, "HAS_DLSE": False, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
                             c = {k: v for k, v in c.items() if k in kernel.arg_names}
                             sig = _signature(kernel, ptr, c)
@@ -1009,7 +1052,7 @@ def compile_specs() -> list[KernelSpec]:
                             ))
             for features in (False, True):
                 c = {"stride_od": 1, "stride_dod": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "HAS_DLSE": False,
-                     "VARLEN": features, "HAS_SINKS": features, "BLOCK_M": _PREPROCESS_BLOCK_M}
+                     "VARLEN": features, "BLOCK_M": _PREPROCESS_BLOCK_M}
                 sig = _signature(_attn_bwd_preprocess_kernel, ptr, c)
                 specs.append(KernelSpec(
                     _attn_bwd_preprocess_kernel, sig, c, 4 if block_d <= 128 else 8, 1, hot=False,
@@ -1419,14 +1462,15 @@ def varlen_attention(
     scale = _check(q, k, v, None, scale, dims=3)
     left, right, softcap, sinks32 = _check_features(q, window_size, softcap, sinks)
     max_seqlen_q, max_seqlen_k = _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if not use_triton(q.device) and not torch.compiler.is_compiling():
+    if not use_triton(q.device) and check_values():
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           causal=causal, scale=scale, window_size=(left, right), softcap=softcap,
                                           sinks=sinks, return_lse=return_lse)
     left, right = window_bounds(causal, (left, right))
     if not use_triton(q.device):
-        # The reference's loop reads cu_seqlens on the host: the compiler traces the ops'
-        # block-diagonal twin instead, plain torch ops, differentiable to any order.
+        # The reference's loop reads cu_seqlens on the host: under kernels.unchecked() and
+        # torch.compile the ops' block-diagonal twin runs instead (no sync, traceable), plain
+        # torch ops, differentiable to any order.
         out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks)
         return (out, lse) if return_lse else out
     out, lse = varlen_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,

@@ -73,6 +73,15 @@ def _cases(device: str):
                           lambda q, k, v: (kernels.attention(q, k, v, causal=True),),
                           lambda q, k, v: (reference.attention(q, k, v, causal=True),),
                           lambda dtype=dtype: _randn(shapes, device, dtype)))
+            # Packed sequences (lengths 0, 1 and across a block), sliding window, softcap, sinks.
+            lens = [0, 1, 129, 70]
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+            packed = ((sum(lens), 4, 64), (sum(lens), 2, 64), (sum(lens), 2, 64), (4,))
+            features = dict(causal=True, window_size=(48, 0), softcap=20.0)
+            cases.append(("attention varlen window softcap sinks", dtype,
+                          lambda q, k, v, s: (kernels.varlen_attention(q, k, v, cu, cu, 129, 129, **features, sinks=s),),
+                          lambda q, k, v, s: (reference.varlen_attention(q, k, v, cu, cu, **features, sinks=s),),
+                          lambda dtype=dtype: _randn(packed, device, dtype)))
 
         # RoPE with GQA, partial rotary and packed positions that restart; SwiGLU and the packed
         # exact GeGLU. Inputs at scale 0.5 keep outputs O(1), the magnitude the slack is one ulp of.

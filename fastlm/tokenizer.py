@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
@@ -56,6 +57,22 @@ def eot_id(tokenizer: Tokenizer) -> int:
     if token is None:
         raise ValueError(f"tokenizer has no {EOT} token")
     return token
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray | None:
+    """The bytes of text each token id stands for (0 for a special token such as ``<|endoftext|>``), indexed by
+    id: what a loss per token is divided by to give a loss per byte, comparable across tokenizers. Known for a
+    byte-level BPE (each character of a token is one byte); None for any other kind of tokenizer."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = {i for i, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if i in special:
+            continue
+        if not alphabet.issuperset(token):
+            return None
+        lengths[i] = len(token)
+    return lengths
 
 
 def encode_documents(tokenizer: Tokenizer, docs: Iterable[str], batch: int = 256) -> Iterator[list[int]]:

@@ -36,6 +36,10 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "tokens_per_sec", "mfu", "peak_mem_bytes"} <= set(record)
     assert record["mfu"] is None  # no GPU peak on CPU
+    # The loss per byte of text: the loss per token over the bytes a token stands for (~2.5 here), in bits.
+    bpb = losses(run, "val_bpb")
+    assert bpb.keys() == losses(run, "val_loss").keys()
+    assert 0.2 < bpb[30] * math.log(2) / losses(run, "val_loss")[30] < 0.6
 
 
 def test_resume_is_bit_exact(tmp_path, corpus):
@@ -202,6 +206,18 @@ def test_long_runs_without_whitespace_train_in_linear_time():
     normal = (Path(__file__).read_text() + "naïve café, 中文 — ok\n\n\t  x")
     assert tokenizer.pre_tokenizer.pre_tokenize_str(normal) == \
         pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(normal)
+
+
+def test_token_byte_lengths_add_up_to_the_text(corpus):
+    """Bytes per token id: a text's tokens stand for exactly its UTF-8 bytes; <|endoftext|> for none."""
+    from fastlm.tokenizer import EOT, eot_id, token_byte_lengths, train_tokenizer
+
+    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()] + ["naïve café, 中文 — ok ½ 3.14"], 320)
+    lengths = token_byte_lengths(tokenizer)
+    for text in ("def func_3(x, y):\n    return x * 2 + y\n", "naïve café, 中文 — ok ½ 3.14 \U0001f600"):
+        assert lengths[tokenizer.encode(text).ids].sum() == len(text.encode())
+    assert lengths[eot_id(tokenizer)] == 0 and len(lengths) == tokenizer.get_vocab_size()
+    assert lengths[tokenizer.encode(EOT).ids].sum() == 0
 
 
 def test_long_preparation_shows_progress(tmp_path, corpus, capsys, monkeypatch):

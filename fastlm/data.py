@@ -43,7 +43,8 @@ from .files import atomic_write, remove_dir
 from .jsonfile import read_json_object, require
 from .tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
-CACHE_FORMAT = 2  # bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut)
+# Bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut; 3: digits split).
+CACHE_FORMAT = 3
 SINGLE_FILE_PIECES = 20
 # Not code to learn from: tests, installed third-party packages, and two packages that are mostly data
 # (encodings' character tables, pydoc_data's help text).

@@ -14,12 +14,13 @@ from . import nn, reference
 from ._backend import use_backend
 from ._library import unchecked
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from .attention import attention, scaled_dot_product_attention
+from .attention import attention, scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .patch import patch
 
 __all__ = [
     "attention",
+    "varlen_attention",
     "scaled_dot_product_attention",
     "layer_norm",
     "rms_norm",

@@ -50,11 +50,11 @@ import triton.language as tl
 
 from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
-from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch
+from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
-from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype
+from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
 from . import reference
-from .reference.attention import masked_attention
+from .reference.attention import masked_attention, varlen_visibility, visibility, window_bounds
 
 try:  # host-side TMA descriptors (triton >= 3.3); without them every GPU runs the pointer path
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -793,109 +793,213 @@ def compile_specs() -> list[KernelSpec]:
 
 # ----------------------------------------------------------------------------- ops
 
-# fastlm::attention returns (out, lse); fastlm::attention_backward consumes them (design
-# in kernels._library). Off the Triton backend both run a PyTorch twin of the kernels' math.
+# fastlm::attention (dense) and fastlm::varlen_attention (packed) return (out, lse); their
+# backward ops consume them (design in kernels._library). Off the Triton backend each runs a
+# PyTorch twin of the kernels' math on an explicit mask (the packed one block-diagonal over
+# the whole batch, so it needs no host copy of cu_seqlens and stays traceable).
 
 
-def _attention_backward_reference(do, q, k, v, o, lse, dlse, scale, causal_offset, kv_lens):
-    """The backward kernels' math (module docstring) in fp32 PyTorch: dq, dk, dv."""
+def _diagonal_bounds(causal_offset, Nq: int, Nk: int, window_left: int, window_right: int):
+    """The dense op's mask as (offset, left, right): causal_offset None -> window diagonal at Nk - Nq."""
+    if causal_offset is None:
+        return Nk - Nq, window_left, window_right
+    return causal_offset, window_left, 0  # causal: the upper bound is the diagonal itself
+
+
+def _dense_mask(q, k, kv_lens, causal_offset, window_left, window_right):
+    offset, left, right = _diagonal_bounds(causal_offset, q.shape[2], k.shape[2], window_left, window_right)
+    visible = visibility(q.shape[2], k.shape[2], offset, left, right, q.device, kv_lens)
+    real = None if kv_lens is None else torch.arange(k.shape[2], device=q.device) < kv_lens.view(-1, 1)
+    return visible, real
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """(total, heads, D) or (heads, total) as one batch of the dense layout, and back (its own inverse)."""
+    return t.transpose(0, 1).unsqueeze(0) if t.dim() == 3 else t.unsqueeze(0)
+
+
+def _attention_backward_reference(do, q, k, v, o, lse, dlse, scale, visible, real, softcap, sinks):
+    """The backward kernels' math (module docstring) in fp32 PyTorch: dq, dk, dv, dsinks (fp32 or None)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
-    keys = torch.arange(Nk, device=q.device)
-    real = torch.ones((B, Nk), dtype=torch.bool, device=q.device)
-    if kv_lens is not None:
-        real = keys[None, :] < kv_lens.view(-1, 1)
+    kf, vf = k.float(), v.float()
+    if real is not None:
+        kf, vf = torch.where(real[:, None, :, None], kf, 0.0), torch.where(real[:, None, :, None], vf, 0.0)
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
     qf, dof, of = q.float(), do.float(), o.float()
-    kf = torch.where(real[:, None, :, None], k.float(), 0.0).repeat_interleave(group, dim=1)
-    vf = torch.where(real[:, None, :, None], v.float(), 0.0).repeat_interleave(group, dim=1)
-    visible = real[:, None, None, :]
-    if causal_offset is not None:
-        visible = visible & (keys[None, :] <= torch.arange(Nq, device=q.device)[:, None] + causal_offset)
-    has_key = torch.isfinite(lse)[..., None]
-    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - torch.where(has_key, lse[..., None], 0.0))
-    p = torch.where(visible & has_key, p, 0.0)
+    s = qf @ kf.transpose(-1, -2) * scale
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    has_key = torch.isfinite(lse)
+    lse0 = torch.where(has_key, lse, 0.0)
+    p = torch.where(visible[:, None] & has_key[..., None], torch.exp(s - lse0[..., None]), 0.0)
     delta = (dof * of).sum(-1)
     if dlse is not None:
         delta = delta - dlse
     ds = p * (dof @ vf.transpose(-1, -2) - delta[..., None])
+    if softcap > 0:
+        ds = ds * (1 - t * t)  # d(softcap * tanh(s / softcap)) / ds
     dq = ds @ kf * scale
     dk = (ds.transpose(-1, -2) @ qf * scale).view(B, Hkv, group, Nk, D).sum(2)
     dv = (p.transpose(-1, -2) @ dof).view(B, Hkv, group, Nk, D).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dsinks = None
+    if sinks is not None:  # the sink's probability times (0 - delta): a key whose value is zero
+        p_sink = torch.where(has_key, torch.exp(sinks.float()[:, None] - lse0), 0.0)
+        dsinks = -(p_sink * delta).sum((0, 2))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
-def _attention_op(q, k, v, kv_lens, scale, causal_offset):
-    if use_triton(q.device):
+def _kernel_covers(window_left, window_right, softcap, sinks):  # TEMPORARY until the kernels have them
+    return window_left < 0 and window_right < 0 and softcap == 0 and sinks is None
+
+
+def _attention_op(q, k, v, kv_lens, scale, causal_offset, window_left=-1, window_right=-1, softcap=0.0, sinks=None):
+    if use_triton(q.device) and _kernel_covers(window_left, window_right, softcap, sinks):
         return _attention_forward(q, k, v, scale, causal_offset, kv_lens)
-    out, lse = masked_attention(q, k, v, scale, causal_offset, kv_lens)
+    visible, real = _dense_mask(q, k, kv_lens, causal_offset, window_left, window_right)
+    out, lse = masked_attention(q, k, v, scale, visible, real_keys=real, softcap=softcap, sinks=sinks)
     return out.contiguous(), lse.float()
 
 
-def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, kv_lens, scale, causal_offset):
-    if use_triton(q.device):
+def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, kv_lens, scale, causal_offset,
+                           window_left=-1, window_right=-1, softcap=0.0, sinks=None):
+    if use_triton(q.device) and _kernel_covers(window_left, window_right, softcap, sinks):
         if grad_lse is not None:
             grad_lse = grad_lse.contiguous()  # e.g. lse.sum() hands back an expanded, stride-0 gradient
-        return _attention_backward(grad_out, q, k, v, out, lse, grad_lse, scale, causal_offset, kv_lens)
-    return _attention_backward_reference(grad_out, q, k, v, out, lse, grad_lse, scale, causal_offset, kv_lens)
+        dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, grad_lse, scale, causal_offset, kv_lens)
+        dsinks = None
+    else:
+        visible, real = _dense_mask(q, k, kv_lens, causal_offset, window_left, window_right)
+        dq, dk, dv, dsinks = _attention_backward_reference(grad_out, q, k, v, out, lse, grad_lse, scale, visible, real,
+                                                           softcap, sinks)
+    return dq, dk, dv, no_tensor(lse) if dsinks is None else dsinks
 
 
-_ARGS = "Tensor q, Tensor k, Tensor v, Tensor? kv_lens, float scale, SymInt? causal_offset"
+def _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+               softcap, sinks):
+    if use_triton(q.device) and False:
+        return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                               window_left, window_right, softcap, sinks)
+    out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap, sinks)
+    return out.contiguous(), lse.float()
+
+
+def _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks):
+    """The packed batch as one dense sequence under a block-diagonal mask: (out, lse (heads, total_q))."""
+    visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], left, right)
+    out, lse = masked_attention(_packed(q), _packed(k), _packed(v), scale, visible[None], softcap=softcap, sinks=sinks)
+    return out[0].transpose(0, 1), lse[0]
+
+
+def _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        scale, window_left, window_right, softcap, sinks):
+    if use_triton(q.device) and False:
+        if grad_lse is not None:
+            grad_lse = grad_lse.contiguous()
+        dq, dk, dv, dsinks = _varlen_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
+                                              max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+                                              softcap, sinks)
+    else:
+        visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], window_left, window_right)
+        dq, dk, dv, dsinks = _attention_backward_reference(
+            _packed(grad_out), _packed(q), _packed(k), _packed(v), _packed(out), _packed(lse),
+            None if grad_lse is None else _packed(grad_lse), scale, visible[None], None, softcap, sinks)
+        dq, dk, dv = (t[0].transpose(0, 1).contiguous() for t in (dq, dk, dv))
+    return dq, dk, dv, no_tensor(lse) if dsinks is None else dsinks
+
+
+_FEATURES = "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None"
+_ARGS = f"Tensor q, Tensor k, Tensor v, Tensor? kv_lens, float scale, SymInt? causal_offset, {_FEATURES}"
 attention_op = define_op("attention", _attention_op, f"({_ARGS}) -> (Tensor, Tensor)")
 attention_backward_op = define_op(
     "attention_backward", _attention_backward_op,
     "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, "
-    "float scale, SymInt? causal_offset) -> (Tensor, Tensor, Tensor)",
+    f"float scale, SymInt? causal_offset, {_FEATURES}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+_VARLEN_ARGS = ("Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
+                "int window_left, int window_right, float softcap, Tensor? sinks")
+varlen_op = define_op("varlen_attention", _varlen_op,
+                      f"(Tensor q, Tensor k, Tensor v, {_VARLEN_ARGS}) -> (Tensor, Tensor)")
+varlen_backward_op = define_op(
+    "varlen_attention_backward", _varlen_backward_op,
+    "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    f"{_VARLEN_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, kv_lens, scale, causal_offset = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens)
-    ctx.scale, ctx.causal_offset = scale, causal_offset
+    q, k, v, kv_lens, scale, causal_offset, window_left, window_right, softcap, sinks = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, sinks)
+    ctx.args = (scale, causal_offset, window_left, window_right, softcap)
     ctx.set_materialize_grads(False)  # an unused lse (the usual case) hands back None, not zeros
 
 
 @first_order_only(triton_only_first_order("attention"))
 def _attention_grads(ctx, do, dlse):
-    q, k, v, o, lse, kv_lens = ctx.saved_tensors
+    q, k, v, o, lse, kv_lens, sinks = ctx.saved_tensors
     if do is None:  # only the lse was used
         do = torch.zeros_like(o)
-    dq, dk, dv = attention_backward_op(do, dlse, q, k, v, o, lse, kv_lens, ctx.scale, ctx.causal_offset)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv, dsinks = attention_backward_op(do, dlse, q, k, v, o, lse, kv_lens, *ctx.args, sinks)
+    return dq, dk, dv, None, None, None, None, None, None, present(dsinks) if sinks is not None else None
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args, sinks = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, sinks)
+    ctx.args = tuple(args)
+    ctx.set_materialize_grads(False)
+
+
+@first_order_only(triton_only_first_order("varlen_attention"))
+def _varlen_grads(ctx, do, dlse):
+    q, k, v, o, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv, dsinks = varlen_backward_op(do, dlse, q, k, v, o, lse, cu_q, cu_k, *ctx.args, sinks)
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 2) + (present(dsinks) if sinks is not None else None,)
 
 
 attention_op.register_autograd(_attention_grads, setup_context=_setup_attention)
-# No register_autocast: like SDPA the op runs in autocast's own dtype, which a fixed cast rule
-# cannot name; the public functions cast (autocast_inputs) before calling it.
+varlen_op.register_autograd(_varlen_grads, setup_context=_setup_varlen)
+# No register_autocast: like SDPA the ops run in autocast's own dtype, which a fixed cast rule
+# cannot name; the public functions cast (autocast_inputs) before calling them.
 
 
 # ----------------------------------------------------------------------------- public API
 
+_LAYOUTS = {4: "(batch, heads, seq, head_dim)", 3: "(total_tokens, heads, head_dim)"}
 
-def _check(q, k, v, kv_lens, scale, names=("q", "k", "v")) -> float:
-    """Validate the inputs (errors name the argument); returns the softmax scale."""
+
+def _check(q, k, v, kv_lens, scale, names=("q", "k", "v"), dims=4) -> float:
+    """Validate the inputs (errors name the argument); returns the softmax scale.
+
+    ``dims`` 4: the dense layout (batch, heads, seq, head_dim); 3: the packed one.
+    """
     qn, kn, vn = names
     for name, t in zip(names, (q, k, v)):
         check_float(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D {_LAYOUTS[dims]}, got shape {tuple(t.shape)}")
     check_same_device(**{qn: q, kn: k, vn: v})
     check_same_dtype(**{qn: q, kn: k, vn: v})
-    B, H, _, D = q.shape
+    H, D = q.shape[1], q.shape[-1]
+    seq = 2 if dims == 4 else 0
     for name, t in ((kn, k), (vn, v)):
-        if t.shape[0] != B:
-            raise ValueError(f"{name} has batch size {t.shape[0]} but {qn} has {B}")
-        if t.shape[3] != D:
-            raise ValueError(f"{name} has head dim {t.shape[3]} but {qn} has {D}")
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise ValueError(f"{vn} must have the heads and sequence length of {kn} {tuple(k.shape[1:3])}, "
-                         f"got {tuple(v.shape[1:3])}")
+        if dims == 4 and t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} has batch size {t.shape[0]} but {qn} has {q.shape[0]}")
+        if t.shape[-1] != D:
+            raise ValueError(f"{name} has head dim {t.shape[-1]} but {qn} has {D}")
+    if v.shape[1] != k.shape[1] or v.shape[seq] != k.shape[seq]:
+        raise ValueError(f"{vn} must have the heads and sequence length of {kn} {(k.shape[1], k.shape[seq])}, "
+                         f"got {(v.shape[1], v.shape[seq])}")
     if k.shape[1] == 0 or H % k.shape[1] != 0:
         raise ValueError(f"{qn} heads ({H}) must be a multiple of {kn}/{vn} heads ({k.shape[1]})")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim of {qn} must be between 1 and {MAX_HEAD_DIM}, got {D}")
     if kv_lens is not None:
+        B = q.shape[0]
         check_integer("kv_lens", kv_lens)
         check_same_device(**{qn: q, "kv_lens": kv_lens})
         if tuple(kv_lens.shape) != (B,):
@@ -910,6 +1014,78 @@ def _check(q, k, v, kv_lens, scale, names=("q", "k", "v")) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def _check_features(q, window_size, softcap, sinks) -> tuple[int, int, float, torch.Tensor | None]:
+    """Validate window_size, softcap and sinks; returns (left, right, softcap, sinks as fp32)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(_is_int(w) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be (left, right), two ints each -1 (unbounded) or >= 0, "
+                         f"got {window_size!r}")
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap)
+            or softcap < 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 turns it off), got {softcap!r}")
+    if sinks is not None:
+        check_float("sinks", sinks)
+        check_same_device(q=q, sinks=sinks)
+        if tuple(sinks.shape) != (q.shape[1],):
+            raise ValueError(f"sinks must have shape (heads,) = ({q.shape[1]},), one logit per query head, "
+                             f"got {tuple(sinks.shape)}")
+        sinks = sinks.float()  # the kernels' softmax runs in fp32; autograd casts the gradient back
+    return int(window_size[0]), int(window_size[1]), float(softcap), sinks
+
+
+def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """Validate the packed layout's sequence boundaries; returns (max_seqlen_q, max_seqlen_k).
+
+    Shapes and dtypes always; the values (start at 0, sorted, end at the total, the
+    maxima) cost one host sync, made only when :func:`check_values` says so. There a
+    missing ``max_seqlen`` is read off ``cu_seqlens``; unchecked, it defaults to the
+    total (no sync: the kernels then launch programs that find no rows and return).
+    """
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be an int32 tensor (flash-attention's convention), got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D of length batch + 1 (prefix sums starting at 0), "
+                             f"got shape {tuple(cu.shape)}")
+        check_same_device(q=q, **{name: cu})
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has "
+                         f"{cu_seqlens_q.shape[0]}: both must be batch + 1 long")
+    maxima = []
+    for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if given is not None and (not _is_int(given) or given < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {given!r}")
+        maxima.append(given)
+    if not check_values():
+        return (q.shape[0] if maxima[0] is None else maxima[0], k.shape[0] if maxima[1] is None else maxima[1])
+    stats = []  # one host sync for every value check of both tensors
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        lens = cu[1:] - cu[:-1]
+        stats.append(torch.stack([cu[0], cu[-1], lens.min() if len(lens) else cu[0] * 0,
+                                  lens.max() if len(lens) else cu[0] * 0]))
+    stats = torch.stack(stats).tolist()
+    out = []
+    for (name, cu_name, total), (first, last, shortest, longest), given in zip(
+            (("max_seqlen_q", "cu_seqlens_q", q.shape[0]), ("max_seqlen_k", "cu_seqlens_k", k.shape[0])),
+            stats, maxima):
+        if first != 0:
+            raise ValueError(f"{cu_name} must start at 0, got {first}")
+        if shortest < 0:
+            raise ValueError(f"{cu_name} must be sorted (non-decreasing prefix sums of the sequence lengths)")
+        if last != total:
+            raise ValueError(f"{cu_name} must end at the total token count {total} (the first dim of "
+                             f"{'q' if cu_name.endswith('q') else 'k/v'}), got {last}")
+        if given is not None and given < longest:
+            raise ValueError(f"{name} ({given}) is less than the longest sequence in {cu_name} ({longest})")
+        out.append(longest if given is None else given)
+    return out[0], out[1]
 
 
 def _autocast(q, k, v):
@@ -931,6 +1107,9 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     kv_lens: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention over (batch, heads, seq, head_dim) tensors of any strides.
@@ -942,12 +1121,22 @@ def attention(
       Nq == Nk; for torch's top-left alignment with Nq != Nk use
       :func:`scaled_dot_product_attention`. When Nq > Nk the first Nq - Nk rows see
       no key.
+    - ``window_size=(left, right)``: sliding-window (local) attention, flash-attention's
+      convention: query i sees keys ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``,
+      -1 meaning unbounded on that side. With ``causal`` the right bound is the
+      diagonal (right = 0). Key blocks wholly outside the window are never visited.
+    - ``softcap > 0``: each scaled score s becomes ``softcap * tanh(s / softcap)``
+      before the softmax (Gemma 2), with the exact backward.
+    - ``sinks`` (heads,) float: one logit per query head that joins every row's
+      softmax denominator with no value (gpt-oss); its gradient is returned. The
+      returned lse includes it.
     - ``kv_lens`` (batch,) integer: keys ``j >= kv_lens[b]`` are masked (right
-      padding). It does not move the causal diagonal, which uses the full lengths.
-    - A row with no visible key returns zeros, zero gradients and ``lse = -inf``.
+      padding). It does not move the causal or window diagonal, which use the full lengths.
+    - A row with no visible key returns zeros, zero gradients and ``lse = -inf``
+      (with or without a sink).
     - ``scale`` defaults to ``head_dim ** -0.5``.
     - ``return_lse=True`` also returns the natural-log log-sum-exp of the scaled,
-      masked scores, (batch, heads, Nq) fp32; it is differentiable.
+      masked (and capped) scores, (batch, heads, Nq) fp32; it is differentiable.
 
     Head dims up to 256 (any, padded to a power of two inside the kernel); fp16,
     bf16 and fp32 (fp32 runs exact fp32 dots, not TF32). The backward is
@@ -960,10 +1149,63 @@ def attention(
         kv_lens = as_int64("kv_lens", kv_lens)  # compared and masked in int64 whatever its dtype
     q, k, v = _autocast(q, k, v)
     scale = _check(q, k, v, kv_lens, scale)
-    causal_offset = k.shape[2] - q.shape[2] if causal else None
+    left, right, softcap, sinks32 = _check_features(q, window_size, softcap, sinks)
     if not use_triton(q.device):
-        return reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, return_lse=return_lse)
-    out, lse = attention_op(q, k, v, _kv_lens_int32(kv_lens), scale, causal_offset)
+        return reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, window_size=(left, right),
+                                   softcap=softcap, sinks=sinks, return_lse=return_lse)
+    causal_offset = k.shape[2] - q.shape[2] if causal else None
+    out, lse = attention_op(q, k, v, _kv_lens_int32(kv_lens), scale, causal_offset, left, right, softcap, sinks32)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over packed sequences, flash-attention's ``flash_attn_varlen_func`` convention.
+
+    ``q`` is (total_q, heads, head_dim), ``k``/``v`` (total_k, kv_heads, head_dim);
+    ``cu_seqlens_q``/``cu_seqlens_k`` are int32 prefix sums of length batch + 1
+    (sequence b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; no sequence sees
+    another). Lengths 0 and 1 are legal. Causal masks and windows are aligned
+    bottom-right within each sequence (offset ``len_k - len_q``); ``window_size``,
+    ``softcap``, ``sinks``, ``scale``, GQA and the backward are as in :func:`attention`.
+    ``return_lse=True`` also returns the lse as (heads, total_q) fp32, flash-attention's layout.
+
+    ``max_seqlen_q``/``max_seqlen_k`` (the longest sequences) size the launch grid. The
+    value checks of ``cu_seqlens`` (starts at 0, sorted, ends at the total, maxima)
+    cost one host sync, skipped inside :func:`kernels.unchecked` and under
+    ``torch.compile``; there pass the maxima (without them the grid covers the
+    totals: correct, but slower).
+    """
+    q, k, v = _autocast(q, k, v)
+    scale = _check(q, k, v, None, scale, dims=3)
+    left, right, softcap, sinks32 = _check_features(q, window_size, softcap, sinks)
+    max_seqlen_q, max_seqlen_k = _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if not use_triton(q.device) and not torch.compiler.is_compiling():
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          causal=causal, scale=scale, window_size=(left, right), softcap=softcap,
+                                          sinks=sinks, return_lse=return_lse)
+    left, right = window_bounds(causal, (left, right))
+    if not use_triton(q.device):
+        # The reference's loop reads cu_seqlens on the host: the compiler traces the ops'
+        # block-diagonal twin instead, plain torch ops, differentiable to any order.
+        out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks)
+        return (out, lse) if return_lse else out
+    out, lse = varlen_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+                         scale, left, right, softcap, sinks32)
     return (out, lse) if return_lse else out
 
 

@@ -104,23 +104,30 @@ class Attention(torch.nn.Module):
     :func:`torch.nn.functional.scaled_dot_product_attention`, on (batch, heads,
     seq, head_dim) tensors; ``k``/``v`` may have fewer heads than ``q``
     (grouped-query attention, no copies). ``causal`` is aligned bottom-right
-    (FlashAttention's convention; torch's when Nq == Nk). ``forward`` takes the
-    optional ``kv_lens`` (batch,) of right-padded keys. For torch's exact
-    function signature use :func:`kernels.scaled_dot_product_attention`.
+    (FlashAttention's convention; torch's when Nq == Nk). ``window_size`` and
+    ``softcap`` are :func:`kernels.attention`'s (a sliding-window or Gemma-2 layer).
+    ``forward`` takes the optional ``kv_lens`` (batch,) of right-padded keys and
+    ``sinks`` (heads,): a learned sink lives with the model, like the projections.
+    For torch's exact function signature use :func:`kernels.scaled_dot_product_attention`.
     """
 
-    def __init__(self, causal: bool = True, scale: float | None = None) -> None:
+    def __init__(self, causal: bool = True, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                 softcap: float = 0.0) -> None:
         super().__init__()
         self.causal = causal
         self.scale = scale
+        self.window_size = tuple(window_size)
+        self.softcap = softcap
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return attention(q, k, v, causal=self.causal, scale=self.scale, kv_lens=kv_lens)
+        return attention(q, k, v, causal=self.causal, scale=self.scale, kv_lens=kv_lens, window_size=self.window_size,
+                         softcap=self.softcap, sinks=sinks)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, scale={self.scale}"
+        return f"causal={self.causal}, scale={self.scale}, window_size={self.window_size}, softcap={self.softcap}"
 
 
 __all__ = ["Attention", "LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss"]

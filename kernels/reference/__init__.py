@@ -8,7 +8,7 @@ with this package's per-chunk loss instead. One module per op.
 """
 
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from .attention import attention, scaled_dot_product_attention
+from .attention import attention, scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
 
-__all__ = ["attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["attention", "varlen_attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]

@@ -37,6 +37,16 @@ def _attention_inputs():
     return q, k, v, torch.tensor([11, 5], dtype=torch.int32, device=DEVICE)
 
 
+def _varlen_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(10, 4, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(12, 2, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(12, 2, 16, device=DEVICE, requires_grad=True)
+    cu_q = torch.tensor([0, 4, 4, 10], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=DEVICE)
+    return q, k, v, cu_q, cu_k
+
+
 def _ce_inputs():
     torch.manual_seed(0)
     x = torch.randn(6, 50, device=DEVICE, requires_grad=True)
@@ -60,6 +70,12 @@ def _op_cases():
         torch.randn_like(x), None, x.detach(), w.detach(), True, torch.zeros(6), torch.ones(6), [40], False)
     yield "attention", ops.attention.default, (q, k, v, kv_lens, 0.25, 2)
     yield "attention_plain", ops.attention.default, (q, k, v, None, 0.25, None)
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    yield "attention_features", ops.attention.default, (q, k, v, kv_lens, 0.25, None, 3, 2, 4.0, sinks)
+    qp, kp, vp, cu_q, cu_k = _varlen_inputs()
+    yield "varlen_attention", ops.varlen_attention.default, (qp, kp, vp, cu_q, cu_k, 6, 7, 0.25, -1, 0, 0.0, None)
+    yield "varlen_attention_features", ops.varlen_attention.default, (
+        qp, kp, vp, cu_q, cu_k, 6, 7, 0.25, 2, 0, 3.0, sinks)
     yield "cross_entropy", ops.cross_entropy.default, (logits, t, torch.rand(50), IGNORE, "mean", 0.1, 1e-3, True)
     yield "cross_entropy_none", ops.cross_entropy.default, (logits, t, None, IGNORE, "none", 0.0, 0.0, True)
     yield "linear_cross_entropy", ops.linear_cross_entropy.default, (
@@ -79,7 +95,8 @@ def test_opcheck(case, backend):
 
 def test_every_op_lives_in_one_namespace():
     names = {name for name in dir(torch.ops.fastlm) if not name.startswith("_")}
-    assert {"norm", "add_norm", "norm_backward", "attention", "attention_backward", "cross_entropy",
+    assert {"norm", "add_norm", "norm_backward", "attention", "attention_backward", "varlen_attention",
+            "varlen_attention_backward", "cross_entropy",
             "linear_cross_entropy", "linear_cross_entropy_backward"} <= names
 
 
@@ -98,6 +115,10 @@ def _compile_cases():
     yield "add_rms_norm", lambda: sum(kernels.add_rms_norm(x, r, 40, w)), (x, r, w)
     yield "attention", lambda: kernels.attention(q, k, v, causal=True, kv_lens=kv_lens), (q, k, v)
     yield "sdpa", lambda: kernels.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v)
+    qp, kp, vp, cu_q, cu_k = _varlen_inputs()
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    yield "varlen_attention", lambda: kernels.varlen_attention(
+        qp, kp, vp, cu_q, cu_k, 6, 7, causal=True, window_size=(2, 0), softcap=3.0, sinks=sinks), (qp, kp, vp, sinks)
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t, label_smoothing=0.1), (logits,)
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), (h, hw, hb)
     yield "nn.LayerNorm", lambda: ln(x), (x, ln.weight, ln.bias)

@@ -1,0 +1,190 @@
+"""Packed sequences (varlen), sliding windows, softcapping and sinks: kernels and references vs an oracle.
+
+The oracle loops over the sequences in plain PyTorch with the masks built
+explicitly (flash-attention's conventions, written out independently of
+:mod:`kernels.reference.attention`). The kernel tests run through the public
+functions (the interpreter on CPU) and are judged by FlashAttention's rule
+(kernels/numerics.py): forward and every gradient, dsinks included.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.numerics import assert_close_to_ref, factor
+
+from helpers import DEVICE
+
+attention_module = importlib.import_module("kernels.attention")
+HIGH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def oracle_sequence(q, k, v, *, causal, scale, window_size, softcap, sinks):
+    """One sequence, (n, heads, D) tensors: explicit masks, torch.softmax over the scores and the sink."""
+    nq, nk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    left, right = window_size
+    if causal:
+        right = 0
+    i = torch.arange(nq, device=q.device)[:, None] + nk - nq  # bottom-right: row i's diagonal key
+    j = torch.arange(nk, device=q.device)[None, :]
+    mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if right >= 0:
+        mask &= j <= i + right
+    if left >= 0:
+        mask &= j >= i - left
+    scores = scores.masked_fill(~mask, float("-inf"))
+    extra = (torch.zeros if sinks is None else lambda *s, **kw: sinks.to(scores.dtype).view(-1, 1, 1).expand(*s))(
+        q.shape[1], nq, 1, dtype=scores.dtype, device=q.device)
+    if sinks is None:
+        extra = torch.full_like(extra, float("-inf"))
+    full = torch.cat([scores, extra], -1)
+    seen = mask.any(-1)[None, :, None]
+    p = torch.softmax(torch.where(seen, full, 0.0), -1)[..., :nk] * seen
+    lse = torch.where(seen[..., 0], torch.logsumexp(torch.where(seen, full, 0.0), -1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", p.to(v.dtype), v), lse
+
+
+def oracle(q, k, v, lens_q, lens_k, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, sinks=None):
+    """Packed (total, heads, D) tensors: one oracle_sequence per sequence; lse (heads, total_q)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses, sq, sk = [], [], 0, 0
+    for nq, nk in zip(lens_q, lens_k):
+        o, l = oracle_sequence(q[sq:sq + nq], k[sk:sk + nk], v[sk:sk + nk], causal=causal, scale=scale,
+                               window_size=window_size, softcap=softcap, sinks=sinks)
+        outs.append(o), lses.append(l)
+        sq, sk = sq + nq, sk + nk
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def _cu(lens):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def _packed(lens_q, lens_k, H, Hkv, D, dtype, scale_by=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), H, D, generator=g) * scale_by
+    k = torch.randn(sum(lens_k), Hkv, D, generator=g) * scale_by
+    v = torch.randn(sum(lens_k), Hkv, D, generator=g)
+    do = torch.randn(sum(lens_q), H, D, generator=g)
+    dlse = torch.randn(H, sum(lens_q), generator=g)
+    sinks = torch.randn(H, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)] + [dlse.to(DEVICE), sinks.to(DEVICE)]
+
+
+# ----------------------------------------------------------------------------- the references vs the oracle
+
+
+REF_CASES = [  # lens_q, lens_k, causal, window, softcap, sinks
+    ([5, 0, 1, 9], [5, 3, 1, 12], True, (-1, -1), 0.0, True),
+    ([7, 4], [7, 9], False, (2, 1), 0.0, False),
+    ([6, 6], [6, 6], True, (3, -1), 2.0, True),
+    ([3, 8], [10, 8], False, (-1, 0), 5.0, False),
+    ([4, 0], [0, 2], False, (0, 0), 0.0, True),
+]
+
+
+@pytest.mark.parametrize("lens_q,lens_k,causal,window,softcap,use_sinks", REF_CASES)
+def test_references_match_the_oracle(lens_q, lens_k, causal, window, softcap, use_sinks):
+    q, k, v, do, dlse, sinks = _packed(lens_q, lens_k, 4, 2, 8, torch.float64)
+    sinks = sinks.double() if use_sinks else None
+    kw = dict(causal=causal, window_size=window, softcap=softcap, sinks=sinks)
+    want_out, want_lse = oracle(q, k, v, lens_q, lens_k, **kw)
+    out, lse = reference.varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), **kw, return_lse=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    # The ops' block-diagonal twin (what fake tensors and the CPU op run) agrees too.
+    with kernels.use_backend("reference"):
+        left, right = reference.attention.__globals__["window_bounds"](causal, window)
+        twin = attention_module._varlen_op(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), 8 ** -0.5,
+                                           left, right, softcap, sinks)
+    torch.testing.assert_close(twin[0], want_out)
+    torch.testing.assert_close(twin[1], want_lse.float())
+    if len(set(lens_q)) == 1 and lens_q == lens_k:  # equal lengths: the dense call on the batch is the same
+        B, n = len(lens_q), lens_q[0]
+        dense = [t.view(B, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
+        d_out, d_lse = reference.attention(*dense, **kw, return_lse=True)
+        torch.testing.assert_close(d_out.transpose(1, 2).reshape(out.shape), want_out)
+        torch.testing.assert_close(d_lse.transpose(0, 1).reshape(lse.shape), want_lse)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _varlen_args():
+    q, k, v = torch.randn(9, 4, 16), torch.randn(11, 2, 16), torch.randn(11, 2, 16)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 6, 11], dtype=torch.int32))
+
+
+VARLEN_BAD = {
+    "cu int64": (dict(cu_seqlens_q=torch.tensor([0, 4, 9])), TypeError, "cu_seqlens_q must be an int32 tensor"),
+    "cu float": (dict(cu_seqlens_k=torch.tensor([0.0, 6, 11])), TypeError, "cu_seqlens_k must be an int32"),
+    "cu 2-D": (dict(cu_seqlens_q=torch.tensor([[0, 4, 9]], dtype=torch.int32)), ValueError,
+               "cu_seqlens_q must be 1-D"),
+    "cu empty": (dict(cu_seqlens_q=torch.zeros(0, dtype=torch.int32), cu_seqlens_k=torch.zeros(0, dtype=torch.int32)),
+                 ValueError, "cu_seqlens_q must be 1-D of length batch"),
+    "cu lengths differ": (dict(cu_seqlens_k=torch.tensor([0, 11], dtype=torch.int32)), ValueError,
+                          "cu_seqlens_k has 2 entries but cu_seqlens_q has 3"),
+    "cu unsorted": (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 9], dtype=torch.int32),
+                         cu_seqlens_k=torch.tensor([0, 3, 6, 11], dtype=torch.int32)), ValueError,
+                    "cu_seqlens_q must be sorted"),
+    "cu start": (dict(cu_seqlens_k=torch.tensor([1, 6, 11], dtype=torch.int32)), ValueError,
+                 "cu_seqlens_k must start at 0"),
+    "cu last": (dict(cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32)), ValueError,
+                "cu_seqlens_q must end at the total token count 9"),
+    "cu not a tensor": (dict(cu_seqlens_q=[0, 4, 9]), TypeError, "cu_seqlens_q must be a torch.Tensor"),
+    "max_seqlen small": (dict(max_seqlen_q=4), ValueError, r"max_seqlen_q \(4\) is less than the longest .* \(5\)"),
+    "max_seqlen negative": (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be None or an int >= 0"),
+    "q 4-D": (dict(q=torch.randn(1, 9, 4, 16)), ValueError, r"q must be 3-D \(total_tokens, heads, head_dim\)"),
+    "kv heads": (dict(k=torch.randn(11, 3, 16), v=torch.randn(11, 3, 16)), ValueError, "multiple of k/v heads"),
+    "v tokens": (dict(v=torch.randn(10, 2, 16)), ValueError, "v must have the heads and sequence length of k"),
+}
+FEATURE_BAD = {
+    "window below -1": (dict(window_size=(-2, 0)), ValueError, "window_size must be \\(left, right\\)"),
+    "window not a pair": (dict(window_size=4), ValueError, "window_size must be"),
+    "window float": (dict(window_size=(1.5, 0)), ValueError, "window_size must be"),
+    "softcap negative": (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+    "softcap nan": (dict(softcap=float("nan")), ValueError, "softcap must be"),
+    "sinks shape": (dict(sinks=torch.zeros(2)), ValueError, r"sinks must have shape \(heads,\) = \(4,\)"),
+    "sinks dtype": (dict(sinks=torch.zeros(4, dtype=torch.int32)), TypeError, "sinks must be float32"),
+    "sinks device": (dict(sinks=torch.zeros(4, device="meta")), ValueError, "sinks is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_BAD) + list(FEATURE_BAD))
+def test_varlen_bad_input(case):
+    changes, error, match = (VARLEN_BAD | FEATURE_BAD)[case]
+    args = _varlen_args() | changes
+    with pytest.raises(error, match=match):
+        kernels.varlen_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens_q"),
+                                 args.pop("cu_seqlens_k"), **args)
+
+
+@pytest.mark.parametrize("case", list(FEATURE_BAD))
+def test_dense_bad_features(case):
+    changes, error, match = FEATURE_BAD[case]
+    with pytest.raises(error, match=match):
+        kernels.attention(torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), **changes)
+
+
+def test_unchecked_skips_the_value_checks_and_syncs():
+    # Inside kernels.unchecked() a bad last entry is not read (no host sync); shapes still are.
+    args = _varlen_args() | dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with kernels.unchecked():
+        out = kernels.varlen_attention(*args.values(), max_seqlen_q=5, max_seqlen_k=6)
+        assert out.shape == (9, 4, 16)
+        with pytest.raises(TypeError, match="cu_seqlens_q must be an int32"):
+            kernels.varlen_attention(*(args | dict(cu_seqlens_q=args["cu_seqlens_q"].long())).values())

@@ -147,6 +147,7 @@ class LanguageModeling(Task):
             _check_vocab(tokenizer, self.cfg)
             self.tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
         self.token_bytes = token_byte_lengths(tokenizer)  # None: val_bpb is not reported
+        self.eot = eot_id(tokenizer) if t.document_mask else None  # batches carry their documents' spans
         data_lib.check_lengths(self.tokens, t.seq_len)
         info = {"task": self.name, "source": t.data or "python-stdlib", "corpus_hash": chash,
                 "documents": self.tokens.num_documents, "train_tokens": len(self.tokens.train),
@@ -161,8 +162,13 @@ class LanguageModeling(Task):
 
     def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
         t = self.cfg.train
-        x, y = data_lib.train_batch(self.tokens, t.seed, step, micro, t.batch_size, t.seq_len, shard)
-        return Batch((x, y), x.numel(), x.numel() * self.cfg.model.flops_per_token(t.seq_len), y.numel())
+        tensors = data_lib.train_batch(self.tokens, t.seed, step, micro, t.batch_size, t.seq_len, shard, self.eot)
+        x, y = tensors[:2]
+        if self.eot is None:
+            flops = x.numel() * self.cfg.model.flops_per_token(t.seq_len)
+        else:  # attention runs over each document, not the whole row
+            flops = sum(n * self.cfg.model.flops_per_token(n) for n in np.diff(tensors[2].numpy()).tolist())
+        return Batch(tensors, x.numel(), flops, y.numel())
 
     def step_loss_terms(self, step: int) -> int:
         """Loss terms of a whole step (every micro-batch, every rank): a token each."""
@@ -176,11 +182,11 @@ class LanguageModeling(Task):
         losses, text_bytes = [], 0
         shard = (distributed.rank(), distributed.world_size())
         for i in range(t.eval_batches):
-            x, y = data_lib.val_batch(self.tokens, t.seed, i, t.batch_size, t.seq_len, shard)
+            tensors = data_lib.val_batch(self.tokens, t.seed, i, t.batch_size, t.seq_len, shard, self.eot)
             with autocast():
-                losses.append(model(x.to(device), y.to(device)).float())
+                losses.append(model(*(x.to(device) for x in tensors)).float())
             if self.token_bytes is not None:
-                text_bytes += int(self.token_bytes[y.numpy()].sum())  # on the host, from the batch's ids
+                text_bytes += int(self.token_bytes[tensors[1].numpy()].sum())  # on the host, from the batch's ids
         val_loss = distributed.mean(torch.stack(losses).mean()).item()
         evals = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
         if self.token_bytes is not None:

@@ -38,6 +38,13 @@ true lengths to the attention kernel as ``kv_lens``, so a padded position is nev
 a key and changing it changes no real position's output. The decoder of
 :class:`Seq2Seq` adds cross-attention (queries from the target, keys and values
 from the encoder output, ``kv_lens`` again) between self-attention and the MLP.
+
+Self-attention may be local: ``ModelConfig.window`` and ``global_every`` give each
+layer a sliding window (the kernel's ``window_size``) or none. A language model's
+rows may pack documents that must not see each other: the batch then brings the
+documents' spans (``docs``, flash-attention's ``cu_seqlens`` over the flattened
+rows) and each token's position in its document, and attention runs through
+``kernels.varlen_attention``, one sequence per document.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
     python -m bench.attention [--dtype bf16] [--heads 16] [--head-dim 128] [--tokens 16384]
                               [--seqlens 4096,8192,16384] [--causal both|yes|no] [--json FILE]
                               [--providers fastlm,sdpa-flash,sdpa-cudnn]
+    python -m bench.attention --suite varlen [--tokens 32768]     # packed vs padded, lengths 64..4096
+    python -m bench.attention --suite window [--window 4096 --window-seq 32768]  # window vs full causal
 
 The issue's figure: bf16, 16 heads of dim 128, batch x seq = 16k tokens, seq 4k..16k,
 causal forward, backward and forward+backward, each timed separately (the backward on a
@@ -191,6 +193,102 @@ def bench_case(providers, batch, heads, seq, head_dim, dtype, causal) -> list[di
     return rows
 
 
+def mixed_lengths(tokens: int, low: int = 64, high: int = 4096, seed: int = 0) -> list[int]:
+    """Sequence lengths drawn log-uniformly from [low, high] (a packed pretraining batch), about ``tokens`` in all."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        u = torch.rand((), generator=g).item()
+        lengths.append(int(low * (high / low) ** u))
+    return lengths
+
+
+def _timed(call, q, k, v, do) -> dict:
+    """fwd and fwd+bwd milliseconds of ``call(q, k, v)`` (leaves q, k, v with requires_grad)."""
+    from triton.testing import do_bench
+
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    fwd = do_bench(lambda: call(q, k, v), warmup=25, rep=200)
+    fwd_bwd = do_bench(lambda: call(q, k, v).backward(do), warmup=25, rep=200, grad_to_none=[q, k, v])
+    return {"fwd_ms": fwd, "fwd+bwd_ms": fwd_bwd}
+
+
+def bench_varlen(heads: int, head_dim: int, tokens: int, dtype: torch.dtype) -> list[dict]:
+    """Causal attention over mixed lengths (64..4096): packed (varlen) against the same batch padded to dense.
+
+    The padded batch is what a trainer without varlen runs: every sequence right-padded
+    to the longest, ``kv_lens`` masking the padding, every padded query computed anyway.
+    TFLOP/s counts only the real work (each sequence's causal N^2), for both rows.
+    """
+    import kernels
+
+    lengths = mixed_lengths(tokens)
+    batch, longest, total = len(lengths), max(lengths), sum(lengths)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    packed = [torch.randn(total, heads, head_dim, device="cuda", dtype=dtype, generator=g) for _ in range(4)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    padded = [torch.zeros(batch, heads, longest, head_dim, device="cuda", dtype=dtype) for _ in range(4)]
+    for b, (start, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        for dense, flat in zip(padded, packed):
+            dense[b, :, :n] = flat[start:start + n].transpose(0, 1)
+    kv_lens = torch.tensor(lengths, device="cuda")
+    flops = sum(attention_flops(1, heads, n, n, head_dim, True, "fwd") for n in lengths)
+    cases = {
+        "fastlm-varlen": (packed, lambda q, k, v: kernels.varlen_attention(q, k, v, cu, cu, longest, longest,
+                                                                           causal=True)),
+        "fastlm-padded": (padded, lambda q, k, v: kernels.attention(q, k, v, causal=True, kv_lens=kv_lens)),
+    }
+    rows = []
+    with kernels.unchecked():
+        for name, (tensors, call) in cases.items():
+            row = {"provider": name, "sequences": batch, "tokens": total, "longest": longest, "heads": heads,
+                   "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch.")}
+            try:
+                row |= _timed(call, *tensors)
+                row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+                row["fwd+bwd_tflops"] = flops * FLOP_MULTIPLIER["fwd+bwd"] / row["fwd+bwd_ms"] / 1e9
+            except Exception as e:
+                row["error"] = _short(e)
+            rows.append(row)
+    return rows
+
+
+def bench_window(heads: int, head_dim: int, seq: int, window: int, dtype: torch.dtype) -> list[dict]:
+    """A ``window``-key sliding window over one ``seq``-token sequence against full causal attention.
+
+    Key blocks outside the window are never visited, so the window should cost about
+    its share of the visible scores: ``expected_fraction`` (window keys per query over
+    causal's (i + 1), summed over the queries).
+    """
+    import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, heads, seq, head_dim, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    visible_causal = seq * (seq + 1) / 2
+    visible_window = sum(min(i, window) + 1 for i in range(seq))
+    rows = []
+    for name, size in (("fastlm-causal", (-1, 0)), (f"fastlm-window-{window}", (window, 0))):
+        row = {"provider": name, "seq": seq, "window": size[0], "heads": heads, "head_dim": head_dim,
+               "dtype": str(dtype).removeprefix("torch."), "expected_fraction": visible_window / visible_causal
+               if size[0] >= 0 else 1.0}
+        try:
+            row |= _timed(lambda q, k, v: kernels.attention(q, k, v, causal=True, window_size=size), q, k, v, do)
+        except Exception as e:
+            row["error"] = _short(e)
+        rows.append(row)
+    if all("error" not in r for r in rows):
+        for mode in ("fwd_ms", "fwd+bwd_ms"):
+            rows[1][f"{mode.removesuffix('_ms')}_fraction_of_causal"] = rows[1][mode] / rows[0][mode]
+    return rows
+
+
+def print_feature_rows(title: str, rows: list[dict]) -> None:
+    print(title)
+    for r in rows:
+        print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
 def print_rows(rows: list[dict], ceiling: float) -> None:
     def cell(r, mode):
         ms, tf = r.get(f"{mode}_ms"), r.get(f"{mode}_tflops")
@@ -236,11 +334,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of the providers (default: every one importable here)")
+    parser.add_argument("--suite", default="providers", choices=["providers", "varlen", "window"],
+                        help="providers: the kernel against every provider (default); varlen: mixed lengths "
+                             "64..4096 packed against padded to dense (--tokens in all); window: a --window "
+                             "sliding window over one --window-seq sequence against full causal")
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--window-seq", type=int, default=32768)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.attention: no GPU: nothing measured (the figures need a CUDA device)")
         return 0
     dtype = DTYPES[args.dtype]
+    if args.suite != "providers":
+        if args.suite == "varlen":
+            rows = bench_varlen(args.heads, args.head_dim, args.tokens, dtype)
+        else:
+            rows = bench_window(args.heads, args.head_dim, args.window_seq, args.window, dtype)
+        print_feature_rows(f"{torch.cuda.get_device_name()}: attention {args.suite}", rows)
+        out = common.write_report(f"attention_{args.suite}", rows, "cuda", meta={"device": common.device_name("cuda")},
+                                  x="provider", y="fwd+bwd_ms", series="provider")
+        print(f"written to {out}/attention_{args.suite}.*")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return 0
     causals = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
     ceiling = common.matmul_tflops(dtype if dtype != torch.float32 else torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: {args.dtype} matmul ceiling {ceiling:.0f} TFLOP/s; "

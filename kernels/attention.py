@@ -97,8 +97,48 @@ def _store_tile(base, x, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM: t
 
 
 @triton.jit
-def _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [0, full_end) are visible to every row of the query block; [full_end, end) need the mask."""
+def _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN: tl.constexpr, HAS_KV_LENS: tl.constexpr):
+    """Batch b's ``(q_start, len_q, k_start, len_k, kv_len, shift)``.
+
+    Dense: rows 0..Nq of batch b's own tensors, keys 0..Nk, of which ``kv_len`` are
+    visible, shift 0 (the host's offsets already hold Nk - Nq). Packed: the rows
+    ``cu_seqlens[b]..cu_seqlens[b + 1]``, every key visible, and the diagonal shifted
+    by ``len_k - len_q`` (bottom-right per sequence).
+    """
+    if VARLEN:  # one return: Triton types every return of a function alike
+        first_q = tl.load(CU_Q + b)
+        first_k = tl.load(CU_K + b)
+        len_q = tl.load(CU_Q + b + 1) - first_q
+        len_k = tl.load(CU_K + b + 1) - first_k
+        q_start = first_q.to(tl.int64)
+        k_start = first_k.to(tl.int64)
+        kv_len = len_k
+        shift = len_k - len_q
+    else:
+        q_start = 0
+        k_start = 0
+        len_q = Nq
+        len_k = Nk
+        shift = 0
+        if HAS_KV_LENS:
+            kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
+        else:
+            kv_len = Nk
+    return q_start, len_q, k_start, len_k, kv_len, shift
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through the sigmoid: tl has no tanh on every supported Triton, and libdevice fails in the interpreter.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(lo, full_lo, full_end, end)``: keys [full_lo, full_end) are visible to every row of the
+    query block and run unmasked; [lo, full_lo) (the window's left edge) and [full_end, end)
+    (the diagonal, the ragged end) need the mask. Keys outside [lo, end) are never visited."""
     end = kv_len
     full_end = kv_len
     if CAUSAL:
@@ -107,7 +147,17 @@ def _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL: tl.constexpr, BLOCK_M
         full_end = tl.minimum(full_end, start_m + 1 + causal_offset)
     end = tl.maximum(end, 0)
     full_end = (tl.maximum(full_end, 0) // BLOCK_N) * BLOCK_N
-    return full_end, end
+    if WINDOW:
+        # The first row sees keys from its index + window_offset on, the last row fewest.
+        lo = (tl.maximum(start_m + window_offset, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(tl.minimum(start_m + BLOCK_M, Nq) - 1 + window_offset, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(tl.minimum(full_lo, end), lo)
+        full_end = tl.maximum(full_end, full_lo)
+        end = tl.maximum(end, full_end)
+    else:
+        lo = 0
+        full_lo = 0
+    return lo, full_lo, full_end, end
 
 
 @triton.jit
@@ -125,34 +175,46 @@ def _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL: tl.constexpr):
+def _visible(cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    # (rows, cols) of the keys each query row sees: below kv_len, at most the diagonal (+ the right
+    # window), at least the window's left edge.
     visible = cols[None, :] < kv_len
     if CAUSAL:
         visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-    return tl.where(visible, qk, float("-inf"))
+    if WINDOW:
+        visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
+    return visible
+
+
+@triton.jit
+def _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    return tl.where(_visible(cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW), qk, float("-inf"))
+
+
+@triton.jit
+def _scores(q, k, softcap_in, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """q k^T, or with SOFTCAP tanh(q k^T * scale / softcap) (the host folds softcap into qk_scale)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        qk = _tanh(qk * softcap_in)
+    return qk
 
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-              kv_len, causal_offset, qk_scale,
+              kv_len, causal_offset, window_offset, qk_scale, softcap_in,
               stride_kn, stride_kd, stride_vn, stride_vd,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              edge, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # MASKED: bounds-checked loads, and the score mask where ``edge`` (a constant, or the window loop's test).
     cols = start_n + offs_n
     k = _load_tile(k_base, cols, kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
     v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    qk = _scores(q, k, softcap_in, SOFTCAP, DOT_PRECISION)
     if MASKED:
-        qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL)
+        if edge:
+            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
     return _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
-
-
-@triton.jit
-def _kv_len(KV_LENS, b, Nk, HAS_KV_LENS: tl.constexpr):
-    """Batch b's visible key count."""
-    if HAS_KV_LENS:
-        return tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
-    return Nk
 
 
 @triton.jit
@@ -166,129 +228,161 @@ def _forward_program(group, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KV_LENS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, group, Nq, Nk, causal_offset, qk_scale,
-    tune_nq, tune_nk,  # sequence-length buckets: only the autotuner's cache key reads them
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m, h, b, hk = _forward_program(group, CAUSAL)
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    lse_base = LSE + (b * tl.num_programs(1) + h).to(tl.int64) * Nq
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
-
-    q = _load_tile(q_base, offs_m, Nq, stride_qm, offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                  kv_len, causal_offset, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                                  kv_len, causal_offset, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PRECISION)
-
-    out, lse = _fwd_finish(acc, l_i, m_i)
-    _store_tile(o_base, out.to(O.dtype.element_ty), offs_m, Nq, stride_om, offs_d, stride_od, HEAD_DIM, BLOCK_D)
-    tl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
-
-
-@triton.jit
-def _fwd_finish(acc, l_i, m_i):
-    # Rows with no visible key: l = 0, acc = 0 -> output 0, lse = -inf.
+def _fwd_finish(acc, l_i, m_i, SINKS, h, HAS_SINKS: tl.constexpr):
+    # Rows with no visible key: l = 0, acc = 0 -> output 0, lse = -inf (the sink joins only rows with a key).
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h) * 1.4426950408889634  # one more logit, exp2 domain, whose value is zero
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_new)
+        has_key = l_i > 0.0
+        l_i = tl.where(has_key, l_i * alpha + tl.math.exp2(sink - m_new), 0.0)
+        acc = acc * tl.where(has_key, alpha, 0.0)[:, None]
+        m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # x ln 2
     return acc / l_safe[:, None], lse
 
 
 @triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KV_LENS, CU_Q, CU_K, SINKS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    H, group, Nq, Nk, causal_offset, window_offset, qk_scale, softcap_in,
+    tune_nq, tune_nk,  # sequence-length buckets: only the autotuner's cache key reads them
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, h, b, hk = _forward_program(group, CAUSAL)
+    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
+    start_m = pid_m * BLOCK_M
+    if VARLEN:
+        if start_m >= Nq:  # the grid covers the longest sequence
+            return
+        causal_offset += shift
+        window_offset += shift
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om
+    lse_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_tile(q_base, offs_m, Nq, stride_qm, offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
+                                            BLOCK_M, BLOCK_N)
+    if WINDOW:
+        # One loop over the window's keys, masking only its edge tiles: a third pipelined loop
+        # would keep its own buffers live (registers spill at head dim 128).
+        for start_n in range(lo, end, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                      kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, (start_n < full_lo) | (start_n >= full_end),
+                                      HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                      kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, False,
+                                      HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+        for start_n in range(full_end, end, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                                      kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, True,
+                                      HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+
+    out, lse = _fwd_finish(acc, l_i, m_i, SINKS, h, HAS_SINKS)
+    _store_tile(o_base, out.to(O.dtype.element_ty), offs_m, Nq, stride_om, offs_d, stride_od, HEAD_DIM, BLOCK_D)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < Nq)
+
+
+@triton.jit
 def _attn_fwd_tma_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_LENS,
-    H, group, Nq, Nk, causal_offset, qk_scale,
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_LENS, SINKS,
+    H, group, Nq, Nk, causal_offset, window_offset, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """The forward on Hopper: q, k, v, o move by TMA through (B, heads, seq, head_dim) tensor descriptors.
+    """The dense forward on Hopper: q, k, v, o move by TMA through (B, heads, seq, head_dim) tensor descriptors.
 
     The descriptors zero-fill rows past the sequence and columns past HEAD_DIM, so no
     tile needs a load mask. One key loop, in which only the boundary tiles (diagonal,
-    ragged end, kv_len) apply the score mask, or, with WARP_SPECIALIZE, every tile
-    (branch-free, so the compiler splits the loop into a TMA producer warp and a
-    wgmma consumer warpgroup).
+    ragged end, kv_len, the window's left edge) apply the score mask, or, with
+    WARP_SPECIALIZE, every tile (branch-free, so the compiler splits the loop into a
+    TMA producer warp and a wgmma consumer warpgroup).
     """
     pid_m, h, b, hk = _forward_program(group, CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
+    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
 
     q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
+                                            BLOCK_M, BLOCK_N)
     # Triton's warp-specialization pass takes no branch inside its loop (3.8 leaves such a
     # loop unspecialized): there every tile runs the mask as arithmetic. It neither takes
     # the register round trip that zeroes padded values, so with kv_lens the loop is plain.
     SPECIALIZE: tl.constexpr = WARP_SPECIALIZE and not HAS_KV_LENS
-    for start_n in tl.range(0, end, BLOCK_N, warp_specialize=SPECIALIZE):
+    for start_n in tl.range(lo, end, BLOCK_N, warp_specialize=SPECIALIZE):
         k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = _scores(q, k, softcap_in, SOFTCAP, DOT_PRECISION)
         cols = start_n + offs_n
         if SPECIALIZE:
-            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL)
-        elif start_n >= full_end:  # only the boundary tiles: diagonal, ragged end, kv_len
-            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, CAUSAL)
+            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
+        elif start_n >= full_end or start_n < full_lo:  # only the boundary tiles
+            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
             if HAS_KV_LENS:
                 # Keys past kv_len are the caller's padding, maybe NaN: P = 0 there is not enough.
                 v = tl.where(cols[:, None] < kv_len, v, 0.0)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
-    out, lse = _fwd_finish(acc, l_i, m_i)
+    out, lse = _fwd_finish(acc, l_i, m_i, SINKS, h, HAS_SINKS)
     desc_o.store([b, h, start_m, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     tl.store(LSE + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA,
+    O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh,
     Nq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     # delta = rowsum(dO * O) - dlse (the lse's own gradient enters dS through delta).
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    q_start, Nq, _, _, _, _ = _sequence(CU_Q, CU_Q, CU_Q, b, Nq, Nq, VARLEN, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, Nq, stride_om,
-                   offs_d, stride_od, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, Nq, stride_dom,
-                    offs_d, stride_dod, HEAD_DIM, BLOCK_D, True)
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om, offs_m, Nq,
+                   stride_om, offs_d, stride_od, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom, offs_m,
+                    Nq, stride_dom, offs_d, stride_dod, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = (b * tl.num_programs(1) + h).to(tl.int64) * Nq + offs_m
+    row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
     tl.store(DELTA + row, delta, mask=offs_m < Nq)
@@ -304,154 +398,207 @@ def _load_row_stats(LSE, DELTA, row, offs_m, Nq):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, diag_end, offs_n, offs_d,
-               Nq, causal_offset, qk_scale,
+def _probabilities(q, k, lse2, qk_scale, softcap_in, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``(P, dS/dP-scale)`` of a tile: P = exp(scores - lse), and the softcap's chain-rule factor 1 - tanh^2 (or 1)."""
+    qk = _scores(q, k, softcap_in, SOFTCAP, DOT_PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse2)
+    if SOFTCAP:
+        dcap = 1.0 - qk * qk
+    else:
+        dcap = 1.0
+    return p, dcap
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, diag_end, win_start, offs_n, offs_d,
+               Nq, causal_offset, window_offset, qk_scale, softcap_in,
                stride_qm, stride_qd, stride_dom, stride_dod,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Transposed tile (keys x queries), so P^T and dS^T feed the dK/dV dots without a transpose.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(q_base, offs_m, Nq, stride_qm, offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
     do = _load_tile(do_base, offs_m, Nq, stride_dom, offs_d, stride_dod, HEAD_DIM, BLOCK_D, True)
     lse2, delta = _load_row_stats(LSE, DELTA, row_base + offs_m, offs_m, Nq)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-    if MASKED:
+    p_t, dcap_t = _probabilities(k, q, lse2[None, :], qk_scale, softcap_in, SOFTCAP, DOT_PRECISION)
+    if CAUSAL:
         if start_m < diag_end:  # only query blocks on the diagonal pay for the mask
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+    if WINDOW:
+        if start_m + BLOCK_M > win_start:  # only query blocks on the window's left edge
+            p_t = tl.where(offs_n[:, None] >= offs_m[None, :] + window_offset, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = p_t * (dp_t - delta[None, :]) * dcap_t
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, group, Nq, Nk, causal_offset, sm_scale, qk_scale,
+    stride_lb, stride_lh,
+    H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
+    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
+    if VARLEN:
+        causal_offset += shift
+        window_offset += shift
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if start_n < kv_len:
-        k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, kv_len, stride_kn,
-                       offs_d, stride_kd, HEAD_DIM, BLOCK_D, True)
-        v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, kv_len, stride_vn,
-                       offs_d, stride_vd, HEAD_DIM, BLOCK_D, True)
+        k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn, offs_n,
+                       kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, True)
+        v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn, offs_n,
+                       kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, True)
         # Query rows [lo, full_start) see part of this key block (diagonal: masked); rows from
-        # full_start on see all of it. Rows before lo see none of it and are skipped.
+        # full_start on see all of it. Rows before lo see none of it and are skipped; with a
+        # window, so are rows from hi on, and rows from win_start on see only part of it.
         lo = 0
         full_start = 0
+        hi = Nq
+        win_start = Nq
         if CAUSAL:
             lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
             full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+        if WINDOW:
+            hi = tl.minimum(tl.maximum(start_n + BLOCK_N - window_offset, 0), Nq)
+            win_start = start_n + 1 - window_offset
         diag_end = tl.minimum(full_start, Nq)
         for g in range(0, group):
             # Every query head of the group, summed here: no atomics, one owner per dK/dV tile.
             h = hk * group + g
-            q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-            row_base = (b * H + h).to(tl.int64) * Nq
+            q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
+            do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom
+            row_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
             # One loop (two would each keep a software pipeline's buffers live: spills at head dim 128).
-            for start_m in range(lo, Nq, BLOCK_M):
+            for start_m in range(lo, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, diag_end,
-                                    offs_n, offs_d, Nq, causal_offset, qk_scale,
+                                    win_start, offs_n, offs_d, Nq, causal_offset, window_offset, qk_scale, softcap_in,
                                     stride_qm, stride_qd, stride_dom, stride_dod,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, DOT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     # Keys past kv_len are masked out of every row: their gradients are exactly zero.
     key_visible = (offs_n < kv_len)[:, None]
     dk = tl.where(key_visible, dk * sm_scale, 0.0)
     dv = tl.where(key_visible, dv, 0.0)
-    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, dk.to(DK.dtype.element_ty),
-                offs_n, Nk, stride_dkn, offs_d, stride_dkd, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh, dv.to(DV.dtype.element_ty),
-                offs_n, Nk, stride_dvn, offs_d, stride_dvd, HEAD_DIM, BLOCK_D)
+    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + k_start * stride_dkn,
+                dk.to(DK.dtype.element_ty), offs_n, Nk, stride_dkn, offs_d, stride_dkd, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + k_start * stride_dvn,
+                dv.to(DV.dtype.element_ty), offs_n, Nk, stride_dvn, offs_d, stride_dvd, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-             kv_len, causal_offset, qk_scale,
+             kv_len, causal_offset, window_offset, qk_scale, softcap_in,
              stride_kn, stride_kd, stride_vn, stride_vd,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             edge, po, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     cols = start_n + offs_n
     k = _load_tile(k_base, cols, kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
     v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    p, dcap = _probabilities(q, k, lse2[:, None], qk_scale, softcap_in, SOFTCAP, DOT_PRECISION)
     if MASKED:
-        visible = cols[None, :] < kv_len
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        p = tl.where(visible, p, 0.0)
+        if edge:
+            p = tl.where(_visible(cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta[:, None]) * dcap
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    if HAS_SINKS:  # rowsum(P * dP) = dO . O in fp32, from the unrounded O
+        po += tl.sum(p * dp, 1)
+    return dq, po
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_Q, CU_K, SINKS, DLSE, DSINKS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, group, Nq, Nk, causal_offset, sm_scale, qk_scale,
+    stride_lb, stride_lh,
+    H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DLSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ per block of queries; with sinks also this block's share of dsink = -sum_rows p_sink * (dO . O - dlse),
+    written to its own slot (DSINKS is (batch, query blocks, heads), summed in a fixed order: deterministic)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // group
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        if start_m >= Nq:
+            return
+        causal_offset += shift
+        window_offset += shift
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_len = _kv_len(KV_LENS, b, Nk, HAS_KV_LENS)
 
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, Nq, stride_qm,
-                   offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, Nq, stride_dom,
-                    offs_d, stride_dod, HEAD_DIM, BLOCK_D, True)
-    lse2, delta = _load_row_stats(LSE, DELTA, (b * H + h).to(tl.int64) * Nq + offs_m, offs_m, Nq)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm, offs_m, Nq,
+                   stride_qm, offs_d, stride_qd, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dom, offs_m,
+                    Nq, stride_dom, offs_d, stride_dod, HEAD_DIM, BLOCK_D, True)
+    row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    lse2, delta = _load_row_stats(LSE, DELTA, row, offs_m, Nq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    po = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                      kv_len, causal_offset, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                      kv_len, causal_offset, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PRECISION)
-    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty),
-                offs_m, Nq, stride_dqm, offs_d, stride_dqd, HEAD_DIM, BLOCK_D)
+    lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
+                                            BLOCK_M, BLOCK_N)
+    if WINDOW:  # one loop, masking only the edge tiles (as the forward)
+        for start_n in range(lo, end, BLOCK_N):
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                          kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+                          stride_kn, stride_kd, stride_vn, stride_vd, (start_n < full_lo) | (start_n >= full_end),
+                          po, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                          kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+                          stride_kn, stride_kd, stride_vn, stride_vd, False,
+                          po, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
+        for start_n in range(full_end, end, BLOCK_N):
+            dq, po = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                          kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+                          stride_kn, stride_kd, stride_vn, stride_vd, True,
+                          po, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
+    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm,
+                (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, Nq, stride_dqm, offs_d, stride_dqd, HEAD_DIM, BLOCK_D)
+    if HAS_SINKS:
+        # The sink is a key whose value is zero: dS_sink = p_sink * (0 - (dO . O - dlse)). lse2 is +inf on
+        # rows without a key (and past Nq), so p_sink = 0 there.
+        p_sink = tl.math.exp2(tl.load(SINKS + h) * 1.4426950408889634 - lse2)
+        if HAS_DLSE:
+            po -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
+        slot = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + h
+        tl.store(DSINKS + slot, -tl.sum(p_sink * po, 0))
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -523,6 +670,8 @@ _GPU_CONFIGS_16BIT = {
     },
     "sm80": {
         "fwd": {
+            # At head dim 32 the 4-warp tile with 3 stages hits the 128-register cap (8 bytes spilled): 2 stages.
+            32: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)],
             64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2)],
             256: [TileConfig(64, 64, 8, 2)],
@@ -548,7 +697,22 @@ _GPU_CONFIGS_FP32 = {
     "dkdv": {64: [TileConfig(16, 32, 4, 2)], 128: [TileConfig(16, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
+# With a feature on (_FEATURES) the kernels hold more registers: the candidates that do not spill
+# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs:
+# every feature on, the most registers any call takes).
+_FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
+_FEATURE_CONFIGS_16BIT = {
+    "sm90": {
+        "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
+        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
+    },
+    "sm80": {
+        "dkdv": {64: [TileConfig(16, 128, 8, 3)]},
+        "dq": {64: [TileConfig(128, 32, 8, 3)], 128: [TileConfig(64, 32, 8, 2), TileConfig(64, 32, 4, 2)]},
+    },
+}
 _PREPROCESS_BLOCK_M = 64
+_MIN_BLOCK_M = 16  # the smallest dq BLOCK_M of any configuration: sizes the dsinks partials
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
             "dq": _attn_bwd_dq_kernel}
 
@@ -564,13 +728,19 @@ def gpu_family(device: torch.device) -> str:
     return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
 
 
-def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90") -> list[TileConfig]:
+def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90",
+                features: bool = False) -> list[TileConfig]:
     """The autotuner's candidates for one kernel ('fwd', 'fwd_tma', 'dkdv', 'dq') at a padded head dim.
 
-    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32.
+    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32. ``features``: a
+    packed batch, window, softcap or sinks is on, which costs registers: where a plain
+    candidate would spill then, :data:`_FEATURE_CONFIGS_16BIT` names the ones that do not.
     """
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS_16BIT[family]
-    configs = table.get(kind, {}).get(max(64, block_d), [])
+    key = block_d if block_d in table.get(kind, {}) else max(64, block_d)  # head dims up to 64 share, but for 32
+    configs = table.get(kind, {}).get(key, [])
+    if features and dtype != torch.float32:
+        configs = _FEATURE_CONFIGS_16BIT[family].get(kind, {}).get(key, configs)
     return [c for c in configs if HAS_WARP_SPECIALIZE or not c.warp_specialize]
 
 
@@ -610,13 +780,16 @@ def _seq_bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str):
+def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str, features: bool):
     configs = [
         triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **_ws_kwarg(kind, c)}, num_warps=c.num_warps,
                       num_stages=c.num_stages, pre_hook=_set_block_shapes if kind == "fwd_tma" else None)
-        for c in gpu_configs(kind, block_d, dtype, family)
+        for c in gpu_configs(kind, block_d, dtype, family, features)
     ]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", "tune_nq", "tune_nk"])(
+    features = ["VARLEN"] if kind != "fwd_tma" else []
+    features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind != "dkdv" else [])
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", *features, "tune_nq", "tune_nk"],
+                           reset_to_zero=["DSINKS"] if kind == "dq" else None)(
         _KERNELS[kind]
     )
 
@@ -627,14 +800,16 @@ def _ws_kwarg(kind: str, c: TileConfig) -> dict:
 
 def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, consts: dict, device: torch.device):
     """Run kernel ``kind`` over a (row blocks, heads, batch) grid: autotuned on GPU, fixed on the interpreter."""
+    dtype = consts["_dtype"]
+    consts = {k: v for k, v in consts.items() if k in _KERNELS[kind].arg_names}  # the features this kernel has
     if device.type == "cuda":
-        kernel = launch(_autotuned(kind, consts["BLOCK_D"], consts["_dtype"], gpu_family(device)))
-        consts = {k: v for k, v in consts.items() if not k.startswith("_")}
+        features = any(consts.get(name) for name in _FEATURES)
+        kernel = launch(_autotuned(kind, consts["BLOCK_D"], dtype, gpu_family(device), features))
         block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
         kernel[lambda meta: (cdiv(grid_rows, meta[block]), heads, batch)](*args, **consts)
     else:
         c = _INTERPRET[kind]
-        consts = {k: v for k, v in consts.items() if not k.startswith("_")} | _ws_kwarg(kind, c)
+        consts = consts | _ws_kwarg(kind, c)
         if kind == "fwd_tma":
             _set_block_shapes({**dict(zip(_attn_fwd_tma_kernel.arg_names, args)), **consts,
                                "BLOCK_M": c.block_m, "BLOCK_N": c.block_n})
@@ -644,76 +819,154 @@ def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, cons
         )
 
 
-def _common_consts(q: torch.Tensor, causal_offset: int | None, kv_lens: torch.Tensor | None) -> dict:
+@dataclass(frozen=True)
+class _Problem:
+    """What the kernels need to know about one call beyond the tensors: the mask and the features.
+
+    ``causal_offset``/``window_offset``: query i sees keys ``j <= i + causal_offset``
+    (when ``causal``: causal, or a right window) and ``j >= i + window_offset`` (when
+    ``window``). Dense: absolute offsets. Packed (``cu`` set): relative to each
+    sequence's own diagonal, which the kernels add (``len_k - len_q``).
+    """
+
+    scale: float
+    causal: bool
+    causal_offset: int
+    window: bool
+    window_offset: int
+    softcap: float
+    sinks: torch.Tensor | None
+    kv_lens: torch.Tensor | None = None
+    cu: tuple | None = None  # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    @property
+    def qk_scale(self) -> float:  # the exp2-domain factor of the (capped) scores
+        return (self.softcap if self.softcap > 0 else self.scale) * LOG2E
+
+    @property
+    def softcap_in(self) -> float:  # what multiplies q k^T inside the tanh
+        return self.scale / self.softcap if self.softcap > 0 else 1.0
+
+
+def _dense_problem(q, k, scale, causal_offset, kv_lens, window_left, window_right, softcap, sinks) -> _Problem:
+    offset, left, right = _diagonal_bounds(causal_offset, q.shape[2], k.shape[2], window_left, window_right)
+    return _Problem(scale, right >= 0, offset + max(right, 0), left >= 0, offset - left, softcap, sinks, kv_lens)
+
+
+def _varlen_problem(cu, scale, window_left, window_right, softcap, sinks) -> _Problem:
+    return _Problem(scale, window_right >= 0, max(window_right, 0), window_left >= 0, -window_left, softcap, sinks,
+                    cu=cu)
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    """(batch, head, row, feature) strides: dense (B, H, N, D) as is, packed (total, H, D) with batch stride 0."""
+    return tuple(t.stride()) if t.dim() == 4 else (0, t.stride(1), t.stride(0), t.stride(2))
+
+
+def _common_consts(q: torch.Tensor, p: _Problem) -> dict:
     return {
         "HEAD_DIM": q.shape[-1],
         "BLOCK_D": _block_d(q.shape[-1]),
-        "CAUSAL": causal_offset is not None,
-        "HAS_KV_LENS": kv_lens is not None,
+        "CAUSAL": p.causal,
+        "HAS_KV_LENS": p.kv_lens is not None,
+        "VARLEN": p.cu is not None,
+        "WINDOW": p.window,
+        "SOFTCAP": p.softcap > 0,
+        "HAS_SINKS": p.sinks is not None,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "_dtype": q.dtype,
     }
 
 
-def _attention_forward(q, k, v, scale, causal_offset, kv_lens):
-    """Launch the forward. Returns ``o`` (contiguous, q's dtype) and ``lse`` (B, H, Nq) fp32."""
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    o = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
+def _shape(q, k, p: _Problem):
+    """(batch, heads, kv heads, rows per batch, keys per batch, lse strides (batch, head)) of a call.
+
+    Packed: the rows and keys are the longest sequences (they size the grid), the lse (heads, total_q).
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    if p.cu is None:
+        B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+        return B, H, Hkv, Nq, Nk, (H * Nq, Nq)
+    cu_q, _, max_q, max_k = p.cu
+    return cu_q.shape[0] - 1, H, Hkv, max_q, max_k, (0, q.shape[0])
+
+
+def _pointers(p: _Problem, fallback: torch.Tensor) -> tuple:
+    """KV_LENS, CU_Q, CU_K, SINKS: the absent ones as any tensor (the kernels never read them)."""
+    kv_lens = p.kv_lens if p.kv_lens is not None else fallback
+    cu_q, cu_k = (p.cu[0], p.cu[1]) if p.cu is not None else (fallback, fallback)
+    return kv_lens, cu_q, cu_k, p.sinks if p.sinks is not None else fallback
+
+
+def _forward(q, k, v, p: _Problem):
+    """Launch the forward. Returns ``o`` (contiguous, q's layout and dtype) and ``lse`` fp32
+    ((B, H, Nq) dense, (H, total_q) packed)."""
+    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq) if p.cu is None else (H, q.shape[0]), dtype=torch.float32, device=q.device)
+    if o.numel() == 0 or B == 0:
         return o, lse
-    consts = _common_consts(q, causal_offset, kv_lens)
-    if _tma_qualifies(q, k, v, o):
+    consts = _common_consts(q, p)
+    kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
+    offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
+    if p.cu is None and _tma_qualifies(q, k, v, o):
         block_d = consts["BLOCK_D"]  # the row counts are placeholders until the tile is chosen
         args = (
             _descriptor(q, 16, block_d), _descriptor(k, 16, block_d), _descriptor(v, 16, block_d),
-            _descriptor(o, 16, block_d), lse, kv_lens if kv_lens is not None else lse,
-            H, H // Hkv, Nq, Nk, causal_offset or 0, scale * LOG2E, _seq_bucket(Nq), _seq_bucket(Nk),
+            _descriptor(o, 16, block_d), lse, kv_lens, sinks, H, H // Hkv, Nq, Nk, *offsets,
         )
         _launch("fwd_tma", Nq, H, B, args, consts, q.device)
         return o, lse
     args = (
-        q, k, v, o, lse, kv_lens if kv_lens is not None else lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // Hkv, Nq, Nk, causal_offset or 0, scale * LOG2E, _seq_bucket(Nq), _seq_bucket(Nk),
+        q, k, v, o, lse, kv_lens, cu_q, cu_k, sinks,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *lse_strides,
+        H, H // Hkv, Nq, Nk, *offsets,
     )
     _launch("fwd", Nq, H, B, args, consts, q.device)
     return o, lse
 
 
-def _attention_backward(do, q, k, v, o, lse, dlse, scale, causal_offset, kv_lens):
-    """Launch the backward. Returns dq, dk, dv in the inputs' dtype."""
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if dq.numel() == 0 or dk.numel() == 0:  # no queries, or no keys (every row empty)
-        return dq.zero_(), dk.zero_(), dv.zero_()
+def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
+    """Launch the backward. Returns dq, dk, dv in the inputs' dtype, and dsinks (fp32, or None)."""
+    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    D = q.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dsinks = None if p.sinks is None else torch.zeros_like(p.sinks)
+    if dq.numel() == 0 or dk.numel() == 0 or B == 0:  # no queries, or no keys (every row empty)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
     block_d = _block_d(D)
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
-        o, do, dlse if dlse is not None else delta, delta, *o.stride(), *do.stride(), Nq,
-        HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=_PREPROCESS_BLOCK_M,
-        num_warps=4 if block_d <= 128 else 8,
+        o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *lse_strides, Nq,
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, VARLEN=p.cu is not None,
+        BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
     )
-    consts = _common_consts(q, causal_offset, kv_lens)
-    shared = (H, H // Hkv, Nq, Nk, causal_offset or 0, scale, scale * LOG2E, _seq_bucket(Nq), _seq_bucket(Nk))
-    kv_lens_arg = kv_lens if kv_lens is not None else lse
+    consts = _common_consts(q, p) | {"HAS_DLSE": dlse is not None}
+    shared = (*lse_strides, H, H // Hkv, Nq, Nk, p.causal_offset, p.window_offset, p.scale, p.qk_scale, p.softcap_in,
+              _seq_bucket(Nq), _seq_bucket(Nk))
     _launch("dkdv", Nk, Hkv, B, (
-        q, k, v, do, lse, delta, dk, dv, kv_lens_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *shared,
+        q, k, v, do, lse, delta, dk, dv, kv_lens, cu_q, cu_k,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *shared,
     ), consts, q.device)
+    # dsinks: one partial per dq program, (batch, query blocks, heads), sized for the smallest BLOCK_M
+    # of any configuration (zeros where no program writes; the autotuner re-zeroes it per trial),
+    # summed in a fixed order: deterministic.
+    partials = torch.zeros((B * cdiv(Nq, _MIN_BLOCK_M) if p.sinks is not None else 1, H), dtype=torch.float32,
+                           device=q.device)
     _launch("dq", Nq, H, B, (
-        q, k, v, do, lse, delta, dq, kv_lens_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *shared,
+        q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse if dlse is not None else lse, partials,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
     ), consts, q.device)
-    return dq, dk, dv
+    if p.sinks is not None:
+        dsinks = partials.sum(0)
+    return dq, dk, dv, dsinks
 
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+_FP32_POINTERS = {"LSE", "DELTA", "DLSE", "SINKS", "DSINKS"}
 
 
 def _signature(kernel, ptr: str, consts: dict) -> dict[str, str]:
@@ -729,9 +982,9 @@ def _signature(kernel, ptr: str, consts: dict) -> dict[str, str]:
             sig[name] = ptr
         elif name in _FP32_POINTERS:
             sig[name] = "*fp32"
-        elif name == "KV_LENS":
+        elif name in ("KV_LENS", "CU_Q", "CU_K"):
             sig[name] = "*i32"
-        elif name in ("qk_scale", "sm_scale"):
+        elif name in ("qk_scale", "sm_scale", "softcap_in"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -741,7 +994,8 @@ def _signature(kernel, ptr: str, consts: dict) -> dict[str, str]:
 def _divisible_by_16(sig: dict[str, str], head_dim: int) -> tuple[str, ...]:
     """Arguments the launcher marks divisible by 16 for aligned tensors laid out (B, H, N, head_dim) contiguously."""
     return tuple(name for name, ty in sig.items()
-                 if ty.startswith("*") or (name.startswith("stride_") and ty == "i32" and head_dim % 16 == 0))
+                 if ty.startswith("*") or (name.startswith("stride_") and not name.startswith("stride_l")
+                                           and ty == "i32" and head_dim % 16 == 0))
 
 
 def compile_specs() -> list[KernelSpec]:
@@ -764,30 +1018,37 @@ def compile_specs() -> list[KernelSpec]:
             block_d = _block_d(head_dim)
             for kind, kernel in _KERNELS.items():
                 # Each configuration once, with the targets of the families that can pick it.
-                targets: dict[TileConfig, list[int]] = {}
-                for family, cc in GPU_FAMILIES.items():
-                    for cfg in gpu_configs(kind, block_d, dtype, family):
-                        targets.setdefault(cfg, []).append(cc)
                 for causal in (False, True):
-                    for cfg, ccs in targets.items():
-                        c = {name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")}
-                        c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KV_LENS": False,
-                              "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
-                        sig = _signature(kernel, ptr, c)
-                        specs.append(KernelSpec(
-                            kernel, sig, c, cfg.num_warps, cfg.num_stages, hot=dtype != torch.float32,
-                            label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}",
-                            extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "targets": tuple(ccs),
-                                   "quick": head_dim in (64, 128)},
-                        ))
-            c = {"stride_od": 1, "stride_dod": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "HAS_DLSE": False,
-                 "BLOCK_M": _PREPROCESS_BLOCK_M}
-            sig = _signature(_attn_bwd_preprocess_kernel, ptr, c)
-            specs.append(KernelSpec(
-                _attn_bwd_preprocess_kernel, sig, c, 4 if block_d <= 128 else 8, 1, hot=False,
-                label=f"preprocess D={head_dim} {dtype}", extra={"divisible_by_16": _divisible_by_16(sig, head_dim)},
-            ))
+                    for features in (False, True):  # the plain path, and every feature on (packed, window, ...)
+                        targets: dict[TileConfig, list[int]] = {}
+                        for family, cc in GPU_FAMILIES.items():
+                            for cfg in gpu_configs(kind, block_d, dtype, family, features):
+                                targets.setdefault(cfg, []).append(cc)
+                        for cfg, ccs in targets.items():
+                            c = {name: 1 for name in kernel.arg_names
+                                 if name.startswith("stride_") and name.endswith("d")}
+                            c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KV_LENS": False,
+                                  "VARLEN": features, "WINDOW": features, "SOFTCAP": features,
+                                  "HAS_SINKS": features, "HAS_DLSE": False, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                                  "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
+                            c = {k: v for k, v in c.items() if k in kernel.arg_names}
+                            sig = _signature(kernel, ptr, c)
+                            specs.append(KernelSpec(
+                                kernel, sig, c, cfg.num_warps, cfg.num_stages, hot=dtype != torch.float32,
+                                label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}"
+                                      f"{' +features' if features else ''}",
+                                extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "targets": tuple(ccs),
+                                       "quick": head_dim in (64, 128) and not features},
+                            ))
+            for features in (False, True):
+                c = {"stride_od": 1, "stride_dod": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "HAS_DLSE": False,
+                     "VARLEN": features, "BLOCK_M": _PREPROCESS_BLOCK_M}
+                sig = _signature(_attn_bwd_preprocess_kernel, ptr, c)
+                specs.append(KernelSpec(
+                    _attn_bwd_preprocess_kernel, sig, c, 4 if block_d <= 128 else 8, 1, hot=False,
+                    label=f"preprocess D={head_dim} {dtype}{' +features' if features else ''}",
+                    extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "quick": not features},
+                ))
     return specs
 
 
@@ -851,13 +1112,10 @@ def _attention_backward_reference(do, q, k, v, o, lse, dlse, scale, visible, rea
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
-def _kernel_covers(window_left, window_right, softcap, sinks):  # TEMPORARY until the kernels have them
-    return window_left < 0 and window_right < 0 and softcap == 0 and sinks is None
-
-
 def _attention_op(q, k, v, kv_lens, scale, causal_offset, window_left=-1, window_right=-1, softcap=0.0, sinks=None):
-    if use_triton(q.device) and _kernel_covers(window_left, window_right, softcap, sinks):
-        return _attention_forward(q, k, v, scale, causal_offset, kv_lens)
+    if use_triton(q.device):
+        return _forward(q, k, v, _dense_problem(q, k, scale, causal_offset, kv_lens, window_left, window_right,
+                                                softcap, sinks))
     visible, real = _dense_mask(q, k, kv_lens, causal_offset, window_left, window_right)
     out, lse = masked_attention(q, k, v, scale, visible, real_keys=real, softcap=softcap, sinks=sinks)
     return out.contiguous(), lse.float()
@@ -865,11 +1123,11 @@ def _attention_op(q, k, v, kv_lens, scale, causal_offset, window_left=-1, window
 
 def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, kv_lens, scale, causal_offset,
                            window_left=-1, window_right=-1, softcap=0.0, sinks=None):
-    if use_triton(q.device) and _kernel_covers(window_left, window_right, softcap, sinks):
+    if use_triton(q.device):
         if grad_lse is not None:
             grad_lse = grad_lse.contiguous()  # e.g. lse.sum() hands back an expanded, stride-0 gradient
-        dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, grad_lse, scale, causal_offset, kv_lens)
-        dsinks = None
+        dq, dk, dv, dsinks = _backward(grad_out, q, k, v, out, lse, grad_lse, _dense_problem(
+            q, k, scale, causal_offset, kv_lens, window_left, window_right, softcap, sinks))
     else:
         visible, real = _dense_mask(q, k, kv_lens, causal_offset, window_left, window_right)
         dq, dk, dv, dsinks = _attention_backward_reference(grad_out, q, k, v, out, lse, grad_lse, scale, visible, real,
@@ -879,9 +1137,9 @@ def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, kv_lens, scale
 
 def _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
                softcap, sinks):
-    if use_triton(q.device) and False:
-        return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                               window_left, window_right, softcap, sinks)
+    if use_triton(q.device):
+        cu = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _forward(q, k, v, _varlen_problem(cu, scale, window_left, window_right, softcap, sinks))
     out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap, sinks)
     return out.contiguous(), lse.float()
 
@@ -895,12 +1153,12 @@ def _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softca
 
 def _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         scale, window_left, window_right, softcap, sinks):
-    if use_triton(q.device) and False:
+    if use_triton(q.device):
         if grad_lse is not None:
             grad_lse = grad_lse.contiguous()
-        dq, dk, dv, dsinks = _varlen_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
-                                              max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-                                              softcap, sinks)
+        cu = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        dq, dk, dv, dsinks = _backward(grad_out, q, k, v, out, lse, grad_lse,
+                                       _varlen_problem(cu, scale, window_left, window_right, softcap, sinks))
     else:
         visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], window_left, window_right)
         dq, dk, dv, dsinks = _attention_backward_reference(
@@ -1194,14 +1452,15 @@ def varlen_attention(
     scale = _check(q, k, v, None, scale, dims=3)
     left, right, softcap, sinks32 = _check_features(q, window_size, softcap, sinks)
     max_seqlen_q, max_seqlen_k = _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if not use_triton(q.device) and not torch.compiler.is_compiling():
+    if not use_triton(q.device) and check_values():
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           causal=causal, scale=scale, window_size=(left, right), softcap=softcap,
                                           sinks=sinks, return_lse=return_lse)
     left, right = window_bounds(causal, (left, right))
     if not use_triton(q.device):
-        # The reference's loop reads cu_seqlens on the host: the compiler traces the ops'
-        # block-diagonal twin instead, plain torch ops, differentiable to any order.
+        # The reference's loop reads cu_seqlens on the host: under kernels.unchecked() and
+        # torch.compile the ops' block-diagonal twin runs instead (no sync, traceable), plain
+        # torch ops, differentiable to any order.
         out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks)
         return (out, lse) if return_lse else out
     out, lse = varlen_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,

@@ -38,6 +38,32 @@ def test_every_kernel_config_compiles_without_spills(tmp_path):
     assert hopper_attn and all(r["tensor_cores"] == "HGMMA" for r in hopper_attn)
 
 
+def _compile_rows(tmp_path, targets: str, only: str) -> list[dict]:
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compile", "--quiet", "--targets", targets, "--json", str(out), "--only", only],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]  # no failure, no hot spill
+    return json.loads(out.read_text())["rows"]
+
+
+def test_ampere_attention_forward_at_head_dim_32_does_not_spill(tmp_path):
+    # Its 4-warp, 3-stage tile hit sm_80's 128-register cap and spilled 8 bytes (causal).
+    rows = _compile_rows(tmp_path, "80", "fwd D=32 causal torch.bfloat16[")
+    assert rows and all(r["spill_bytes"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_attention_features_compile_without_spills(tmp_path):
+    # Packed, window, softcap and sinks all on (the most registers any call takes), head dim 128:
+    # the candidates gpu_configs(features=True) gives, for both families.
+    rows = _compile_rows(tmp_path, "90,80", "D=128 causal torch.bfloat16 +features")
+    assert {r["kernel"] for r in rows} >= {"_attn_fwd_kernel", "_attn_fwd_tma_kernel", "_attn_bwd_dkdv_kernel",
+                                          "_attn_bwd_dq_kernel"}
+
+
 def test_hopper_attention_feeds_the_tensor_cores(tmp_path):
     # Only the configurations asserted on: the bf16 TMA forward at head dims 64/128 and
     # dK/dV at 128, for sm_90 (a few dozen compiles; Triton's cache makes reruns quick).

@@ -327,8 +327,9 @@ def test_compile_specs_cover_every_config():
     seen = {(s.name, s.constexprs["BLOCK_M"], s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages) for s in specs}
     for dtype, family in ((torch.float16, "sm90"), (torch.float16, "sm80"), (torch.float32, "sm90")):
         for kind, kernel in attention_module._KERNELS.items():
-            for block_d in (16, 64, 128, 256):
-                for c in attention_module.gpu_configs(kind, block_d, dtype, family):
+            for block_d in (16, 32, 64, 128, 256):
+                for c in (attention_module.gpu_configs(kind, block_d, dtype, family)
+                          + attention_module.gpu_configs(kind, block_d, dtype, family, features=True)):
                     assert (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, c.block_m, c.block_n,
                             c.num_warps, c.num_stages) in seen
 

@@ -188,3 +188,179 @@ def test_unchecked_skips_the_value_checks_and_syncs():
         assert out.shape == (9, 4, 16)
         with pytest.raises(TypeError, match="cu_seqlens_q must be an int32"):
             kernels.varlen_attention(*(args | dict(cu_seqlens_q=args["cu_seqlens_q"].long())).values())
+
+
+# ----------------------------------------------------------------------------- kernels vs the reference
+
+
+def _run(fn, tensors, grad_outs):
+    """(out, lse, grads of every tensor) of ``fn(*tensors)`` for upstream gradients (dout, dlse)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out, lse = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((out, lse), present, [g.to(o.dtype) for g, o in zip(grad_outs, (out, lse))])
+    return (out.detach(), lse.detach(), *grads)
+
+
+def _assert_rule(got, high, low, names):
+    for name, a, hi, lo in zip(names, got, high, low):
+        if name == "lse":  # rows that see no key: -inf in all three, the rest by the rule
+            assert torch.equal(torch.isinf(a), torch.isinf(hi)), "lse: rows without keys differ"
+            assert (a[torch.isinf(a)] < 0).all()
+            a, hi, lo = (t[torch.isfinite(hi)] for t in (a, hi, lo))
+        assert a.dtype == lo.dtype, name
+        assert_close_to_ref(a, hi, lo, factor=factor("attention", gradient=name not in ("out", "lse")), name=name)
+
+
+def check_varlen(lens_q, lens_k, H, Hkv, D, dtype, *, causal=False, window_size=(-1, -1), softcap=0.0,
+                 use_sinks=False, scale_by=1.0, seed=0, **kw):
+    """kernels.varlen_attention vs the reference by FlashAttention's rule: out, lse, dq, dk, dv (and dsinks)."""
+    q, k, v, do, dlse, sinks = _packed(lens_q, lens_k, H, Hkv, D, dtype, scale_by=scale_by, seed=seed)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    opts = dict(causal=causal, window_size=window_size, softcap=softcap, return_lse=True)
+
+    def call(impl):
+        return lambda q, k, v, s=None: impl(q, k, v, cu_q, cu_k, **kw, **opts, sinks=s)
+
+    tensors = (q, k, v, sinks if use_sinks else None)
+    got = _run(call(kernels.varlen_attention), tensors, (do, dlse))
+    high = _run(call(reference.varlen_attention), [None if t is None else t.to(HIGH[dtype]) for t in tensors[:3]]
+                + [None if not use_sinks else sinks.to(HIGH[dtype])], (do.to(HIGH[dtype]), dlse))
+    low = _run(call(reference.varlen_attention), tensors, (do, dlse))
+    _assert_rule(got, high, low, ("out", "lse", "dq", "dk", "dv", "dsinks"))
+    return got
+
+
+VARLEN_CASES = {  # lens_q, lens_k, H, Hkv, D, options
+    "block-edges-causal": ([0, 1, 127, 128, 129], [0, 1, 127, 128, 129], 2, 1, 32, dict(causal=True)),
+    "q!=k-causal-window": ([1, 127, 129, 0], [3, 128, 100, 5], 2, 2, 64, dict(causal=True, window_size=(16, 0))),
+    "window-both-softcap-sinks": ([70, 100], [70, 100], 2, 1, 40,
+                                  dict(window_size=(16, 16), softcap=5.0, use_sinks=True)),
+    "right-window-sinks": ([65, 31], [65, 31], 2, 1, 16, dict(window_size=(-1, 8), use_sinks=True)),
+    "window-0-0": ([50, 77], [50, 77], 2, 2, 16, dict(window_size=(0, 0))),
+    "full": ([33, 0, 70], [40, 7, 70], 4, 2, 24, dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen_fp16_matches_reference(case):
+    lens_q, lens_k, H, Hkv, D, opts = VARLEN_CASES[case]
+    check_varlen(lens_q, lens_k, H, Hkv, D, torch.float16, **opts)
+
+
+def test_varlen_fp32_every_feature():
+    check_varlen([33, 0, 70], [33, 5, 70], 2, 1, 24, torch.float32, causal=True, window_size=(20, 0), softcap=2.0,
+                 use_sinks=True)
+
+
+def test_softcap_with_scores_near_1e4():
+    # Scores of ~1e4 saturate the tanh: the capped softmax and its gradient stay finite and exact.
+    check_varlen([40, 61], [40, 61], 2, 1, 16, torch.float32, causal=True, softcap=30.0, use_sinks=True,
+                 scale_by=100.0)
+
+
+def test_varlen_without_max_seqlen_inside_unchecked():
+    # No host sync: the grid covers the totals and the programs past each sequence return.
+    lens = [5, 70, 0, 19]
+    q, k, v, *_ = _packed(lens, lens, 2, 1, 16, torch.float32)
+    cu = _cu(lens)
+    want = kernels.varlen_attention(q, k, v, cu, cu, causal=True, window_size=(8, 0))
+    with kernels.unchecked():
+        got = kernels.varlen_attention(q, k, v, cu, cu, causal=True, window_size=(8, 0))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def check_dense(B, H, Hkv, Nq, Nk, D, dtype, *, kv_lens=None, use_sinks=False, seed=0, **opts):
+    """kernels.attention with the new features vs the reference: out, lse and every gradient."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, h, n, D, generator=g).to(DEVICE, dtype)
+                   for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk), (H, Nq)))
+    dlse = torch.randn(B, H, Nq, generator=g).to(DEVICE)
+    sinks = torch.randn(H, generator=g).to(DEVICE) if use_sinks else None
+
+    def call(impl):
+        return lambda q, k, v, s=None: impl(q, k, v, kv_lens=kv_lens, sinks=s, return_lse=True, **opts)
+
+    got = _run(call(kernels.attention), (q, k, v, sinks), (do, dlse))
+    high = _run(call(reference.attention), [None if t is None else t.to(HIGH[dtype]) for t in (q, k, v, sinks)],
+                (do.to(HIGH[dtype]), dlse))
+    low = _run(call(reference.attention), (q, k, v, sinks), (do, dlse))
+    _assert_rule(got, high, low, ("out", "lse", "dq", "dk", "dv", "dsinks"))
+    return got
+
+
+DENSE_CASES = {  # B, H, Hkv, Nq, Nk, D, dtype, options
+    "d256-causal-window-softcap-sinks": (1, 2, 1, 65, 65, 256, torch.float16,
+                                         dict(causal=True, window_size=(32, 0), softcap=10.0, use_sinks=True)),
+    "d128-gqa-window-both-sinks": (1, 4, 2, 100, 150, 128, torch.float16, dict(window_size=(40, 40), use_sinks=True)),
+    "kv_lens-right-window-softcap": (2, 2, 1, 70, 90, 32, torch.float32,
+                                     dict(window_size=(-1, 5), softcap=4.0, kv_lens=torch.tensor([90, 40]))),
+    "causal-Nq>Nk-window": (2, 2, 2, 90, 50, 16, torch.float16, dict(causal=True, window_size=(7, 3))),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_dense_features_match_reference(case):
+    *shape, dtype, opts = DENSE_CASES[case]
+    if "kv_lens" in opts:
+        opts = opts | dict(kv_lens=opts["kv_lens"].to(DEVICE))
+    check_dense(*shape, dtype, **opts)
+
+
+def test_dense_pointer_forward_with_features(monkeypatch):
+    # fp16 takes the TMA forward where strides allow; sm_80 and odd strides run the pointer kernel.
+    monkeypatch.setattr(attention_module, "_tma_qualifies", lambda *tensors: False)
+    check_dense(1, 4, 2, 80, 97, 32, torch.float16, causal=True, window_size=(20, 0), softcap=3.0, use_sinks=True)
+
+
+@pytest.mark.parametrize("specialize", [False, True], ids=["boundary-masked", "warp-specialized"])
+def test_tma_forward_windows(monkeypatch, specialize):
+    if DEVICE != "cpu":
+        pytest.skip("tile shapes are autotuned on a GPU")
+    monkeypatch.setitem(attention_module._INTERPRET, "fwd_tma", attention_module.TileConfig(32, 16, 4, 1, specialize))
+    check_dense(1, 2, 1, 70, 97, 16, torch.float16, window_size=(20, 9), use_sinks=True)
+
+
+def test_small_tiles_window_edges(monkeypatch):
+    # Windows narrower and wider than a tile, with BLOCK_M != BLOCK_N: the loop bounds and edge masks.
+    if DEVICE != "cpu":
+        pytest.skip("tile shapes are autotuned on a GPU")
+    cfg = attention_module.TileConfig
+    for kind, c in (("fwd", cfg(16, 32, 4, 1)), ("dkdv", cfg(32, 16, 4, 1)), ("dq", cfg(16, 32, 4, 1))):
+        monkeypatch.setitem(attention_module._INTERPRET, kind, c)
+    check_varlen([45, 3, 40], [50, 3, 40], 1, 1, 16, torch.float32, causal=True, window_size=(5, 0), use_sinks=True)
+    check_varlen([35, 50], [50, 35], 1, 1, 16, torch.float32, window_size=(40, 2))
+
+
+def test_backward_with_sinks_is_deterministic():
+    lens = [30, 50]
+    q, k, v, do, dlse, sinks = _packed(lens, lens, 2, 1, 16, torch.float16)
+    cu = _cu(lens)
+
+    def run():
+        return _run(lambda q, k, v, s: kernels.varlen_attention(q, k, v, cu, cu, causal=True, window_size=(9, 0),
+                                                                softcap=5.0, sinks=s, return_lse=True),
+                    (q, k, v, sinks), (do, dlse))
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_dsinks_partials_fit_every_dq_tile():
+    # The dsinks partials are sized for BLOCK_M >= _MIN_BLOCK_M: every configuration must respect it.
+    tiles = [attention_module._INTERPRET["dq"]]
+    for dtype, family in ((torch.float16, "sm90"), (torch.float16, "sm80"), (torch.float32, "sm90")):
+        for block_d in (16, 64, 128, 256):
+            tiles += attention_module.gpu_configs("dq", block_d, dtype, family)
+    assert min(c.block_m for c in tiles) >= attention_module._MIN_BLOCK_M
+
+
+def test_nn_attention_passes_the_features():
+    q, k, v, *_ = _packed([20], [20], 2, 1, 16, torch.float32)
+    dense = [t.transpose(0, 1)[None] for t in (q, k, v)]
+    sinks = torch.randn(2, device=DEVICE)
+    layer = kernels.nn.Attention(causal=True, window_size=(4, 0), softcap=3.0)
+    want = kernels.attention(*dense, causal=True, window_size=(4, 0), softcap=3.0, sinks=sinks)
+    torch.testing.assert_close(layer(*dense, sinks=sinks), want, rtol=0, atol=0)
+    assert "window_size=(4, 0)" in repr(layer)

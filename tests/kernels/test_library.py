@@ -151,8 +151,12 @@ def test_fullgraph_compile_runs_the_triton_ops():
     x, _, w, b = _norm_inputs()
     logits, t, h, hw, hb = _ce_inputs()
 
+    qp, kp, vp, cu_q, cu_k = _varlen_inputs()
+
     def step():
-        return kernels.layer_norm(x, 40, w, b).sum() + kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4)
+        packed = kernels.varlen_attention(qp, kp, vp, cu_q, cu_k, 6, 7, causal=True, window_size=(2, 0)).sum()
+        return (kernels.layer_norm(x, 40, w, b).sum() + kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4)
+                + packed)
 
     torch._dynamo.reset()
     with kernels.use_backend("triton"):
@@ -191,6 +195,9 @@ def _sync_cases():
     yield "add_rms_norm", lambda: kernels.add_rms_norm(x, r, 40, w)[0], 0
     yield "attention", lambda: kernels.attention(q, k, v, causal=True), 0
     yield "attention_kv_lens", lambda: kernels.attention(q, k, v, kv_lens=kv_lens), 1
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    yield "attention_features", lambda: kernels.attention(q, k, v, causal=True, window_size=(3, 0), softcap=5.0,
+                                                          sinks=sinks), 0
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t), 1
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), 1
 
@@ -206,6 +213,27 @@ def test_host_syncs_per_call(case, backend):
         with kernels.unchecked(), CountSyncs() as counter:
             fn().float().sum().backward()
         assert counter.count == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_varlen_host_syncs(monkeypatch, backend):
+    # varlen_attention's value checks read cu_seqlens with one tolist() (one device-to-host copy),
+    # which no aten call shows: count it directly, with the aten syncs.
+    qp, kp, vp, cu_q, cu_k = _varlen_inputs()
+    copies = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: copies.append(t) or tolist(t))
+
+    def run():
+        copies.clear()
+        with CountSyncs() as counter:
+            kernels.varlen_attention(qp, kp, vp, cu_q, cu_k, causal=True, window_size=(2, 0)).sum().backward()
+        return counter.count + len(copies)
+
+    with kernels.use_backend(backend):
+        assert run() == 1 if backend == "triton" else run() >= 1  # the reference loops over cu_seqlens on the host
+        with kernels.unchecked():
+            assert run() == 0
 
 
 def test_unchecked_skips_only_value_checks():

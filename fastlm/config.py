@@ -56,10 +56,22 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int = 0  # task classify: number of labels (0: set from the data when training starts)
     n_encoder_layer: Optional[int] = None  # task seq2seq: encoder blocks (None: n_layer); the decoder has n_layer
+    # Sliding-window attention (Mistral's and Gemma's sliding_window): each query sees the `window` most recent
+    # tokens, itself included (causal; an encoder's, `window` - 1 on either side). None: every token before it.
+    window: Optional[int] = None
+    # With window: every global_every-th layer (the last of each group) attends globally, the rest locally, as
+    # Gemma 2 (2) and Gemma 3 (6) do; 0: every layer is local.
+    global_every: int = 0
 
     @property
     def encoder_layers(self) -> int:
         return self.n_layer if self.n_encoder_layer is None else self.n_encoder_layer
+
+    def layer_window(self, layer: int) -> int | None:
+        """The window of block ``layer`` (counted from 0 in its stack); None where it attends globally."""
+        if self.window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.window
 
     @property
     def kv_heads(self) -> int:
@@ -126,6 +138,10 @@ class TrainConfig:
     data: Optional[str] = None
     val_fraction: float = 0.05  # share of documents held out for validation
     seq_len: int = 256  # lm: tokens per sequence; classify/seq2seq: longest input (longer ones are truncated)
+    # lm: each row is a window of the token stream, documents one after another with <|endoftext|> before each.
+    # true: a token attends only to its own document's tokens in the row and positions restart at each
+    # document (its <|endoftext|> at 0); false: to every earlier token of the row.
+    document_mask: bool = False
     target_len: int = 64  # seq2seq: longest target in tokens, end token included (longer ones are truncated)
     batch_size: int = 16  # sequences per micro-batch, over all processes together
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -229,6 +245,16 @@ class Config:
             raise ConfigError(f"dropout must be in [0, 1), got {m.dropout}")
         if m.n_encoder_layer is not None and m.n_encoder_layer <= 0:
             raise ConfigError(f"n_encoder_layer must be positive, got {m.n_encoder_layer}")
+        if m.window is not None and m.window < 1:
+            raise ConfigError(f"window must be a positive number of tokens (or none: global attention), got {m.window}")
+        if m.global_every < 0:
+            raise ConfigError(f"global_every must be >= 0 (0: every layer local), got {m.global_every}")
+        if m.global_every and m.window is None:
+            raise ConfigError(f"global_every ({m.global_every}) picks the global layers among windowed ones: "
+                              "it needs a window (set window, or global_every=0)")
+        if t.document_mask and t.task != "lm":
+            raise ConfigError(f"document_mask applies to task lm, whose rows pack documents; task {t.task} pads "
+                              "each example in a row of its own")
         if m.num_classes < 0 or m.num_classes == 1:
             raise ConfigError(f"num_classes must be 0 (from the data) or at least 2, got {m.num_classes}")
         if t.task == "seq2seq" and t.target_len > m.block_size:

@@ -43,7 +43,8 @@ from .files import atomic_write, remove_dir
 from .jsonfile import read_json_object, require
 from .tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
-CACHE_FORMAT = 2  # bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut)
+# Bump when the cached files' layout or the tokenizer recipe changes (2: long pre-tokens cut; 3: digits split).
+CACHE_FORMAT = 3
 SINGLE_FILE_PIECES = 20
 # Not code to learn from: tests, installed third-party packages, and two packages that are mostly data
 # (encodings' character tables, pydoc_data's help text).
@@ -348,12 +349,31 @@ def train_rng(seed: int, step: int, micro_step: int) -> np.random.Generator:
     return np.random.default_rng([seed, _TRAIN, step, micro_step])
 
 
-def _batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int, shard: tuple[int, int]):
+def _batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int, shard: tuple[int, int],
+           eot: int | None) -> tuple[torch.Tensor, ...]:
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # the whole batch's, so any part is the same
     starts = shard_rows(starts, shard)
     window = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+    inputs = window[:, :-1]
+    documents = () if eot is None else document_spans(inputs, eot)
     window = torch.from_numpy(window)
-    return window[:, :-1], window[:, 1:]  # inputs, next-token targets: (B, T) each
+    return window[:, :-1], window[:, 1:], *documents  # inputs, next-token targets: (B, T) each
+
+
+def document_spans(rows: np.ndarray, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the documents of token rows ``rows`` (B, T) lie, for attention confined to each: ``cu_seqlens``,
+    int32 (documents + 1,), the prefix sums of their lengths over the flattened rows (flash-attention's
+    convention), and ``positions`` (B, T) int64, each token's place in its document. A document starts at
+    its row's first token and at each ``<|endoftext|>``, which opens the document after it as a start token
+    does (so the model predicts a document's first token from it alone, as sampling from an empty prompt
+    does). Computed on the host from the batch's ids, so the device is never asked for them."""
+    B, T = rows.shape
+    starts = rows.reshape(-1) == eot
+    starts[::T] = True  # no document crosses a row
+    first = np.flatnonzero(starts)
+    cu_seqlens = np.append(first, B * T).astype(np.int32)
+    positions = np.arange(B * T) - first[np.cumsum(starts) - 1]
+    return torch.from_numpy(cu_seqlens), torch.from_numpy(positions.reshape(B, T))
 
 
 def check_lengths(data: TokenData, seq_len: int) -> None:
@@ -364,14 +384,17 @@ def check_lengths(data: TokenData, seq_len: int) -> None:
 
 
 def train_batch(data: TokenData, seed: int, step: int, micro_step: int, batch_size: int, seq_len: int,
-                shard: tuple[int, int] = (0, 1)):
-    """The micro-batch for (step, micro_step): a pure function of its arguments. ``shard=(rank, world)``
-    picks that rank's rows of it, so W processes together read exactly the batch one process would."""
-    return _batch(data.train, train_rng(seed, step, micro_step), batch_size, seq_len, shard)
+                shard: tuple[int, int] = (0, 1), eot: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The micro-batch for (step, micro_step): a pure function of its arguments, (inputs, targets), and with
+    ``eot`` (the ``<|endoftext|>`` id, for attention within documents) the inputs' :func:`document_spans`
+    too. ``shard=(rank, world)`` picks that rank's rows of it, so W processes together read exactly the
+    batch one process would."""
+    return _batch(data.train, train_rng(seed, step, micro_step), batch_size, seq_len, shard, eot)
 
 
 def val_batch(data: TokenData, seed: int, index: int, batch_size: int, seq_len: int,
-              shard: tuple[int, int] = (0, 1)):
-    """The ``index``-th validation batch (its ``shard``); the same at every evaluation, so val losses compare."""
+              shard: tuple[int, int] = (0, 1), eot: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The ``index``-th validation batch (its ``shard``; ``eot`` as in :func:`train_batch`); the same at every
+    evaluation, so val losses compare."""
     rng = np.random.default_rng([seed, _VAL, index])
-    return _batch(data.val, rng, batch_size, seq_len, shard)
+    return _batch(data.val, rng, batch_size, seq_len, shard, eot)

@@ -98,6 +98,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 def hf_config_from_model(config: ModelConfig, eos_token_id: int | None = None) -> dict:
     """The transformers ``config.json`` for a fastlm :class:`ModelConfig`."""
     c = config
+    if c.window is not None:
+        raise CheckpointError(f"this model attends through a sliding window (window={c.window}); GPT-2 and Llama, "
+                              "the transformers architectures fastlm exports, have none")
     common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "dtype": "float32",
               "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     if (c.norm, c.mlp, c.position, c.bias) == ("layernorm", "gelu", "learned", True):

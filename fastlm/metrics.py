@@ -168,6 +168,13 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def bits_per_byte(loss: float, tokens: int, text_bytes: float) -> float:
+    """A mean loss of ``loss`` nats per token over ``tokens`` tokens standing for ``text_bytes`` bytes of text, in
+    bits per byte: unlike a loss per token, comparable between tokenizers (which cut the same text into
+    different numbers of tokens)."""
+    return loss * tokens / (text_bytes * math.log(2)) if text_bytes else math.inf
+
+
 # ----------------------------------------------------------------------------- model FLOPs of the example tasks
 # (the language model's: ModelConfig.flops_per_token)
 

@@ -40,6 +40,13 @@ true lengths to the attention kernel as ``kv_lens``, so a padded position is nev
 a key and changing it changes no real position's output. The decoder of
 :class:`Seq2Seq` adds cross-attention (queries from the target, keys and values
 from the encoder output, ``kv_lens`` again) between self-attention and the MLP.
+
+Self-attention may be local: ``ModelConfig.window`` and ``global_every`` give each
+layer a sliding window (the kernel's ``window_size``) or none. A language model's
+rows may pack documents that must not see each other: the batch then brings the
+documents' spans (``docs``, flash-attention's ``cu_seqlens`` over the flattened
+rows) and each token's position in its document, and attention runs through
+``kernels.varlen_attention``, one sequence per document.
 """
 
 from __future__ import annotations
@@ -116,9 +123,11 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head (or grouped-query) self-attention; causal for decoders, bidirectional for encoders."""
+    """Multi-head (or grouped-query) self-attention; causal for decoders, bidirectional for encoders; over the
+    whole sequence or a sliding ``window`` of it (the ``window`` most recent tokens, itself included, and as many
+    ahead when not causal). Over packed rows (``docs``) a token attends only within its own document."""
 
-    def __init__(self, config: ModelConfig, causal: bool = True):
+    def __init__(self, config: ModelConfig, causal: bool = True, window: int | None = None):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         qkv = (config.n_head + 2 * config.kv_heads) * config.head_dim
@@ -126,9 +135,14 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.rotary = config.position == "rope"
         self.causal = causal
+        # flash-attention's (left, right) keys either side of the diagonal; -1: unbounded.
+        self.window_size = (-1, -1) if window is None else (window - 1, 0 if causal else window - 1)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
+                cache: KVCache | None, layer: int, kv_lens: torch.Tensor | None = None,
+                docs: torch.Tensor | None = None) -> torch.Tensor:
+        """``docs``: the rows' documents as int32 prefix sums over the flattened (B * T) tokens
+        (``cu_seqlens``, see :func:`fastlm.data.document_spans`); none crosses a row."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -136,16 +150,21 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = kernels.rope(q, k, *rope)  # cos/sin (T, head_dim): this call's positions
+            cos, sin, *positions = rope
+            q, k = kernels.rope(q, k, cos, sin, position_ids=positions[0] if positions else None)
         if cache is not None:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-        # Causal masking is bottom-right aligned, so T new queries against a longer
+        if docs is not None:  # each document of the packed rows its own sequence; T bounds their lengths
+            q, k, v = (t.transpose(1, 2).reshape(B * T, t.size(1), self.head_dim) for t in (q, k, v))
+            y = kernels.varlen_attention(q, k, v, docs, docs, T, T, causal=self.causal, window_size=self.window_size)
+            return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
+        # Causal masking (and the window) is bottom-right aligned, so T new queries against a longer
         # cached key sequence see every cached position and their own prefix.
-        y = kernels.attention(q, k, v, causal=self.causal, kv_lens=kv_lens)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = kernels.attention(q, k, v, causal=self.causal, kv_lens=kv_lens, window_size=self.window_size)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # from (B, H, T, D)
         return self.c_proj(y)
 
 
@@ -201,17 +220,17 @@ class Block(nn.Module):
     """Pre-norm block over a split residual stream: ``h`` is the last branch output not yet
     added to ``residual``, so each add happens inside the next norm's fused kernel."""
 
-    def __init__(self, config: ModelConfig, causal: bool = True):
+    def __init__(self, config: ModelConfig, causal: bool = True, window: int | None = None):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = SelfAttention(config, causal)
+        self.attn = SelfAttention(config, causal, window)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
         self.drop = _dropout(config)  # on each branch's output, before it joins the residual
 
-    def forward(self, h, residual, rope, cache, layer, kv_lens=None):
+    def forward(self, h, residual, rope, cache, layer, kv_lens=None, docs=None):
         x, residual = add_norm(self.ln_1, h, residual)
-        h = self.drop(self.attn(x, rope, cache, layer, kv_lens))
+        h = self.drop(self.attn(x, rope, cache, layer, kv_lens, docs))
         x, residual = add_norm(self.ln_2, h, residual)
         return self.drop(self.mlp(x)), residual
 
@@ -219,10 +238,10 @@ class Block(nn.Module):
 class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention to the encoder output, MLP; pre-norm, split residual."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, window: int | None = None):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = SelfAttention(config, causal=True)
+        self.attn = SelfAttention(config, causal=True, window=window)
         self.ln_2 = make_norm(config)
         self.cross = CrossAttention(config)
         self.ln_3 = make_norm(config)
@@ -258,17 +277,20 @@ class _Transformer(nn.Module):
             self.register_buffer("rope_sin", sin.clone(), persistent=False)
         return {}
 
-    def _embed(self, stack: nn.ModuleDict, h: torch.Tensor, start: int):
-        """Token embeddings ``h`` (B, T, C) at positions ``start..start+T`` of ``stack``: with learned
-        positions added, or with the rotary tables for those positions."""
+    def _embed(self, stack: nn.ModuleDict, h: torch.Tensor, start: int, positions: torch.Tensor | None = None):
+        """Token embeddings ``h`` (B, T, C) at positions ``start..start+T`` of ``stack``, or at ``positions``
+        (B, T) (each token's own, as in packed rows): with learned positions added, or with the rotary tables
+        for those positions."""
         T = h.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        rope = None
+        rope = None  # (cos, sin) for this call's positions, or (cos, sin, positions (B, T)) into the whole tables
         if "wpe" in stack:
-            h = h + stack.wpe(torch.arange(start, start + T, device=h.device))
-        else:
+            h = h + stack.wpe(torch.arange(start, start + T, device=h.device) if positions is None else positions)
+        elif positions is None:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        else:
+            rope = (self.rope_cos, self.rope_sin, positions)  # the tables, indexed per token by the kernel
         if self.config.dropout:
             h = F.dropout(h, self.config.dropout, self.training)
         return h, rope
@@ -307,6 +329,23 @@ def _check_lengths(idx: torch.Tensor, lens: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must lie in [1, {idx.size(1)}] (the padded length); got values in [{lo}, {hi}]")
 
 
+def _check_documents(idx: torch.Tensor, docs: torch.Tensor, positions: torch.Tensor) -> None:
+    """``docs`` int32 (documents + 1,) and ``positions`` integer (B, T) for token ids ``idx`` (B, T). Their values
+    (prefix sums ending at B * T, positions in [0, T)) are checked by the attention kernel and, with a host sync,
+    here, both skipped inside ``kernels.unchecked()`` and while compiling: the trainer makes them valid."""
+    if docs.dim() != 1 or docs.dtype != torch.int32 or docs.numel() < 2:
+        raise ValueError(f"docs must be int32 prefix sums of the documents' lengths, shape (documents + 1,); "
+                         f"got {docs.dtype} of shape {tuple(docs.shape)}")
+    if positions.shape != idx.shape or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be an integer tensor of shape {tuple(idx.shape)}, one per token; "
+                         f"got {positions.dtype} of shape {tuple(positions.shape)}")
+    if check_values() and idx.numel():
+        lo, hi = positions.min().item(), positions.max().item()
+        if lo < 0 or hi >= idx.size(1):
+            raise ValueError(f"positions must lie in [0, {idx.size(1)}) (a document's place in its row); "
+                             f"got values in [{lo}, {hi}]")
+
+
 def _encode(model: _Transformer, stack: nn.ModuleDict, h: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """Bidirectional blocks of ``stack`` over embeddings ``h`` (B, T, C), right padding masked by ``lens``;
     the final normed hidden states (B, T, C)."""
@@ -327,7 +366,7 @@ class GPT(_Transformer):
         super().__init__()
         self.config = config
         modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd), **self._position_modules(config)}
-        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["h"] = nn.ModuleList([Block(config, window=config.layer_window(i)) for i in range(config.n_layer)])
         modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         # A tied head is the embedding matrix itself: no separate parameter, nothing shared in checkpoints.
@@ -341,23 +380,36 @@ class GPT(_Transformer):
     def head_weight(self) -> torch.Tensor:
         return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, n_embd) for token ids ``idx`` (B, T)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, n_embd) for token ids ``idx`` (B, T); with ``docs`` and
+        ``positions``, of rows that pack documents (see :meth:`forward`)."""
+        if (docs is None) != (positions is None):
+            raise ValueError("docs and positions describe packed documents together: pass both or neither")
+        if docs is not None:
+            if cache is not None:
+                raise ValueError("packed documents (docs) are for training and evaluation, not a KV cache")
+            _check_documents(idx, docs, positions)
         start = 0 if cache is None else cache.length
-        h, rope = self._embed(self.transformer, self.transformer.wte(idx), start)
+        h, rope = self._embed(self.transformer, self.transformer.wte(idx), start, positions)
         residual = None
         for layer, block in enumerate(self.transformer.h):
-            h, residual = block(h, residual, rope, cache, layer)
+            h, residual = block(h, residual, rope, cache, layer, docs=docs)
         x, _ = add_norm(self.transformer.ln_f, h, residual)
         if cache is not None:
             cache.length += idx.size(1)
         return x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, docs: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, *, cache: KVCache | None = None) -> torch.Tensor:
         """With ``targets`` (B, T): the mean cross-entropy loss, through the fused head + loss
-        (no logits tensor). Without: logits (B, vocab) of the last position, for sampling."""
-        x = self.hidden_states(idx, cache)
+        (no logits tensor). Without: logits (B, vocab) of the last position, for sampling.
+
+        Rows that pack several documents, each attending only within itself, come with ``docs``, the
+        int32 prefix sums of the documents' lengths over the flattened (B * T) tokens (flash-attention's
+        ``cu_seqlens``; no document crosses a row), and ``positions`` (B, T), each token's position in its
+        document: :func:`fastlm.data.document_spans` makes both."""
+        x = self.hidden_states(idx, cache, docs, positions)
         weight = self.head_weight
         dtype = active_dtype(x)
         if targets is not None:
@@ -376,7 +428,8 @@ class Classifier(_Transformer):
             raise ValueError(f"a classifier needs num_classes >= 2, got {config.num_classes}")
         self.config = config
         modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd), **self._position_modules(config)}
-        modules["h"] = nn.ModuleList([Block(config, causal=False) for _ in range(config.n_layer)])
+        modules["h"] = nn.ModuleList([Block(config, causal=False, window=config.layer_window(i))
+                                      for i in range(config.n_layer)])
         modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.head = nn.Linear(config.n_embd, config.num_classes)
@@ -409,11 +462,12 @@ class Seq2Seq(_Transformer):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.encoder = nn.ModuleDict({
             **self._position_modules(config),
-            "h": nn.ModuleList([Block(config, causal=False) for _ in range(config.encoder_layers)]),
+            "h": nn.ModuleList([Block(config, causal=False, window=config.layer_window(i))
+                                for i in range(config.encoder_layers)]),
             "ln_f": make_norm(config)})
         self.decoder = nn.ModuleDict({
             **self._position_modules(config),
-            "h": nn.ModuleList([DecoderBlock(config) for _ in range(config.n_layer)]),
+            "h": nn.ModuleList([DecoderBlock(config, config.layer_window(i)) for i in range(config.n_layer)]),
             "ln_f": make_norm(config)})
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.reset_parameters()

@@ -371,8 +371,11 @@ def verify_resume(run_dir: Path, checkpoint: Path, cfg: Config) -> dict:
         require(record, state_json, {"config": dict, "files": dict}, CheckpointError)
         since = f"of run {run_dir} was changed since checkpoint {checkpoint.name} was written"
         changed = []
+        defaults = computed_config(Config())
         for section, now in computed_config(saved).items():
-            then = record["config"].get(section, {})
+            # A field the checkpoint did not record did not exist yet: config.json, written at the same time,
+            # lacked it too and reads it as its default, which computes what fastlm computed before it.
+            then = {**defaults[section], **record["config"].get(section, {})}
             changed += [f"{name} {then.get(name)!r} -> {now.get(name)!r}" for name in sorted(set(now) | set(then))
                         if then.get(name) != now.get(name)]
         if changed:

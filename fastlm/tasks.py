@@ -7,7 +7,7 @@ FLOPs in :mod:`fastlm.metrics`.
 One loop (:func:`fastlm.train.train`) serves three tasks, chosen by ``TrainConfig.task``:
 
 - ``lm``: next-token prediction with :class:`~fastlm.model.GPT` on a text corpus
-  (:mod:`fastlm.data`); evaluated by validation loss and perplexity.
+  (:mod:`fastlm.data`); evaluated by validation loss, perplexity and bits per byte of text.
 - ``classify``: a label per text with :class:`~fastlm.model.Classifier`, from a CSV or
   JSONL file of ``text,label`` (:mod:`fastlm.taskdata`); evaluated on the whole held-out
   split by loss, accuracy, macro-F1 and a confusion matrix (past ``metrics.FULL_CONFUSION_LABELS``
@@ -42,11 +42,11 @@ from . import taskdata
 from .batching import IGNORE, Batch, encode_texts, lengths, pad
 from .config import Config, ConfigError
 from .generate import decode_batch
-from .metrics import (classification_metrics, classifier_flops, format_confusion, load_sacrebleu, perplexity,
-                      seq2seq_flops, seq2seq_metrics)
+from .metrics import (bits_per_byte, classification_metrics, classifier_flops, format_confusion, load_sacrebleu,
+                      perplexity, seq2seq_flops, seq2seq_metrics)
 from .model import build_model
 from .rundir import read_labels
-from .tokenizer import eot_id, load_tokenizer
+from .tokenizer import eot_id, load_tokenizer, token_byte_lengths
 
 SPLIT_VERSION = 2  # bump when taskdata.split_examples draws a different split (tokenizer cache key)
 
@@ -146,6 +146,8 @@ class LanguageModeling(Task):
                 tokenizer = data_lib.cached_tokenizer(docs, chash, t.val_fraction, self.cfg.model.vocab_size)
             _check_vocab(tokenizer, self.cfg)
             self.tokens = data_lib.tokenize_corpus(docs, chash, tokenizer, t.val_fraction)
+        self.token_bytes = token_byte_lengths(tokenizer)  # None: val_bpb is not reported
+        self.eot = eot_id(tokenizer) if t.document_mask else None  # batches carry their documents' spans
         data_lib.check_lengths(self.tokens, t.seq_len)
         info = {"task": self.name, "source": t.data or "python-stdlib", "corpus_hash": chash,
                 "documents": self.tokens.num_documents, "train_tokens": len(self.tokens.train),
@@ -160,8 +162,13 @@ class LanguageModeling(Task):
 
     def train_batch(self, step: int, micro: int, shard: tuple[int, int]) -> Batch:
         t = self.cfg.train
-        x, y = data_lib.train_batch(self.tokens, t.seed, step, micro, t.batch_size, t.seq_len, shard)
-        return Batch((x, y), x.numel(), x.numel() * self.cfg.model.flops_per_token(t.seq_len), y.numel())
+        tensors = data_lib.train_batch(self.tokens, t.seed, step, micro, t.batch_size, t.seq_len, shard, self.eot)
+        x, y = tensors[:2]
+        if self.eot is None:
+            flops = x.numel() * self.cfg.model.flops_per_token(t.seq_len)
+        else:  # attention runs over each document, not the whole row
+            flops = sum(n * self.cfg.model.flops_per_token(n) for n in np.diff(tensors[2].numpy()).tolist())
+        return Batch(tensors, x.numel(), flops, y.numel())
 
     def step_loss_terms(self, step: int) -> int:
         """Loss terms of a whole step (every micro-batch, every rank): a token each."""
@@ -172,17 +179,24 @@ class LanguageModeling(Task):
     def evaluate(self, model: nn.Module, device: torch.device, autocast: Callable) -> dict[str, Any]:
         """Mean loss over the fixed validation batches (each rank evaluates its part of each)."""
         t = self.cfg.train
-        losses = []
+        losses, text_bytes = [], 0
         shard = (distributed.rank(), distributed.world_size())
         for i in range(t.eval_batches):
-            x, y = data_lib.val_batch(self.tokens, t.seed, i, t.batch_size, t.seq_len, shard)
+            tensors = data_lib.val_batch(self.tokens, t.seed, i, t.batch_size, t.seq_len, shard, self.eot)
             with autocast():
-                losses.append(model(x.to(device), y.to(device)).float())
+                losses.append(model(*(x.to(device) for x in tensors)).float())
+            if self.token_bytes is not None:
+                text_bytes += int(self.token_bytes[tensors[1].numpy()].sum())  # on the host, from the batch's ids
         val_loss = distributed.mean(torch.stack(losses).mean()).item()
-        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        evals = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        if self.token_bytes is not None:
+            text_bytes = distributed.total(torch.tensor(text_bytes, dtype=torch.float64)).item()
+            evals["val_bpb"] = bits_per_byte(val_loss, t.eval_batches * t.batch_size * t.seq_len, text_bytes)
+        return evals
 
     def describe(self, metrics: dict[str, Any]) -> str:
-        return f"val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})"
+        bpb = f", {metrics['val_bpb']:.4f} bits/byte" if "val_bpb" in metrics else ""
+        return f"val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f}{bpb})"
 
     def report(self, evals: dict[str, Any], run_dir: Path) -> str:
         return f" (ln(vocab_size) = {math.log(self.cfg.model.vocab_size):.3f})"  # the loss of a uniform guess

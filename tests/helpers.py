@@ -37,6 +37,15 @@ def write_corpus(folder: Path, files: int = 24) -> Path:
     return folder
 
 
+def write_short_documents(folder: Path, files: int = 80) -> Path:
+    """A corpus of documents a few lines long: rows of 32 tokens hold several, so masking them matters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        body = "".join(f"def f{j}(x):\n    return x + {(i * j) % 9}\n" for j in range(1 + i % 3))
+        (folder / f"doc_{i:02d}.py").write_text(f"# doc {i}\n" + body)
+    return folder
+
+
 def micro_config(data: Path, **train_overrides) -> Config:
     train_fields = dict(data=str(data), seq_len=32, batch_size=4, max_steps=8, lr=3e-3, min_lr=3e-4,
                         warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1, save_interval=4,

@@ -13,7 +13,8 @@ from fastlm import tasks
 from fastlm import train as train_module
 from fastlm.cli import main
 from fastlm.train import make_optimizer, train
-from helpers import MICRO, losses, micro_config, task_config, write_classification, write_copy_task
+from helpers import (MICRO, losses, micro_config, task_config, write_classification, write_copy_task,
+                     write_short_documents)
 
 aten = torch.ops.aten
 # What reads a tensor's value on the host (Tensor.item/tolist/bool/==, torch.equal) reaches one of these.
@@ -63,11 +64,14 @@ def host_reads_per_step(monkeypatch, cfg, run_dir) -> list[list[str]]:
 def task_configs(tmp_path, corpus, **overrides) -> dict:
     logged = {"log_interval": 4, "eval_interval": 4, "save_interval": 4, "max_steps": 5, **overrides}
     return {"lm": micro_config(corpus, **logged, grad_accum=2),
+            # Rows of several documents, attention confined to each: their spans come with the batch.
+            "lm-packed": micro_config(write_short_documents(tmp_path / "docs"), **logged, grad_accum=2,
+                                      document_mask=True),
             "classify": task_config("classify", write_classification(tmp_path / "labels.csv"), **logged),
             "seq2seq": task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), **logged)}
 
 
-@pytest.mark.parametrize("task", ["lm", "classify", "seq2seq"])
+@pytest.mark.parametrize("task", ["lm", "lm-packed", "classify", "seq2seq"])
 def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, corpus, monkeypatch, task):
     per_step = host_reads_per_step(monkeypatch, task_configs(tmp_path, corpus)[task], tmp_path / "run")
     assert len(per_step) == 5
@@ -77,7 +81,7 @@ def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, corpus, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("task", ["lm", "lm-packed", "classify"])
 def test_steps_on_the_triton_kernels_read_nothing_on_the_host(tmp_path, corpus, monkeypatch, task):
     # The kernels through Triton's interpreter (slow on CPU: two steps, one evaluation batch). Between them
     # the two tasks run every kernel a training step calls (seq2seq adds none, and its evaluation's greedy
@@ -113,6 +117,10 @@ def family_config(family, tmp_path, corpus):
     steps = {"max_steps": 3, "log_interval": 1, "eval_interval": 3, "save_interval": 3, "eval_batches": 1}
     if family in ("gpt2", "llama"):
         cfg = micro_config(corpus, **steps)
+    elif family == "llama-packed":  # documents masked, sliding windows in every other layer
+        cfg = micro_config(write_short_documents(tmp_path / "docs"), **steps, document_mask=True)
+        for name, value in {**LLAMA, "window": 8, "global_every": 2}.items():
+            cfg.set(name, value)
     else:
         cfg = task_configs(tmp_path, corpus, **steps)[family]
     for name, value in (LLAMA if family == "llama" else {}).items():
@@ -120,7 +128,7 @@ def family_config(family, tmp_path, corpus):
     return cfg.validate()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", pytest.param("classify", marks=pytest.mark.slow),
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama-packed", pytest.param("classify", marks=pytest.mark.slow),
                                     pytest.param("seq2seq", marks=pytest.mark.slow)])  # padded: recompiles
 def test_compiled_training_matches_eager(tmp_path, corpus, monkeypatch, family):
     # `--set compile=true` end to end: the trainer compiles the model as one graph (fullgraph: a graph

@@ -36,6 +36,10 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "tokens_per_sec", "mfu", "peak_mem_bytes"} <= set(record)
     assert record["mfu"] is None  # no GPU peak on CPU
+    # The loss per byte of text: the loss per token over the bytes a token stands for (~2.5 here), in bits.
+    bpb = losses(run, "val_bpb")
+    assert bpb.keys() == losses(run, "val_loss").keys()
+    assert 0.2 < bpb[30] * math.log(2) / losses(run, "val_loss")[30] < 0.6
 
 
 def test_resume_is_bit_exact(tmp_path, corpus):
@@ -52,6 +56,28 @@ def test_resume_is_bit_exact(tmp_path, corpus):
     a = load_file(str(straight / "checkpoints" / "step_00000008" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step_00000008" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_with_an_older_tokenizer_resumes_exactly_with_it(tmp_path, corpus, monkeypatch):
+    """A run keeps the tokenizer.json it started with: one made before digits were split (BPE merged them)
+    resumes, bit for bit, with that tokenizer, not with a new one."""
+    import functools
+
+    from fastlm.tokenizer import load_tokenizer, train_tokenizer
+
+    cfg = micro_config(corpus)
+    straight = tmp_path / "straight"
+    with monkeypatch.context() as patched:
+        patched.setattr(data_lib, "train_tokenizer", functools.partial(train_tokenizer, split_digits=False))
+        train(cfg, straight, progress=False)
+    old = load_tokenizer(straight / "tokenizer.json")
+    assert "Digits" not in old.to_str() and any(sum(c.isdigit() for c in t) > 1 for t in old.get_vocab())
+
+    resumed = tmp_path / "resumed"
+    stop_after_checkpoint(straight, resumed, "step_00000008", 7)
+    train(cfg, resumed, resume_from=resumed / "checkpoints" / "step_00000004", progress=False)
+    assert losses(resumed) == losses(straight) and losses(resumed, "val_loss") == losses(straight, "val_loss")
+    assert load_tokenizer(resumed / "tokenizer.json").to_str() == old.to_str()
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -198,10 +224,40 @@ def test_long_runs_without_whitespace_train_in_linear_time():
     pieces = tokenizer.pre_tokenizer.pre_tokenize_str(letters[:10_000])
     assert max(len(p) for p, _ in pieces) == MAX_PRETOKEN_BYTES and "".join(p for p, _ in pieces) == letters[:10_000]
     assert tokenizer.decode(tokenizer.encode(letters[:5000]).ids) == letters[:5000]
-    # Ordinary text (lines under MAX_PRETOKEN_BYTES) pre-tokenizes exactly as GPT-2's byte-level rule does.
+    # Ordinary text (lines under MAX_PRETOKEN_BYTES) pre-tokenizes exactly as GPT-2's byte-level rule does
+    # once every digit is split off.
     normal = (Path(__file__).read_text() + "naïve café, 中文 — ok\n\n\t  x")
-    assert tokenizer.pre_tokenizer.pre_tokenize_str(normal) == \
-        pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(normal)
+    assert tokenizer.pre_tokenizer.pre_tokenize_str(normal) == pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)]).pre_tokenize_str(normal)
+
+
+def test_digits_are_single_tokens_and_other_characters_stay_whole(corpus):
+    """No token holds two digits, however often a number occurs; the split happens on the text, so the bytes
+    of 'β' (CE B2, the second mapped to the digit-like '²') and of '½' stay one pre-token each."""
+    from fastlm.tokenizer import train_tokenizer
+
+    texts = [p.read_text() for p in corpus.iterdir()] + ["year = 2026 + 1999 # αβγ ½\n" * 50]
+    tokenizer = train_tokenizer(texts, 400)
+    assert not [t for t in tokenizer.get_vocab() if sum(c in "0123456789" for c in t) > 1]
+    ids = tokenizer.encode("year = 2026").ids
+    assert [tokenizer.decode([i]) for i in ids[-5:]] == [" ", "2", "0", "2", "6"]
+    pieces = [p for p, _ in tokenizer.pre_tokenizer.pre_tokenize_str("x = αβγ ½ 12")]
+    assert pieces == ["x", "Ġ=", "ĠÎ±Î²Î³", "Ġ", "Â½", "Ġ", "1", "2"]
+    merged = train_tokenizer(texts, 400, split_digits=False)  # the older recipe: "2026" learnt as a token
+    assert [merged.decode([i]) for i in merged.encode("year = 2026").ids][-1] == " 2026"
+
+
+def test_token_byte_lengths_add_up_to_the_text(corpus):
+    """Bytes per token id: a text's tokens stand for exactly its UTF-8 bytes; <|endoftext|> for none."""
+    from fastlm.tokenizer import EOT, eot_id, token_byte_lengths, train_tokenizer
+
+    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()] + ["naïve café, 中文 — ok ½ 3.14"], 320)
+    lengths = token_byte_lengths(tokenizer)
+    for text in ("def func_3(x, y):\n    return x * 2 + y\n", "naïve café, 中文 — ok ½ 3.14 \U0001f600"):
+        assert lengths[tokenizer.encode(text).ids].sum() == len(text.encode())
+    assert lengths[eot_id(tokenizer)] == 0 and len(lengths) == tokenizer.get_vocab_size()
+    assert lengths[tokenizer.encode(EOT).ids].sum() == 0
 
 
 def test_long_preparation_shows_progress(tmp_path, corpus, capsys, monkeypatch):

@@ -143,6 +143,8 @@ def _hf_rms_norm_semantics(module: torch.nn.Module) -> tuple[float, str] | None:
     where it rounds: the casting mode whose reference is nearest its output (dtype included).
     """
     weight, eps = getattr(module, "weight", None), _hf_rms_eps(module)
+    if isinstance(module, fused.RMSNorm):  # already ours (patched before): nothing to replace
+        return None
     if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
             and weight.dim() == 1 and eps is not None and weight.device.type != "meta"):
         return None

@@ -472,3 +472,22 @@ def test_gelu_mlps_run_geglu(hidden_act, glu_calls):
         torch.testing.assert_close(patched(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert len(glu_calls) == 2
 
+
+def test_patching_a_llama_twice_keeps_its_parameters_and_modules():
+    torch.manual_seed(0)
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = [id(p) for p in model.parameters()]
+    modules = [id(m) for m in model.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.patch(model)
+    assert [id(p) for p in model.parameters()] == params and [id(m) for m in model.modules()] == modules
+    report = model.kernels_patch_report
+    assert "norm: RMSNorm already fused" in report.patched
+    assert "mlp: GatedMLP already fused (kernels.swiglu)" in report.patched
+    assert "rope: LlamaAttention already runs kernels.rope" in report.patched
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    model.train()(ids, labels=ids).loss.backward()
+    optimizer.step()  # the optimizer built before the second patch still holds the model's parameters
+    assert all(p.grad is not None for p in model.parameters())

@@ -57,11 +57,10 @@ import contextvars
 import copy
 import functools
 import inspect
+import sys
 import types
 import warnings
 from dataclasses import dataclass, field
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -216,9 +215,10 @@ def _gated_mlp_activation(module: torch.nn.Module) -> str | None:
     The probe runs the module's own forward on a shallow copy whose projections are small random
     Linears (8 -> 16 -> 8): cheap whatever the model's size, and independent of its weights.
     """
-    if any(p.device.type == "meta" for p in module.parameters()):
+    parameters = list(module.parameters())
+    if not parameters or any(p.device.type == "meta" for p in parameters):
         return None
-    device = next(module.parameters()).device
+    device = parameters[0].device
     generator = torch.Generator().manual_seed(0)
     hidden, inner = 8, 16
 
@@ -453,14 +453,17 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
 
     def fallback(reason: str):
         # transformers' SDPA has no softcap: a model that has one (Gemma 2) falls back to its own eager attention.
+        mask = attention_mask
         if softcap:
-            import sys
             forward, name = sys.modules[type(module).__module__].eager_attention_forward, "eager"
+            if mask is not None and mask.dtype == torch.bool:
+                # Eager attention adds its mask to the scores; ours (SDPA's) is boolean: make it additive.
+                mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(~mask, torch.finfo(query.dtype).min)
         else:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward as forward
             name = "sdpa"
         _warn_once(reason, name)
-        return forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
 
     if dropout > 0.0:

@@ -491,3 +491,19 @@ def test_patching_a_llama_twice_keeps_its_parameters_and_modules():
     model.train()(ids, labels=ids).loss.backward()
     optimizer.step()  # the optimizer built before the second patch still holds the model's parameters
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gemma2_fallback_to_eager_attention_matches_unpatched():
+    # Left padding is not a mask the kernel takes; Gemma 2 (attention softcap) falls back to its eager attention,
+    # which adds the mask to the scores: the boolean mask the "fastlm" implementation builds must become additive.
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(windowed_config("gemma2"),
+                                                              attn_implementation="eager").eval()
+    patched = kernels.patch(copy.deepcopy(reference))
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(13))
+    left = torch.ones(2, SEQ, dtype=torch.long)
+    left[1, :3] = 0
+    patch_module._warned.clear()
+    with pytest.warns(UserWarning, match="running transformers' eager attention"), torch.no_grad():
+        got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
+    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)

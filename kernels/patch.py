@@ -456,6 +456,10 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
         mask = attention_mask
         if softcap:
             forward, name = sys.modules[type(module).__module__].eager_attention_forward, "eager"
+            if mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+                # SDPA's None means "plain causal" (within the window), which eager attention cannot infer.
+                mask = _visible(query.shape[2], key.shape[2], _window_left(kwargs.get("sliding_window")),
+                                query.device)[None, None]
             if mask is not None and mask.dtype == torch.bool:
                 # Eager attention adds its mask to the scores; ours (SDPA's) is boolean: make it additive.
                 mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(~mask, torch.finfo(query.dtype).min)

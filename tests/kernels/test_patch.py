@@ -507,3 +507,22 @@ def test_gemma2_fallback_to_eager_attention_matches_unpatched():
     with pytest.warns(UserWarning, match="running transformers' eager attention"), torch.no_grad():
         got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
     torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_attention_dropout_falls_back_to_causal_eager_attention():
+    # Without padding the mask is None (plain causal); eager attention has no is_causal, so the fallback must
+    # build the causal (windowed) mask itself. Same seed, same dropout draws: the same loss.
+    torch.manual_seed(0)
+    config = windowed_config("gemma2")
+    config.attention_dropout = 0.25
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    patched = kernels.patch(copy.deepcopy(reference))
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(14))
+    patch_module._warned.clear()
+    losses = []
+    for model in (patched, reference):
+        torch.manual_seed(15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            losses.append(model(ids, labels=ids, use_cache=False).loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)

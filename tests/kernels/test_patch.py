@@ -526,3 +526,19 @@ def test_gemma2_attention_dropout_falls_back_to_causal_eager_attention():
             warnings.simplefilter("ignore")
             losses.append(model(ids, labels=ids, use_cache=False).loss)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_recomputes_through_the_fused_rope(rope_calls):
+    # The recomputed attention forward sets the RoPE switch again: the kernel runs twice per layer, same gradients.
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa").train()
+    patched = kernels.patch(copy.deepcopy(reference))
+    for model in (reference, patched):
+        model.activation_checkpointing_enable()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(16))
+    loss, grads = _loss_and_grads(patched, ids)
+    loss_ref, grads_ref = _loss_and_grads(reference, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for (name, _), g, g_ref in zip(reference.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(rope_calls) == 4

@@ -9,6 +9,22 @@
   function: with Gemma's ``offset=1.0`` (it stores ``w`` and scales by ``1 + w``)
   where that is what they compute, and the ``casting_mode`` ("llama", "gemma") that
   rounds where they round.
+- Gated MLPs: a module with ``gate_proj``, ``up_proj`` and ``down_proj`` children
+  (``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``GemmaMLP``, ``Gemma2MLP``, ...) whose
+  forward a probe shows to be ``down_proj(act(gate_proj(x)) * up_proj(x))`` becomes a
+  :class:`kernels.nn.GatedMLP` holding the same three projections (same Parameters,
+  same state-dict names): SiLU runs :func:`kernels.swiglu`, tanh GELU
+  (``gelu_pytorch_tanh``) and exact GELU :func:`kernels.geglu`. Any other activation, or
+  another forward, is left as is and reported.
+- RoPE, for the Llama, Mistral, Qwen2, Gemma and Gemma 2 families: their attention
+  modules call the module-level ``apply_rotary_pos_emb`` of their modeling module. That
+  function is replaced, once per modeling module, by one that runs :func:`kernels.rope`
+  (``unsqueeze_dim`` 1 or 2) only inside the forward of an attention module that was
+  patched (a context variable set by that module's forward) and the original everywhere
+  else, so an unpatched model of the same family in the same process computes as before.
+  These families rotate the whole head dim (their rotary modules ignore a
+  ``partial_rotary_factor``); tables narrower than the head, or tables that require
+  grad, go to the original function too.
 - Attention, for ``transformers`` causal LMs of the GPT-2, Llama, Mistral, Qwen2,
   Gemma and Gemma 2 families: the model's attention implementation is set to
   ``"fastlm"``, registered in transformers' ``AttentionInterface``. Without padding it
@@ -28,8 +44,8 @@
   (labels shifted exactly as transformers' ``ForCausalLMLoss``, ``num_items_in_batch``
   honoured) and returns ``logits=None``: the (tokens x vocab) logits are never
   materialised. In eval mode, or without labels, the model's own forward runs
-  and returns logits as usual. Gemma 2 caps its final logits (``final_logit_softcapping``),
-  which the fused loss lacks: its own loss runs, and the report says so.
+  and returns logits as usual. Gemma 2's final-logit cap (``final_logit_softcapping``) is
+  the fused loss's ``softcap``.
 
 Patching is idempotent. What was asked for and could not be patched is listed in
 ``model.kernels_patch_report`` and in one warning.
@@ -37,9 +53,11 @@ Patching is idempotent. What was asked for and could not be patched is listed in
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import inspect
+import sys
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -52,9 +70,11 @@ from . import reference
 from .attention import MAX_HEAD_DIM, attention, varlen_attention
 from ._library import autocast_dtype
 from .cross_entropy import linear_cross_entropy
+from .rope import rope
 
 ATTN_IMPLEMENTATION = "fastlm"
 SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2")
+ROPE_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 
 _warned: set[str] = set()
 
@@ -71,19 +91,23 @@ class PatchReport:
         return "\n".join(lines) or "nothing to patch"
 
 
-def patch(model: torch.nn.Module, *, attention: bool = True, norm: bool = True, loss: bool = True) -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, attention: bool = True, norm: bool = True, mlp: bool = True,
+          rope: bool = True, loss: bool = True) -> torch.nn.Module:
     """Swap the fused kernels into ``model`` in place and return it; see the module docstring."""
     report = PatchReport()
     if norm:
         _patch_norms(model, report)
+    if mlp:
+        _patch_gated_mlps(model, report)
     family = _hf_causal_lm_family(model)
-    for wanted, name, apply in ((attention, "attention", _patch_attention), (loss, "loss", _patch_loss)):
+    for wanted, name, apply in ((attention, "attention", _patch_attention), (rope, "rope", _patch_rope),
+                                (loss, "loss", _patch_loss)):
         if not wanted:
             continue
         if family is None:
             report.not_patched.append(f"{name}: {type(model).__name__} is not a transformers causal LM of a "
                                       f"supported family ({', '.join(SUPPORTED_FAMILIES)}); call kernels.attention / "
-                                      "kernels.linear_cross_entropy from the model's code instead")
+                                      "kernels.rope / kernels.linear_cross_entropy from the model's code instead")
         else:
             apply(model, family, report)
     model.kernels_patch_report = report
@@ -118,6 +142,8 @@ def _hf_rms_norm_semantics(module: torch.nn.Module) -> tuple[float, str] | None:
     where it rounds: the casting mode whose reference is nearest its output (dtype included).
     """
     weight, eps = getattr(module, "weight", None), _hf_rms_eps(module)
+    if isinstance(module, fused.RMSNorm):  # already ours (patched before): nothing to replace
+        return None
     if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
             and weight.dim() == 1 and eps is not None and weight.device.type != "meta"):
         return None
@@ -173,6 +199,159 @@ def _patch_norms(model: torch.nn.Module, report: PatchReport) -> None:
         report.patched.append(f"norm: {n} {cls} module(s) run kernels.nn" if n else f"norm: {cls} already fused")
     for cls in sorted(unknown):
         report.not_patched.append(f"norm: {cls} (unknown semantics; left as is)")
+
+
+# ----------------------------------------------------------------------------- gated MLPs
+
+_GATED_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_GLU_ACTIVATIONS = {"silu": "kernels.swiglu", "gelu_tanh": "kernels.geglu (approximate='tanh')",
+                    "gelu": "kernels.geglu (approximate='none')"}
+
+
+def _gated_mlp_activation(module: torch.nn.Module) -> str | None:
+    """The :class:`kernels.nn.GatedMLP` activation of a module with ``gate_proj``/``up_proj``/``down_proj``
+    children whose forward is ``down_proj(act(gate_proj(x)) * up_proj(x))``, or None; a probe decides.
+
+    The probe runs the module's own forward on a shallow copy whose projections are small random
+    Linears (8 -> 16 -> 8): cheap whatever the model's size, and independent of its weights.
+    """
+    parameters = list(module.parameters())
+    if not parameters or any(p.device.type == "meta" for p in parameters):
+        return None
+    device = parameters[0].device
+    generator = torch.Generator().manual_seed(0)
+    hidden, inner = 8, 16
+
+    def probe_linear(n_in: int, n_out: int) -> torch.nn.Linear:
+        linear = torch.nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            for p in linear.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+        return linear.to(device)
+
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)
+    twin._modules.update(gate_proj=probe_linear(hidden, inner), up_proj=probe_linear(hidden, inner),
+                         down_proj=probe_linear(inner, hidden))
+    x = torch.randn(3, hidden, generator=generator).to(device)
+    with torch.no_grad():
+        try:
+            got = twin(x)
+        except Exception:  # a forward that needs more than the three projections: not this structure
+            return None
+        gate, up = twin.gate_proj(x), twin.up_proj(x)
+        for activation in _GLU_ACTIVATIONS:
+            expected = twin.down_proj(reference.glu.glu(gate, up, activation))
+            if torch.is_tensor(got) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5,
+                                                                                       atol=1e-6):
+                return activation
+    return None
+
+
+def _patch_gated_mlps(model: torch.nn.Module, report: PatchReport) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    unknown: set[str] = set()
+    replaced: dict[int, torch.nn.Module] = {}  # a module shared by several parents is replaced once
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, fused.GatedMLP):
+                counts.setdefault(("GatedMLP", child.activation), 0)
+                continue
+            if id(child) not in replaced and all(n in child._modules for n in _GATED_PROJECTIONS):
+                activation = _gated_mlp_activation(child)
+                if activation is None:
+                    act = getattr(child, "act_fn", None)
+                    unknown.add(type(child).__name__ + (f" with {type(act).__name__}" if act is not None else ""))
+                    continue
+                new = fused.GatedMLP(1, 1, activation, device="meta")  # its projections are the child's own
+                for projection in _GATED_PROJECTIONS:
+                    setattr(new, projection, getattr(child, projection))  # same Parameters, same state-dict names
+                new.train(child.training)
+                replaced[id(child)] = new
+                key = (type(child).__name__, activation)
+                counts[key] = counts.get(key, 0) + 1
+            if id(child) in replaced:
+                setattr(parent, name, replaced[id(child)])
+    for (cls, activation), n in sorted(counts.items()):
+        report.patched.append(f"mlp: {n} {cls} module(s) run {_GLU_ACTIVATIONS[activation]}" if n
+                              else f"mlp: {cls} already fused ({_GLU_ACTIVATIONS[activation]})")
+    for cls in sorted(unknown):
+        report.not_patched.append(f"mlp: {cls} (not act(gate_proj(x)) * up_proj(x) with SiLU, tanh GELU or "
+                                  "GELU; left as is)")
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+# True inside the forward of an attention module that kernels.patch patched: only there does the
+# replaced apply_rotary_pos_emb run kernels.rope (other models of the same family keep the original).
+_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("kernels_patch_rope", default=False)
+_ROPE_ARGUMENTS = ("q", "k", "cos", "sin")
+
+
+def _rope_compatible(function) -> bool:
+    """Whether ``function`` has the signature of transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``."""
+    names = list(inspect.signature(function).parameters)
+    return names[:4] == list(_ROPE_ARGUMENTS) and set(names[4:]) <= {"unsqueeze_dim", "position_ids"}
+
+
+def _fused_apply_rotary_pos_emb(original):
+    """``original`` (a modeling module's ``apply_rotary_pos_emb``) through :func:`kernels.rope` where patched."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(*args, **kwargs):
+        if _ROPE_ACTIVE.get():
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            q, k, cos, sin = (bound.arguments[n] for n in _ROPE_ARGUMENTS)
+            unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
+            if (bound.arguments.get("position_ids") is None and q.dim() == k.dim() == 4 and cos.dim() == 3
+                    and unsqueeze_dim in (1, 2) and cos.shape[-1] == q.shape[-1]
+                    and not (cos.requires_grad or sin.requires_grad)):
+                if unsqueeze_dim == 1:  # (batch, heads, seq, head_dim), as kernels.rope takes them
+                    return rope(q, k, cos, sin)
+                q_embed, k_embed = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
+        return original(*args, **kwargs)
+
+    apply_rotary_pos_emb._kernels_original = original
+    return apply_rotary_pos_emb
+
+
+def _rope_scoped_forward(self, *args, **kwargs):
+    """A patched attention module's forward: its own, with the fused RoPE switched on for its duration."""
+    token = _ROPE_ACTIVE.set(True)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _ROPE_ACTIVE.reset(token)
+
+
+def _patch_rope(model, family: str, report: PatchReport) -> None:
+    if family not in ROPE_FAMILIES:
+        return  # GPT-2: learned positions, nothing to rotate
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        modeling = sys.modules.get(type(module).__module__)
+        function = getattr(modeling, "apply_rotary_pos_emb", None)
+        if not (type(module).__name__.endswith("Attention") and callable(function)):
+            continue
+        if not _rope_compatible(getattr(function, "_kernels_original", function)):
+            report.not_patched.append(f"rope: {modeling.__name__}.apply_rotary_pos_emb has an unknown signature; "
+                                      "left as is")
+            return
+        if not hasattr(function, "_kernels_original"):
+            modeling.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(function)
+        counts.setdefault(type(module).__name__, 0)
+        if getattr(module.__dict__.get("forward"), "__func__", None) is not _rope_scoped_forward:
+            module.forward = types.MethodType(_rope_scoped_forward, module)  # deepcopy rebinds it to the copy
+            counts[type(module).__name__] += 1
+    if not counts:
+        report.not_patched.append(f"rope: no attention module of this {family} model calls its modeling "
+                                  "module's apply_rotary_pos_emb; left as is")
+    for cls, n in sorted(counts.items()):
+        report.patched.append(f"rope: {n} {cls} module(s) run kernels.rope" if n
+                              else f"rope: {cls} already runs kernels.rope")
 
 
 # ----------------------------------------------------------------------------- transformers models
@@ -274,14 +453,21 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
 
     def fallback(reason: str):
         # transformers' SDPA has no softcap: a model that has one (Gemma 2) falls back to its own eager attention.
+        mask = attention_mask
         if softcap:
-            import sys
             forward, name = sys.modules[type(module).__module__].eager_attention_forward, "eager"
+            if mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+                # SDPA's None means "plain causal" (within the window), which eager attention cannot infer.
+                mask = _visible(query.shape[2], key.shape[2], _window_left(kwargs.get("sliding_window")),
+                                query.device)[None, None]
+            if mask is not None and mask.dtype == torch.bool:
+                # Eager attention adds its mask to the scores; ours (SDPA's) is boolean: make it additive.
+                mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(~mask, torch.finfo(query.dtype).min)
         else:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward as forward
             name = "sdpa"
         _warn_once(reason, name)
-        return forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
 
     if dropout > 0.0:
@@ -352,8 +538,9 @@ def _patch_attention(model, family: str, report: PatchReport) -> None:
 
 def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, *,
                     num_items_in_batch=None, ignore_index: int = -100,
-                    shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """transformers' ``ForCausalLMLoss(head(hidden), labels)`` through the fused head + loss."""
+                    shift_labels: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss(head(hidden), labels)`` through the fused head + loss
+    (logits capped first, as Gemma 2's ``final_logit_softcapping``, when ``softcap`` is set)."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # token t predicts t + 1
     # The caller's precision decides, as for fastlm's own models (fastlm.precision.active_dtype; kernels does
@@ -363,7 +550,7 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype),
                                 shift_labels.reshape(-1).to(hidden.device), bias,
-                                ignore_index=ignore_index, reduction=reduction)
+                                ignore_index=ignore_index, reduction=reduction, softcap=softcap)
     if num_items_in_batch is not None:
         loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
                        else num_items_in_batch)
@@ -371,11 +558,6 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
 
 
 def _patch_loss(model, family: str, report: PatchReport) -> None:
-    if getattr(model.config, "final_logit_softcapping", None):
-        # Gemma 2 caps its logits before the loss; linear_cross_entropy has no softcap.
-        report.not_patched.append(f"loss: {family}'s final_logit_softcapping is not supported by "
-                                  "kernels.linear_cross_entropy; the model's own loss runs")
-        return
     current = model.__dict__.get("forward")
     if getattr(current, "_kernels_fused_loss", False):
         report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy (already)")
@@ -403,12 +585,15 @@ def _patch_loss(model, family: str, report: PatchReport) -> None:
         return_dict = extra.pop("return_dict", None)
         loss_options = {k: extra[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in extra}
         outputs = self.base_model(**arguments, **extra)  # as transformers does: the same kwargs to both
-        loss = _causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels, **loss_options)
+        loss = _causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
+                               softcap=getattr(self.config, "final_logit_softcapping", None) or None, **loss_options)
         fields = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in output_cls.__dataclass_fields__}
         result = output_cls(loss=loss, logits=None, **fields)
         return result.to_tuple() if return_dict is False else result
 
     forward._kernels_fused_loss = True
     model.forward = types.MethodType(forward, model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy "
-                          "(logits=None when labels are passed in training mode)")
+                          + (f"with softcap={softcap} " if softcap else "")
+                          + "(logits=None when labels are passed in training mode)")

@@ -50,11 +50,39 @@ def attention_calls(monkeypatch):
     return _counted(monkeypatch, "attention", kernels.attention)
 
 
+@pytest.fixture
+def rope_calls(monkeypatch):
+    """How many times a patched attention module's apply_rotary_pos_emb reached kernels.rope."""
+    return _counted(monkeypatch, "rope", kernels.rope)
+
+
+@pytest.fixture
+def glu_calls(monkeypatch):
+    """How many times a patched MLP reached kernels.swiglu / kernels.geglu."""
+    calls = []
+    for name in ("swiglu", "geglu"):
+        kernel = getattr(kernels.nn, name)
+
+        def counting(*args, kernel=kernel, **kwargs):
+            calls.append(args[0].shape)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(kernels.nn, name, counting)
+    return calls
+
+
+def patched_kinds(report) -> list[str]:
+    """What a report's ``patched`` lines are about, in order: norm, mlp, attention, rope, loss."""
+    return [line.split(":")[0] for line in report.patched]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_patched_model_matches_unpatched(family, attention_calls):
     reference, patched = model_pair(family)
     report = patched.kernels_patch_report
-    assert not report.not_patched and len(report.patched) == 3, report
+    # GPT-2 has learned positions and an ungated MLP: nothing of RoPE or GLU to patch, nor to report.
+    expected = ["norm", "attention", "loss"] if family == "gpt2" else ["norm", "mlp", "attention", "rope", "loss"]
+    assert not report.not_patched and patched_kinds(report) == expected, report
     norms = [m for m in patched.modules() if isinstance(m, (kernels.nn.LayerNorm, kernels.nn.RMSNorm))]
     assert len(norms) == 5  # 2 per block + the final one
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
@@ -228,9 +256,11 @@ def windowed_config(family: str):
         return transformers.MistralConfig(sliding_window=WINDOW, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **common)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
     if family == "gemma":
         return transformers.GemmaConfig(**common)
-    # Gemma 2 caps its final logits too: the fused loss lacks that, so the model's own loss runs (reported).
+    # Gemma 2 caps its final logits too: the fused loss's softcap.
     return transformers.Gemma2Config(sliding_window=WINDOW, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
                                      query_pre_attn_scalar=8, **common)
 
@@ -248,23 +278,31 @@ def _loss_and_grads(model, ids, **kwargs):
     return loss, [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma", "gemma2"])
-def test_windows_softcap_and_packed_sequences_match_unpatched(family, attention_calls, varlen_calls):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma", "gemma2"])
+def test_windows_softcap_and_packed_sequences_match_unpatched(family, attention_calls, varlen_calls, rope_calls,
+                                                              glu_calls):
+    """RoPE, the gated MLP, the norms, attention and the loss all fused: the same loss and gradients as
+    the unpatched twin on a plain batch and on packed rows whose positions restart."""
     torch.manual_seed(0)
     # transformers' SDPA has no attention softcap: Gemma 2's reference is its eager attention.
     reference = transformers.AutoModelForCausalLM.from_config(
         windowed_config(family), attn_implementation="eager" if family == "gemma2" else "sdpa").train()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything patched: no warning
         patched = kernels.patch(copy.deepcopy(reference))
-    assert len(caught) == (family == "gemma2")  # the one warning: what was not patched
     report = patched.kernels_patch_report
+    assert not report.not_patched, report
+    assert patched_kinds(report) == ["norm", "mlp", "attention", "rope", "loss"], report
+    mlp_class = type(reference.model.layers[0].mlp).__name__
+    attention_class = type(reference.model.layers[0].self_attn).__name__
+    glu = "kernels.swiglu" if family in ("llama", "mistral", "qwen2") else "kernels.geglu (approximate='tanh')"
+    assert f"mlp: 2 {mlp_class} module(s) run {glu}" in report.patched
+    assert f"rope: 2 {attention_class} module(s) run kernels.rope" in report.patched
     if family == "gemma2":
-        assert report.not_patched == ["loss: gemma2's final_logit_softcapping is not supported by "
-                                      "kernels.linear_cross_entropy; the model's own loss runs"], report
-    else:
-        assert not report.not_patched, report
-    assert "attention: " + family in "\n".join(report.patched)
+        assert any(line.startswith("loss: gemma2 training loss runs kernels.linear_cross_entropy with softcap=3.0")
+                   for line in report.patched), report
+    assert all(isinstance(layer.mlp, kernels.nn.GatedMLP) for layer in patched.model.layers)
+    assert patched.state_dict().keys() == reference.state_dict().keys()  # HF's names: checkpoints still load
     patch_module._warned.clear()
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(1, VOCAB, (2, SEQ), generator=generator)
@@ -283,6 +321,7 @@ def test_windows_softcap_and_packed_sequences_match_unpatched(family, attention_
             for (name, _), g, g_ref in zip(reference.named_parameters(), grads, grads_ref):
                 torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         assert len(attention_calls) == 2 and len(varlen_calls) == 4  # per layer: dense, packed mask, cu_seq_lens
+        assert len(rope_calls) == len(glu_calls) == 6  # per layer and batch
         patched.eval(), reference.eval()
         with torch.no_grad():
             torch.testing.assert_close(patched(packed, position_ids=positions, use_cache=False).logits,
@@ -333,3 +372,173 @@ def test_unsupported_family_is_reported():
         kernels.patch(model)
     assert any("LayerNorm module(s) run kernels.nn" in line for line in model.kernels_patch_report.patched)
     assert model.config._attn_implementation != "fastlm" and "forward" not in model.__dict__
+
+
+def llama_config(**overrides):
+    return transformers.LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=8, max_position_embeddings=32, bos_token_id=0,
+                                              eos_token_id=0), **overrides})
+
+
+def test_an_unpatched_model_of_the_same_family_is_unaffected(rope_calls, glu_calls):
+    # The RoPE patch replaces modeling_llama.apply_rotary_pos_emb: only patched attention modules may reach the kernel.
+    torch.manual_seed(0)
+    bystander = transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa").eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = bystander(ids).logits
+        patched = kernels.patch(copy.deepcopy(bystander))
+        after = bystander(ids).logits
+    assert rope_calls == [] and glu_calls == []
+    assert torch.equal(after, before)
+    assert type(bystander.model.layers[0].mlp).__name__ == "LlamaMLP" and "forward" not in vars(
+        bystander.model.layers[0].self_attn)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert len(rope_calls) == len(glu_calls) == 2  # the patched copy's two layers
+
+
+def test_the_replaced_apply_rotary_pos_emb_keeps_its_semantics(rope_calls):
+    # unsqueeze_dim=2 ((batch, seq, heads, head_dim) tensors) runs the kernel on transposed views; a table
+    # narrower than the head (which transformers' function cannot broadcast) goes to the original.
+    from transformers.models.llama import modeling_llama
+
+    kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config()))
+    replaced = modeling_llama.apply_rotary_pos_emb
+    original = replaced._kernels_original
+    generator = torch.Generator().manual_seed(9)
+    q, k = torch.randn(2, 5, 4, 8, generator=generator), torch.randn(2, 5, 2, 8, generator=generator)
+    angles = torch.randn(2, 5, 4, generator=generator)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    assert all(torch.equal(a, b) for a, b in zip(replaced(q, k, cos, sin, 2), original(q, k, cos, sin, 2)))
+    assert rope_calls == []  # outside a patched attention module: the original ran
+    token = patch_module._ROPE_ACTIVE.set(True)
+    try:
+        for got, want in zip(replaced(q, k, cos, sin, unsqueeze_dim=2), original(q, k, cos, sin, 2)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(replaced(q.transpose(1, 2), k.transpose(1, 2), cos, sin),
+                             original(q.transpose(1, 2), k.transpose(1, 2), cos, sin)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert len(rope_calls) == 2
+        with pytest.raises(RuntimeError):  # the original's own error, as unpatched
+            replaced(q, k, cos[..., :4], sin[..., :4], 2)
+        assert len(rope_calls) == 2
+    finally:
+        patch_module._ROPE_ACTIVE.reset(token)
+
+
+def test_partial_rotary_factor_matches_unpatched(rope_calls):
+    # These families' rotary modules ignore partial_rotary_factor and rotate the whole head; patched, the same.
+    torch.manual_seed(0)
+    config = llama_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.5})
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    patched = kernels.patch(copy.deepcopy(reference))
+    assert "rope" in patched_kinds(patched.kernels_patch_report)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(rope_calls) == 2
+
+
+def test_an_unsupported_mlp_activation_is_reported_and_left_alone(glu_calls):
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(llama_config(hidden_act="relu"),
+                                                              attn_implementation="sdpa").train()
+    with pytest.warns(UserWarning, match="mlp: LlamaMLP with ReLU"):
+        patched = kernels.patch(copy.deepcopy(reference))
+    report = patched.kernels_patch_report
+    assert report.not_patched == ["mlp: LlamaMLP with ReLU (not act(gate_proj(x)) * up_proj(x) with SiLU, "
+                                  "tanh GELU or GELU; left as is)"], report
+    assert patched_kinds(report) == ["norm", "attention", "rope", "loss"]
+    assert type(patched.model.layers[0].mlp).__name__ == "LlamaMLP"
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(patched(ids, labels=ids).loss, reference(ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    assert glu_calls == []
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh"])
+def test_gelu_mlps_run_geglu(hidden_act, glu_calls):
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(llama_config(hidden_act=hidden_act),
+                                                              attn_implementation="sdpa").eval()
+    patched = kernels.patch(copy.deepcopy(reference))
+    approximate = "none" if hidden_act == "gelu" else "tanh"
+    assert f"mlp: 2 LlamaMLP module(s) run kernels.geglu (approximate='{approximate}')" in \
+        patched.kernels_patch_report.patched
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(glu_calls) == 2
+
+
+def test_patching_a_llama_twice_keeps_its_parameters_and_modules():
+    torch.manual_seed(0)
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = [id(p) for p in model.parameters()]
+    modules = [id(m) for m in model.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.patch(model)
+    assert [id(p) for p in model.parameters()] == params and [id(m) for m in model.modules()] == modules
+    report = model.kernels_patch_report
+    assert "norm: RMSNorm already fused" in report.patched
+    assert "mlp: GatedMLP already fused (kernels.swiglu)" in report.patched
+    assert "rope: LlamaAttention already runs kernels.rope" in report.patched
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    model.train()(ids, labels=ids).loss.backward()
+    optimizer.step()  # the optimizer built before the second patch still holds the model's parameters
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gemma2_fallback_to_eager_attention_matches_unpatched():
+    # Left padding is not a mask the kernel takes; Gemma 2 (attention softcap) falls back to its eager attention,
+    # which adds the mask to the scores: the boolean mask the "fastlm" implementation builds must become additive.
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(windowed_config("gemma2"),
+                                                              attn_implementation="eager").eval()
+    patched = kernels.patch(copy.deepcopy(reference))
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(13))
+    left = torch.ones(2, SEQ, dtype=torch.long)
+    left[1, :3] = 0
+    patch_module._warned.clear()
+    with pytest.warns(UserWarning, match="running transformers' eager attention"), torch.no_grad():
+        got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
+    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_attention_dropout_falls_back_to_causal_eager_attention():
+    # Without padding the mask is None (plain causal); eager attention has no is_causal, so the fallback must
+    # build the causal (windowed) mask itself. Same seed, same dropout draws: the same loss.
+    torch.manual_seed(0)
+    config = windowed_config("gemma2")
+    config.attention_dropout = 0.25
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    patched = kernels.patch(copy.deepcopy(reference))
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(14))
+    patch_module._warned.clear()
+    losses = []
+    for model in (patched, reference):
+        torch.manual_seed(15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            losses.append(model(ids, labels=ids, use_cache=False).loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_recomputes_through_the_fused_rope(rope_calls):
+    # The recomputed attention forward sets the RoPE switch again: the kernel runs twice per layer, same gradients.
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa").train()
+    patched = kernels.patch(copy.deepcopy(reference))
+    for model in (reference, patched):
+        model.activation_checkpointing_enable()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(16))
+    loss, grads = _loss_and_grads(patched, ids)
+    loss_ref, grads_ref = _loss_and_grads(reference, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for (name, _), g, g_ref in zip(reference.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(rope_calls) == 4

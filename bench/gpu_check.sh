@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check: GPU tests, then kernel and end-to-end benchmarks, in about 9 minutes.
+# The one-shot GPU check: GPU tests, then kernel and end-to-end benchmarks, in about 10 minutes.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_results)
 #
@@ -42,12 +42,15 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step gpu-tests      140 python -m pytest tests -m gpu -q -x --no-header -p no:cacheprovider
 step selfcheck       25 python -m kernels.selfcheck
 step bench-norm      60 python -m bench.norm --hidden 2048,4096,8192
-step bench-xent      90 python -m bench.cross_entropy --gpu --vocabs 32000,128256
+step bench-xent      80 python -m bench.cross_entropy --gpu --vocabs 32000,128256
 # Attention: issue 16's figure, causal bf16 head dim 128 at 16k tokens (seq 4k and 16k),
 # forward, backward and forward+backward against SDPA's flash, cuDNN and efficient
 # backends. The score-materialising rows (sdpa-math, torch.compile) are left to the
 # full `python -m bench.attention`: their compiles and 16k scores do not fit the limit.
-step bench-attention 105 python -m bench.attention --seqlens 4096,16384 --causal yes --providers fastlm,sdpa-flash,sdpa-cudnn,sdpa-efficient
+step bench-attention 90 python -m bench.attention --seqlens 4096,16384 --causal yes --providers fastlm,sdpa-flash,sdpa-cudnn,sdpa-efficient
+# Issue 17's figures: packed mixed lengths vs the same batch padded, a 4,096 window over 32k vs full causal.
+step bench-varlen    35 python -m bench.attention --suite varlen
+step bench-window    35 python -m bench.attention --suite window
 step bench-rope      25 python -m bench.rope --seqlens 4096
 step bench-glu       35 python -m bench.glu --ops swiglu,swiglu_packed --hidden 14336
 step bench-train     60 python -m bench.train

@@ -64,7 +64,8 @@ from ._library import autocast_dtype, autocast_inputs, check_values, define_op, 
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
 from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
 from . import reference
-from .reference.attention import masked_attention, varlen_visibility, visibility, window_bounds
+from .reference.attention import (masked_attention, packed_positions, varlen_rule, varlen_visibility, visibility,
+                                  window_bounds)
 
 try:  # host-side TMA descriptors (triton >= 3.3); without them every GPU runs the pointer path
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1150,15 +1151,97 @@ def _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if use_triton(q.device):
         cu = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         return _forward(q, k, v, _varlen_problem(cu, scale, window_left, window_right, softcap, sinks))
-    out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, softcap, sinks)
+    out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                            window_right, softcap, sinks)
     return out.contiguous(), lse.float()
 
 
-def _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks):
-    """The packed batch as one dense sequence under a block-diagonal mask: (out, lse (heads, total_q))."""
+def _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, sinks):
+    """The packed batch as dense attention, no host sync: (out, lse (heads, total_q)).
+
+    Banded (:class:`_Band`) where the packing bounds each query's keys; otherwise one dense
+    sequence under a block-diagonal mask, total_q x total_k per head.
+    """
+    band = _Band.of(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, left, right)
+    if band is not None:
+        out, lse = masked_attention(band.queries(q), band.keys(k), band.keys(v), scale, band.visible, softcap=softcap,
+                                    sinks=sinks)
+        return band.unblock(out), band.unblock_lse(lse)
     visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], left, right)
     out, lse = masked_attention(_packed(q), _packed(k), _packed(v), scale, visible[None], softcap=softcap, sinks=sinks)
     return out[0].transpose(0, 1), lse[0]
+
+
+def _pad_rows(t: torch.Tensor, before, after, value=0) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (before, after), value=value)
+
+
+class _Band:
+    """The packed batch as blocks of M queries, each against the 3M keys around it (M = max_seqlen).
+
+    When q and k share one packing (the same ``cu_seqlens`` tensor: the trainer's document
+    mask) and no sequence is longer than M, the queries of block b (rows [bM, bM + M)) see
+    only keys of their own sequences, all inside [bM - M, bM + 2M): attention over
+    (blocks, heads, M, 3M) costs O(total * 3M) per head instead of the block-diagonal
+    twin's O(total^2), with the same masks (:func:`varlen_rule`) and so the same results.
+    Padding rows (sequence ids -1 for queries, -2 for keys) match nothing. Built from
+    shapes, ``max_seqlen`` and tensor ops only: no value of ``cu_seqlens`` is read.
+    """
+
+    def __init__(self, cu_seqlens, total, M, left, right):
+        self.total, self.M = total, M
+        self.blocks = (total + M - 1) // M
+        seq, pos = packed_positions(cu_seqlens, total)
+        seq_q, i = self._blocked(seq, -1), self._blocked(pos, 0)  # (blocks, M)
+        seq_k, j = self._windows(seq, -2), self._windows(pos, 0)  # (blocks, 3M)
+        # One packing: each sequence's key and query lengths agree, so the diagonal offset is 0.
+        self.visible = varlen_rule(seq_q[..., None], i[..., None], seq_k[:, None], j[:, None], 0, left, right)
+
+    @classmethod
+    def of(cls, cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, left, right):
+        """The band, or None where it cannot be proven from the arguments (or would save nothing)."""
+        if cu_seqlens_q is not cu_seqlens_k or total_q != total_k or max_seqlen_q is None or max_seqlen_k is None:
+            return None
+        M = min(max_seqlen_q, max_seqlen_k)  # both bound the same lengths
+        return cls(cu_seqlens_q, total_q, M, left, right) if 0 < M and 3 * M < total_q else None
+
+    def _blocked(self, t, value=0):
+        """(total, ...) rows as (blocks, M, ...), padded past the end."""
+        return _pad_rows(t, 0, self.blocks * self.M - self.total, value).view(self.blocks, self.M, *t.shape[1:])
+
+    def _windows(self, t, value=0):
+        """(total, ...) rows as (blocks, 3M, ...): block b's rows [bM - M, bM + 2M), padded at both ends."""
+        padded = _pad_rows(t, self.M, (self.blocks + 1) * self.M - self.total, value)
+        return padded.unfold(0, 3 * self.M, self.M).movedim(-1, 1)
+
+    def queries(self, t):
+        """(total, heads, D) as (blocks, heads, M, D)."""
+        return self._blocked(t).transpose(1, 2)
+
+    def keys(self, t):
+        """(total, heads, D) as (blocks, heads, 3M, D)."""
+        return self._windows(t).transpose(1, 2)
+
+    def unblock(self, t):
+        """(blocks, heads, M, D) back to (total, heads, D)."""
+        return t.transpose(1, 2).reshape(self.blocks * self.M, *t.shape[1:2], t.shape[-1])[:self.total]
+
+    def lse_blocks(self, lse, value):
+        """(heads, total) as (blocks, heads, M)."""
+        padded = torch.nn.functional.pad(lse, (0, self.blocks * self.M - self.total), value=value)
+        return padded.view(lse.shape[0], self.blocks, self.M).transpose(0, 1)
+
+    def unblock_lse(self, lse):
+        """(blocks, heads, M) back to (heads, total)."""
+        return lse.transpose(0, 1).reshape(lse.shape[1], self.blocks * self.M)[:, :self.total]
+
+    def unwindow(self, t):
+        """(blocks, heads, 3M, D) key gradients summed back onto (total, heads, D) (windows overlap), fp32."""
+        rows = (torch.arange(self.blocks, device=t.device)[:, None] * self.M
+                + torch.arange(3 * self.M, device=t.device)).reshape(-1)
+        src = t.transpose(1, 2).reshape(-1, *t.shape[1:2], t.shape[-1]).float()
+        summed = src.new_zeros((self.blocks + 2) * self.M, *src.shape[1:]).index_add(0, rows, src)
+        return summed[self.M:self.M + self.total]
 
 
 def _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -1169,6 +1252,16 @@ def _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_
         cu = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         dq, dk, dv, dsinks = _backward(grad_out, q, k, v, out, lse, grad_lse,
                                        _varlen_problem(cu, scale, window_left, window_right, softcap, sinks))
+        return dq, dk, dv, no_tensor(lse) if dsinks is None else dsinks
+    band = _Band.of(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, window_left,
+                    window_right)
+    if band is not None:
+        dlse = None if grad_lse is None else band.lse_blocks(grad_lse, 0.0)
+        dq, dk, dv, dsinks = _attention_backward_reference(
+            band.queries(grad_out), band.queries(q), band.keys(k), band.keys(v), band.queries(out),
+            band.lse_blocks(lse, float("-inf")), dlse, scale, band.visible, None, softcap, sinks)
+        dq = band.unblock(dq).contiguous()
+        dk, dv = band.unwindow(dk).to(k.dtype), band.unwindow(dv).to(v.dtype)
     else:
         visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], window_left, window_right)
         dq, dk, dv, dsinks = _attention_backward_reference(
@@ -1469,9 +1562,10 @@ def varlen_attention(
     left, right = window_bounds(causal, (left, right))
     if not use_triton(q.device):
         # The reference's loop reads cu_seqlens on the host: under kernels.unchecked() and
-        # torch.compile the ops' block-diagonal twin runs instead (no sync, traceable), plain
+        # torch.compile the ops' twin (banded where it can be) runs instead (no sync, traceable), plain
         # torch ops, differentiable to any order.
-        out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, sinks)
+        out, lse = _varlen_twin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                                softcap, sinks)
         return (out, lse) if return_lse else out
     out, lse = varlen_op(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
                          scale, left, right, softcap, sinks32)

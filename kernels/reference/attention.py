@@ -154,26 +154,36 @@ def scaled_dot_product_attention(
     )
 
 
+def packed_positions(cu_seqlens, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each packed token's sequence and position in it, int64 (total,): tensor ops only (no host copy)."""
+    cu = cu_seqlens.long()
+    tokens = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu, tokens, right=True) - 1  # the last sequence starting at or before
+    return seq, tokens - cu[seq]
+
+
+def varlen_rule(seq_q, i, seq_k, j, offset, left: int, right: int) -> torch.Tensor:
+    """Query (seq_q, i) sees key (seq_k, j): same sequence, inside the window about the diagonal ``i + offset``.
+
+    Queries index dim -2 of the result and keys dim -1 (``seq_q``/``i``/``offset`` (..., nq, 1),
+    ``seq_k``/``j`` (..., 1, nk)); ``right`` has causal folded in (:func:`window_bounds`).
+    """
+    visible = seq_q == seq_k
+    if right >= 0:
+        visible = visible & (j <= i + offset + right)
+    if left >= 0:
+        visible = visible & (j >= i + offset - left)
+    return visible
+
+
 def varlen_visibility(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, left: int, right: int) -> torch.Tensor:
     """The packed batch's mask as one (total_q, total_k) bool: block-diagonal, windows per sequence.
 
     Built from ``cu_seqlens`` with tensor ops only (no host copy), so it also runs
     on fake tensors; ``right`` has causal folded in (:func:`window_bounds`).
     """
-    device = cu_seqlens_q.device
-
-    def locate(cu, total):
-        tokens = torch.arange(total, device=device)
-        seq = torch.searchsorted(cu.long(), tokens, right=True) - 1  # the last sequence starting at or before
-        return seq, tokens - cu.long()[seq]
-
-    seq_q, i = locate(cu_seqlens_q, total_q)
-    seq_k, j = locate(cu_seqlens_k, total_k)
+    seq_q, i = packed_positions(cu_seqlens_q, total_q)
+    seq_k, j = packed_positions(cu_seqlens_k, total_k)
     lens_q, lens_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
     offset = (lens_k - lens_q)[seq_q][:, None]  # bottom-right, per query's sequence
-    visible = seq_q[:, None] == seq_k[None, :]
-    if right >= 0:
-        visible = visible & (j[None, :] <= i[:, None] + offset + right)
-    if left >= 0:
-        visible = visible & (j[None, :] >= i[:, None] + offset - left)
-    return visible
+    return varlen_rule(seq_q[:, None], i[:, None], seq_k[None, :], j[None, :], offset, left, right)

@@ -270,6 +270,75 @@ def test_varlen_without_max_seqlen_inside_unchecked():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- the banded twin (one packing)
+
+
+BAND_LENS = [0, 5, 1, 8, 8, 3, 0, 7, 2]  # 34 tokens (not a multiple of M = 8), lengths 0, 1 and M
+BAND_CASES = {  # H, Hkv, max_seqlen, options
+    "causal-gqa-sinks": (4, 2, 8, dict(causal=True, sinks=True)),
+    "window-softcap": (2, 2, 8, dict(window_size=(2, 1), softcap=3.0)),
+    "causal-window-sinks-loose-max": (4, 1, 10, dict(causal=True, window_size=(3, 0), sinks=True)),
+    "full": (2, 1, 8, dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(BAND_CASES))
+def test_banded_twin_matches_the_loop_reference(case):
+    # One cu_seqlens tensor for q and k (the trainer's document mask) and a max_seqlen M: under
+    # kernels.unchecked() the reference backend attends blockwise (M queries against 3M keys)
+    # and must give the per-sequence loop's results and gradients, forward and backward ops too.
+    H, Hkv, M, opts = BAND_CASES[case]
+    q, k, v, do, dlse, sinks = _packed(BAND_LENS, BAND_LENS, H, Hkv, 8, torch.float32)
+    cu = _cu(BAND_LENS)
+    opts = dict(opts, sinks=sinks if opts.get("sinks") else None)
+    tensors = (q, k, v, opts.pop("sinks"))
+
+    def call(q, k, v, s=None):
+        return kernels.varlen_attention(q, k, v, cu, cu, M, M, **opts, sinks=s, return_lse=True)
+
+    with kernels.use_backend("reference"):
+        want = _run(call, tensors, (do, dlse))  # checked: the per-sequence loop
+        with kernels.unchecked():
+            got = _run(call, tensors, (do, dlse))
+        left, right = reference.attention.__globals__["window_bounds"](opts.get("causal", False),
+                                                                       opts.get("window_size", (-1, -1)))
+        args = (M, M, 8 ** -0.5, left, right, opts.get("softcap", 0.0), tensors[3])
+        out, lse = attention_module._varlen_op(q, k, v, cu, cu, *args)
+        grads = attention_module._varlen_backward_op(do, dlse, q, k, v, out, lse, cu, cu, *args)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, want):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close(out, want[0])
+    torch.testing.assert_close(lse, want[1])
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), grads, want[2:]):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_banded_twin_memory_is_linear_in_the_total(monkeypatch):
+    # 16 rows of T = 8 tokens flattened (model.py's document mask): every mask the reference
+    # builds covers at most (total + M) x 3M, not total x total (16x the dense attention).
+    lens, M = [3, 5] * 16, 8
+    total = sum(lens)
+    q, k, v, do, dlse, _ = _packed(lens, lens, 2, 1, 8, torch.float32)
+    cu = _cu(lens)
+    sizes = []
+
+    def spy(fn):
+        def wrapper(*args, **kw):
+            sizes.append(next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.bool).numel())
+            return fn(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(attention_module, "masked_attention", spy(attention_module.masked_attention))
+    monkeypatch.setattr(attention_module, "_attention_backward_reference",
+                        spy(attention_module._attention_backward_reference))
+    with kernels.use_backend("reference"):
+        with kernels.unchecked():
+            kernels.varlen_attention(q, k, v, cu, cu, M, M, causal=True)
+        out, lse = attention_module._varlen_op(q, k, v, cu, cu, M, M, 0.3, -1, 0, 0.0, None)
+        attention_module._varlen_backward_op(do, dlse, q, k, v, out, lse, cu, cu, M, M, 0.3, -1, 0, 0.0, None)
+    assert len(sizes) == 3 and max(sizes) <= (total + M) * 3 * M, sizes
+
+
 def check_dense(B, H, Hkv, Nq, Nk, D, dtype, *, kv_lens=None, use_sinks=False, seed=0, **opts):
     """kernels.attention with the new features vs the reference: out, lse and every gradient."""
     g = torch.Generator().manual_seed(seed)

@@ -47,6 +47,15 @@ def _varlen_inputs():
     return q, k, v, cu_q, cu_k
 
 
+def _banded_inputs():
+    """One packing for q and k with max_seqlen 3 < total / 3: the reference backend's banded twin."""
+    torch.manual_seed(0)
+    q = torch.randn(11, 4, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(11, 2, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(11, 2, 16, device=DEVICE, requires_grad=True)
+    return q, k, v, torch.tensor([0, 3, 3, 4, 7, 9, 11], dtype=torch.int32, device=DEVICE)
+
+
 def _ce_inputs():
     torch.manual_seed(0)
     x = torch.randn(6, 50, device=DEVICE, requires_grad=True)
@@ -153,6 +162,9 @@ def _compile_cases():
     sinks = torch.randn(4, device=DEVICE, requires_grad=True)
     yield "varlen_attention", lambda: kernels.varlen_attention(
         qp, kp, vp, cu_q, cu_k, 6, 7, causal=True, window_size=(2, 0), softcap=3.0, sinks=sinks), (qp, kp, vp, sinks)
+    qb, kb, vb, cu = _banded_inputs()
+    yield "varlen_attention_banded", lambda: kernels.varlen_attention(
+        qb, kb, vb, cu, cu, 3, 3, causal=True, window_size=(2, 0), softcap=3.0, sinks=sinks), (qb, kb, vb, sinks)
     yield "cross_entropy", lambda: kernels.cross_entropy(logits, t, label_smoothing=0.1), (logits,)
     yield "linear_cross_entropy", lambda: kernels.linear_cross_entropy(h, hw, t, hb, chunk_size=4), (h, hw, hb)
     cw = torch.rand(50, device=DEVICE) + 0.5

@@ -433,6 +433,8 @@ def _cu_seqlens_from_mask(mask: torch.Tensor, n: int, left: int) -> torch.Tensor
 def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *, scale, left, softcap):
     """(B, H, N, D) tensors packed as (B * N, H, D) through :func:`kernels.varlen_attention`; (B, N, H, D) out."""
     b, n = query.shape[0], query.shape[2]
+    # transformers' own prepare_fa_kwargs_from_position_ids gives the maxima as 0-d tensors.
+    max_q, max_k = (int(m) if isinstance(m, torch.Tensor) else m for m in (max_q, max_k))
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
     out = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True, scale=scale,
                            window_size=(left, 0), softcap=softcap)
@@ -498,7 +500,8 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
             cu_seqlens = _cu_seqlens_from_mask(attention_mask, q_len, left) if q_len == kv_len else None
             if cu_seqlens is None:
                 return fallback("an attention mask other than causal with right padding or packed sequences")
-            return _varlen(query, key, value, cu_seqlens, cu_seqlens, None, None, scale=scaling, left=left,
+            # No document crosses a row: q_len bounds every length, so sizing the grid needs no sync.
+            return _varlen(query, key, value, cu_seqlens, cu_seqlens, q_len, q_len, scale=scaling, left=left,
                            softcap=softcap), None
     elif causal and 1 < q_len < kv_len:
         # transformers' SDPA path does the same: a prefill into an empty static cache.

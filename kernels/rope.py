@@ -52,8 +52,9 @@ def _rotate_heads(
     x_tok = X + b * stride_xb + tokens[:, None] * stride_xs
     y_tok = Y + b * stride_yb + tokens[:, None] * stride_ys
     for h in range(n_heads):
-        x_row = x_tok + h * stride_xh
-        y_row = y_tok + h * stride_yh
+        h64 = h.to(tl.int64)  # heads x head stride can pass 2**31 elements
+        x_row = x_tok + h64 * stride_xh
+        y_row = y_tok + h64 * stride_yh
         x1 = tl.load(x_row + cols[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + (cols[None, :] + HALF) * stride_xd, mask=m, other=0.0).to(tl.float32)
         if TRANSPOSE:

@@ -401,6 +401,7 @@ def test_small_tiles_window_edges(monkeypatch):
     check_varlen([35, 50], [50, 35], 1, 1, 16, torch.float32, window_size=(40, 2))
 
 
+@pytest.mark.gpu  # the interpreter runs one program at a time: only a GPU can race
 def test_backward_with_sinks_is_deterministic():
     lens = [30, 50]
     q, k, v, do, dlse, sinks = _packed(lens, lens, 2, 1, 16, torch.float16)
@@ -421,7 +422,8 @@ def test_dsinks_partials_fit_every_dq_tile():
     tiles = [attention_module._INTERPRET["dq"]]
     for dtype, family in ((torch.float16, "sm90"), (torch.float16, "sm80"), (torch.float32, "sm90")):
         for block_d in (16, 64, 128, 256):
-            tiles += attention_module.gpu_configs("dq", block_d, dtype, family)
+            for features in (False, True):  # sinks always take the feature table
+                tiles += attention_module.gpu_configs("dq", block_d, dtype, family, features)
     assert min(c.block_m for c in tiles) >= attention_module._MIN_BLOCK_M
 
 

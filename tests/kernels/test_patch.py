@@ -331,6 +331,10 @@ def test_windows_softcap_and_packed_sequences_match_unpatched(family, attention_
     with torch.no_grad():
         packed_logits = patched(packed, **flash_kwargs, position_ids=positions, use_cache=False).logits
         first = patched(packed[:, 7:12], use_cache=False).logits
+        # transformers' prepare_fa_kwargs_from_position_ids gives the maxima as 0-d tensors.
+        tensor_maxima = dict(flash_kwargs, max_length_q=torch.tensor(8), max_length_k=torch.tensor(8))
+        torch.testing.assert_close(patched(packed, **tensor_maxima, position_ids=positions, use_cache=False).logits,
+                                   packed_logits)
     torch.testing.assert_close(packed_logits[:, 7:12], first, rtol=1e-5, atol=1e-5)
 
 

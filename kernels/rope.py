@@ -52,7 +52,7 @@ def _rotate_heads(
     x_tok = X + b * stride_xb + tokens[:, None] * stride_xs
     y_tok = Y + b * stride_yb + tokens[:, None] * stride_ys
     for h in range(n_heads):
-        h64 = h.to(tl.int64)  # heads x head stride can pass 2**31 elements
+        h64 = tl.cast(h, tl.int64)  # heads x head stride can pass 2**31 elements
         x_row = x_tok + h64 * stride_xh
         y_row = y_tok + h64 * stride_yh
         x1 = tl.load(x_row + cols[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
@@ -246,11 +246,12 @@ rope_op.register_autograd(_rope_grads, setup_context=_setup_rope)
 @functools.lru_cache(maxsize=32)
 def _tables(seq_len: int, dim: int, theta: float, inv_freq: tuple[float, ...] | None, attention_scaling: float,
             device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built on the CPU whatever the default device (a torch.device("meta") context included), then moved.
     if inv_freq is None:
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     else:
-        freqs = torch.tensor(inv_freq, dtype=torch.float64)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+        freqs = torch.tensor(inv_freq, dtype=torch.float64, device="cpu")
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), freqs)
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
@@ -274,8 +275,9 @@ def rope_tables(
     values, e.g. from transformers' ``ROPE_INIT_FUNCTIONS``) with its
     ``attention_scaling`` (YaRN's mscale multiplies cos and sin).
 
-    Built once per (seq_len, dim, theta, inv_freq, attention_scaling, device,
-    dtype) and cached: the same call returns the same tensors, so treat them as
+    ``device`` defaults to torch's default device (so a model built under
+    ``torch.device("meta")`` gets meta tables). Built once per (seq_len, dim, theta,
+    inv_freq, attention_scaling, device, dtype) and cached: the same call returns the same tensors, so treat them as
     read-only.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
@@ -293,7 +295,7 @@ def rope_tables(
         if tuple(inv_freq.shape) != (dim // 2,):
             raise ValueError(f"inv_freq must have shape (dim / 2,) = ({dim // 2},), got {tuple(inv_freq.shape)}")
         freqs = tuple(inv_freq.detach().double().cpu().tolist())
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.get_default_device()
     return _tables(seq_len, dim, float(theta), freqs, float(attention_scaling), device, dtype)
 
 

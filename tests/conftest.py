@@ -41,6 +41,17 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean Dynamo: its cache keeps 8 entries per code object (GPT.forward for every
+    model a test compiled), and a fullgraph compile past that limit fails, so tests would depend on their order."""
+    yield
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 @pytest.fixture
 def lock_file(monkeypatch):
     """``lock_file(path)``: opening ``path`` fails as after ``chmod 000`` (which does not stop root, who may

@@ -158,6 +158,16 @@ def test_tables_are_built_once_and_match_the_formula():
     torch.testing.assert_close(scaled[0], ((angles / 4).cos() * 1.5).float(), rtol=0, atol=0)
 
 
+def test_tables_follow_the_default_device_and_a_meta_context_does_not_poison_the_cache():
+    # `fastlm presets` counts parameters of models built under torch.device("meta").
+    with torch.device("meta"):
+        meta_cos, _ = kernels.rope_tables(10, 6)
+    assert meta_cos.is_meta
+    cos, _ = kernels.rope_tables(10, 6)
+    assert cos.device.type == "cpu" and not cos.is_meta
+    torch.testing.assert_close(cos[1, 0], torch.tensor(1.0).cos())
+
+
 def test_double_backward_is_the_rotation_again():
     # rope is linear in q: d/dw <R^T w, z> = R z on both backends.
     torch.manual_seed(0)

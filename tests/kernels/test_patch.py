@@ -107,6 +107,17 @@ def test_patched_model_matches_unpatched(family, attention_calls):
             reference.generate(prompt, max_new_tokens=4, do_sample=False).tolist()
 
 
+def assert_left_padding_falls_back_alike(patched, reference, ids, fallback):
+    """Left padding is not a mask the kernel takes: the patched model warns that it runs transformers'
+    ``fallback`` attention, and its logits at the real positions equal the unpatched model's."""
+    left = torch.ones(2, SEQ, dtype=torch.long)
+    left[1, :3] = 0
+    patch_module._warned.clear()
+    with pytest.warns(UserWarning, match=f"running transformers' {fallback} attention"), torch.no_grad():
+        got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
+    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_padding_masks(family, attention_calls):
     reference, patched = model_pair(family)
@@ -120,12 +131,7 @@ def test_padding_masks(family, attention_calls):
     torch.testing.assert_close(got[1, :7], want[1, :7], rtol=1e-5, atol=1e-5)  # padded positions are don't-care
     assert len(attention_calls) == 2  # right padding ran the kernel, as kv_lens
 
-    left = torch.ones(2, SEQ, dtype=torch.long)
-    left[1, :3] = 0
-    patch_module._warned.clear()
-    with pytest.warns(UserWarning, match="running transformers' sdpa attention"), torch.no_grad():
-        got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
-    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)
+    assert_left_padding_falls_back_alike(patched, reference, ids, "sdpa")
 
 
 def test_loss_honours_num_items_in_batch_and_ignored_labels():
@@ -505,12 +511,7 @@ def test_gemma2_fallback_to_eager_attention_matches_unpatched():
                                                               attn_implementation="eager").eval()
     patched = kernels.patch(copy.deepcopy(reference))
     ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(13))
-    left = torch.ones(2, SEQ, dtype=torch.long)
-    left[1, :3] = 0
-    patch_module._warned.clear()
-    with pytest.warns(UserWarning, match="running transformers' eager attention"), torch.no_grad():
-        got, want = patched(ids, attention_mask=left).logits, reference(ids, attention_mask=left).logits
-    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=1e-5, atol=1e-5)
+    assert_left_padding_falls_back_alike(patched, reference, ids, "eager")
 
 
 def test_gemma2_attention_dropout_falls_back_to_causal_eager_attention():

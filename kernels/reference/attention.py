@@ -32,15 +32,21 @@ def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]
     return left, (0 if causal else right)
 
 
-def visibility(Nq: int, Nk: int, offset, left: int, right: int, device, kv_lens=None) -> torch.Tensor:
-    """Which keys each query sees: bool (batch or 1, Nq, Nk), masks built explicitly."""
-    i = torch.arange(Nq, device=device)[:, None]
-    j = torch.arange(Nk, device=device)[None, :]
-    visible = torch.ones((1, Nq, Nk), dtype=torch.bool, device=device)
+def in_window(i, j, offset, left: int, right: int) -> torch.Tensor:
+    """Key j lies inside query i's window about the diagonal ``i + offset`` (bool, broadcast over i and j)."""
+    visible = torch.ones((), dtype=torch.bool, device=j.device)
     if right >= 0:
         visible = visible & (j <= i + offset + right)
     if left >= 0:
         visible = visible & (j >= i + offset - left)
+    return visible
+
+
+def visibility(Nq: int, Nk: int, offset, left: int, right: int, device, kv_lens=None) -> torch.Tensor:
+    """Which keys each query sees: bool (batch or 1, Nq, Nk), masks built explicitly."""
+    i = torch.arange(Nq, device=device)[:, None]
+    j = torch.arange(Nk, device=device)[None, :]
+    visible = torch.ones((1, Nq, Nk), dtype=torch.bool, device=device) & in_window(i, j, offset, left, right)
     if kv_lens is not None:
         visible = visible & (j < kv_lens.to(device).view(-1, 1, 1))
     return visible
@@ -168,12 +174,7 @@ def varlen_rule(seq_q, i, seq_k, j, offset, left: int, right: int) -> torch.Tens
     Queries index dim -2 of the result and keys dim -1 (``seq_q``/``i``/``offset`` (..., nq, 1),
     ``seq_k``/``j`` (..., 1, nk)); ``right`` has causal folded in (:func:`window_bounds`).
     """
-    visible = seq_q == seq_k
-    if right >= 0:
-        visible = visible & (j <= i + offset + right)
-    if left >= 0:
-        visible = visible & (j >= i + offset - left)
-    return visible
+    return (seq_q == seq_k) & in_window(i, j, offset, left, right)
 
 
 def varlen_visibility(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, left: int, right: int) -> torch.Tensor:

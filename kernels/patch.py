@@ -70,6 +70,7 @@ from . import reference
 from .attention import MAX_HEAD_DIM, attention, varlen_attention
 from ._library import autocast_dtype
 from .cross_entropy import linear_cross_entropy
+from .reference.attention import visibility
 from .rope import rope
 
 ATTN_IMPLEMENTATION = "fastlm"
@@ -386,9 +387,7 @@ def _window_left(sliding_window) -> int:
 
 def _visible(q_len: int, kv_len: int, left: int, device: torch.device) -> torch.Tensor:
     """(Nq, Nk) bottom-right causal mask, within ``left`` keys of the diagonal where ``left >= 0``."""
-    j = torch.arange(kv_len, device=device)
-    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    return (j <= i) & (j >= i - left) if left >= 0 else j <= i
+    return visibility(q_len, kv_len, kv_len - q_len, left, 0, device)[0]
 
 
 def _is_4d_bool(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:

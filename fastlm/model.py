@@ -150,8 +150,8 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            cos, sin, *positions = rope
-            q, k = kernels.rope(q, k, cos, sin, position_ids=positions[0] if positions else None)
+            cos, sin, positions = rope
+            q, k = kernels.rope(q, k, cos, sin, position_ids=positions)
         if cache is not None:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
@@ -284,11 +284,11 @@ class _Transformer(nn.Module):
         T = h.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        rope = None  # (cos, sin) for this call's positions, or (cos, sin, positions (B, T)) into the whole tables
+        rope = None  # (cos, sin, None) for this call's positions, or (cos, sin, positions (B, T)) into the tables
         if "wpe" in stack:
             h = h + stack.wpe(torch.arange(start, start + T, device=h.device) if positions is None else positions)
         elif positions is None:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T], None)
         else:
             rope = (self.rope_cos, self.rope_sin, positions)  # the tables, indexed per token by the kernel
         if self.config.dropout:

@@ -1273,13 +1273,14 @@ def _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_
     return dq, dk, dv, no_tensor(lse) if dsinks is None else dsinks
 
 
-_FEATURES = "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None"
-_ARGS = f"Tensor q, Tensor k, Tensor v, Tensor? kv_lens, float scale, SymInt? causal_offset, {_FEATURES}"
+# The features' op arguments (not _FEATURES, the kernels' constexprs, which the launcher reads at run time).
+_FEATURE_ARGS = "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None"
+_ARGS = f"Tensor q, Tensor k, Tensor v, Tensor? kv_lens, float scale, SymInt? causal_offset, {_FEATURE_ARGS}"
 attention_op = define_op("attention", _attention_op, f"({_ARGS}) -> (Tensor, Tensor)")
 attention_backward_op = define_op(
     "attention_backward", _attention_backward_op,
     "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, "
-    f"float scale, SymInt? causal_offset, {_FEATURES}) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"float scale, SymInt? causal_offset, {_FEATURE_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 _VARLEN_ARGS = ("Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
                 "int window_left, int window_right, float softcap, Tensor? sinks")

@@ -435,3 +435,24 @@ def test_nn_attention_passes_the_features():
     want = kernels.attention(*dense, causal=True, window_size=(4, 0), softcap=3.0, sinks=sinks)
     torch.testing.assert_close(layer(*dense, sinks=sinks), want, rtol=0, atol=0)
     assert "window_size=(4, 0)" in repr(layer)
+
+
+class _NoLaunch:
+    """A launcher stand-in: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("feature", ["VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS"])
+def test_gpu_launch_takes_the_feature_configs(monkeypatch, feature):
+    # A call with a feature on autotunes over _FEATURE_CONFIGS_16BIT (the plain tiles may spill
+    # then). The launcher's test read a same-named module global that the op schema rebinds.
+    picked = []
+    monkeypatch.setattr(attention_module, "_autotuned", lambda *args: picked.append(args) or "kernel")
+    monkeypatch.setattr(attention_module, "launch", lambda kernel: _NoLaunch())
+    monkeypatch.setattr(attention_module, "gpu_family", lambda device: "sm90")
+    consts = {"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": True, "HAS_KV_LENS": False, "VARLEN": False,
+              "WINDOW": False, "SOFTCAP": False, "HAS_SINKS": False, "_dtype": torch.bfloat16}
+    attention_module._launch("dq", 256, 2, 1, (), consts | {feature: True}, torch.device("cuda"))
+    assert picked == [("dq", 128, torch.bfloat16, "sm90", True)]

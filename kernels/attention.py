@@ -39,7 +39,9 @@ kernel.
 Backward, deterministic (no atomics): a preprocess kernel forms ``delta``; one
 kernel per block of keys accumulates dK and dV over all query blocks and, for
 GQA, over all the query heads sharing that kv head, so a shared head's gradient
-is summed inside one program; a separate kernel per block of queries forms dQ.
+is summed inside one program; a separate kernel per block of queries forms dQ,
+on sm_90+ for inputs TMA can read ``_attn_bwd_dq_tma_kernel`` (tensor descriptors,
+one key loop, as the TMA forward), otherwise the pointer kernel.
 
 Batch and head offsets are int64. On a GPU the block shapes are autotuned per
 (head dim, causal, dtype, sequence-length bucket); under the interpreter one
@@ -516,14 +518,13 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-             kv_len, causal_offset, window_offset, qk_scale, softcap_in,
-             stride_kn, stride_kd, stride_vn, stride_vd,
-             edge, po, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    cols = start_n + offs_n
-    k = _load_tile(k_base, cols, kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
-    v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
+def _dq_step(dq, po, q, do, k, v, lse2, delta, cols, offs_m, kv_len, causal_offset, window_offset, qk_scale,
+             softcap_in, edge, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of dQ (both dQ kernels): dq += dS k, and with sinks po += rowsum(P * dP).
+
+    MASKED: the score mask where ``edge`` (a constant, or the loop's boundary test).
+    """
     p, dcap = _probabilities(q, k, lse2[:, None], qk_scale, softcap_in, SOFTCAP, DOT_PRECISION)
     if MASKED:
         if edge:
@@ -534,6 +535,31 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, of
     if HAS_SINKS:  # rowsum(P * dP) = dO . O in fp32, from the unrounded O
         po += tl.sum(p * dp, 1)
     return dq, po
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+             kv_len, causal_offset, window_offset, qk_scale, softcap_in,
+             stride_kn, stride_kd, stride_vn, stride_vd,
+             edge, po, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # The pointer kernel's tile: MASKED also bounds-checks the loads (zeros past kv_len).
+    cols = start_n + offs_n
+    k = _load_tile(k_base, cols, kv_len, stride_kn, offs_d, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
+    v = _load_tile(v_base, cols, kv_len, stride_vn, offs_d, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
+    return _dq_step(dq, po, q, do, k, v, lse2, delta, cols, offs_m, kv_len, causal_offset, window_offset, qk_scale,
+                    softcap_in, edge, MASKED, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
+
+
+@triton.jit
+def _dsinks_partial(SINKS, DLSE, DSINKS, b, h, row, offs_m, Nq, lse2, po, HAS_DLSE: tl.constexpr):
+    # The sink is a key whose value is zero: dS_sink = p_sink * (0 - (dO . O - dlse)). lse2 is +inf on
+    # rows without a key (and past Nq), so p_sink = 0 there. One slot per program: (batch, query block, head).
+    p_sink = tl.math.exp2(tl.load(SINKS + h) * 1.4426950408889634 - lse2)
+    if HAS_DLSE:
+        po -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
+    slot = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + h
+    tl.store(DSINKS + slot, -tl.sum(p_sink * po, 0))
 
 
 @triton.jit
@@ -553,12 +579,7 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ per block of queries; with sinks also this block's share of dsink = -sum_rows p_sink * (dO . O - dlse),
     written to its own slot (DSINKS is (batch, query blocks, heads), summed in a fixed order: deterministic)."""
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // group
+    pid_m, h, b, hk = _forward_program(group, CAUSAL)
     q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
     start_m = pid_m * BLOCK_M
     if VARLEN:
@@ -603,13 +624,59 @@ def _attn_bwd_dq_kernel(
     _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_start * stride_dqm,
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, Nq, stride_dqm, offs_d, stride_dqd, HEAD_DIM, BLOCK_D)
     if HAS_SINKS:
-        # The sink is a key whose value is zero: dS_sink = p_sink * (0 - (dO . O - dlse)). lse2 is +inf on
-        # rows without a key (and past Nq), so p_sink = 0 there.
-        p_sink = tl.math.exp2(tl.load(SINKS + h) * 1.4426950408889634 - lse2)
-        if HAS_DLSE:
-            po -= tl.load(DLSE + row, mask=offs_m < Nq, other=0.0)
-        slot = (b * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + h
-        tl.store(DSINKS + slot, -tl.sum(p_sink * po, 0))
+        _dsinks_partial(SINKS, DLSE, DSINKS, b, h, row, offs_m, Nq, lse2, po, HAS_DLSE)
+
+
+@triton.jit
+def _attn_bwd_dq_tma_kernel(
+    desc_q, desc_k, desc_v, desc_do, desc_dq, LSE, DELTA, KV_LENS, SINKS, DLSE, DSINKS,
+    H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
+    tune_nq, tune_nk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DLSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The dense dQ on Hopper: q, dO, k, v in and dQ out by TMA through (B, heads, seq, head_dim) descriptors.
+
+    As the TMA forward: the descriptors zero-fill rows past the sequence and columns
+    past HEAD_DIM, so no load is masked, and one key loop applies the score mask on
+    the boundary tiles only. (Triton 3.8 if-converts that test: every tile runs the
+    mask's compares and selects, 32 to 64 a thread in a 128x32 tile; the pointer
+    kernel's two loops avoid them, but as TMA loops cost 10 to 51 more registers.)
+    dsinks as the pointer kernel.
+    """
+    pid_m, h, b, hk = _forward_program(group, CAUSAL)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
+
+    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    do = desc_do.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    row = (b * H + h).to(tl.int64) * Nq + offs_m
+    lse2, delta = _load_row_stats(LSE, DELTA, row, offs_m, Nq)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    po = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
+                                            BLOCK_M, BLOCK_N)
+    for start_n in range(lo, end, BLOCK_N):
+        k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        cols = start_n + offs_n
+        edge = (start_n < full_lo) | (start_n >= full_end)  # the diagonal, the ragged end, the window's left edge
+        if HAS_KV_LENS:
+            if edge:
+                # Keys past kv_len are the caller's padding, maybe NaN or inf, which TMA reads whole:
+                # P = 0 there is not enough (0 * NaN in dO V^T and in dS K).
+                real = cols[:, None] < kv_len
+                k = tl.where(real, k, 0.0)
+                v = tl.where(real, v, 0.0)
+        dq, po = _dq_step(dq, po, q, do, k, v, lse2, delta, cols, offs_m, kv_len, causal_offset, window_offset,
+                          qk_scale, softcap_in, edge, True, CAUSAL, WINDOW, SOFTCAP, HAS_SINKS, DOT_PRECISION)
+    desc_dq.store([b, h, start_m, 0], (dq * sm_scale).to(desc_dq.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    if HAS_SINKS:
+        _dsinks_partial(SINKS, DLSE, DSINKS, b, h, row, offs_m, Nq, lse2, po, HAS_DLSE)
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -637,6 +704,7 @@ _INTERPRET = {
     "fwd_tma": TileConfig(64, 32, 4, 1),
     "dkdv": TileConfig(32, 64, 4, 1),  # 64 keys per program, 32 queries per step
     "dq": TileConfig(64, 32, 4, 1),
+    "dq_tma": TileConfig(64, 32, 4, 1),
 }
 
 # GPU candidates for the autotuner, per GPU family, kernel and padded head dim, for
@@ -680,6 +748,15 @@ _GPU_CONFIGS_16BIT = {
             128: [TileConfig(128, 32, 8, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2)],
             256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
         },
+        # The TMA dQ (inputs that qualify): BLOCK_M=128 (two warpgroups of 64 rows) at every head
+        # dim; at 256 a 64-key tile would need 256 KB of shared memory, over the 227 KB.
+        "dq_tma": {
+            64: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2),
+                 TileConfig(64, 64, 4, 3)],
+            128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2),
+                  TileConfig(64, 64, 4, 2)],
+            256: [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
+        },
     },
     "sm80": {
         "fwd": {
@@ -718,6 +795,7 @@ _FEATURE_CONFIGS_16BIT = {
     "sm90": {
         "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
         "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
+        "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
     },
     "sm80": {
         "dkdv": {64: [TileConfig(16, 128, 8, 3)]},
@@ -727,7 +805,7 @@ _FEATURE_CONFIGS_16BIT = {
 _PREPROCESS_BLOCK_M = 64
 _MIN_BLOCK_M = 16  # the smallest dq BLOCK_M of any configuration: sizes the dsinks partials
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
-            "dq": _attn_bwd_dq_kernel}
+            "dq": _attn_bwd_dq_kernel, "dq_tma": _attn_bwd_dq_tma_kernel}
 
 
 def _block_d(head_dim: int) -> int:
@@ -743,9 +821,9 @@ def gpu_family(device: torch.device) -> str:
 
 def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90",
                 features: bool = False) -> list[TileConfig]:
-    """The autotuner's candidates for one kernel ('fwd', 'fwd_tma', 'dkdv', 'dq') at a padded head dim.
+    """The autotuner's candidates for one kernel ('fwd', 'fwd_tma', 'dkdv', 'dq', 'dq_tma') at a padded head dim.
 
-    Empty where the kernel never runs: 'fwd_tma' on sm80 and in fp32. ``features``: a
+    Empty where the kernel never runs: the TMA kernels on sm80 and in fp32. ``features``: a
     packed batch, window, softcap or sinks is on, which costs registers: where a plain
     candidate would spill then, :data:`_FEATURE_CONFIGS_16BIT` names the ones that do not.
     """
@@ -781,10 +859,16 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
+# The TMA kernels' descriptors and the block size that gives each one's tile rows.
+_DESCRIPTOR_ROWS = {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_do": "BLOCK_M", "desc_dq": "BLOCK_M",
+                    "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}
+
+
 def _set_block_shapes(nargs: dict) -> None:
     """Autotuner pre-hook: each configuration's tile shape into the TMA descriptors."""
-    for name, rows in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
-        nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+    for name, rows in _DESCRIPTOR_ROWS.items():
+        if name in nargs:
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
 
 def _seq_bucket(n: int) -> int:
@@ -792,17 +876,21 @@ def _seq_bucket(n: int) -> int:
     return min(next_power_of_2(max(n, 1)), 1 << 16)
 
 
+def _is_tma(kind: str) -> bool:
+    return kind.endswith("_tma")
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(kind: str, block_d: int, dtype: torch.dtype, family: str, features: bool):
     configs = [
         triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **_ws_kwarg(kind, c)}, num_warps=c.num_warps,
-                      num_stages=c.num_stages, pre_hook=_set_block_shapes if kind == "fwd_tma" else None)
+                      num_stages=c.num_stages, pre_hook=_set_block_shapes if _is_tma(kind) else None)
         for c in gpu_configs(kind, block_d, dtype, family, features)
     ]
-    features = ["VARLEN"] if kind != "fwd_tma" else []
-    features += ["WINDOW", "SOFTCAP"] + (["HAS_SINKS"] if kind != "dkdv" else [])
+    arg_names = _KERNELS[kind].arg_names
+    features = [name for name in _FEATURES if name in arg_names]  # the features this kernel has
     return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_KV_LENS", *features, "tune_nq", "tune_nk"],
-                           reset_to_zero=["DSINKS"] if kind == "dq" else None)(
+                           reset_to_zero=["DSINKS"] if "DSINKS" in arg_names else None)(
         _KERNELS[kind]
     )
 
@@ -823,8 +911,8 @@ def _launch(kind: str, grid_rows: int, heads: int, batch: int, args: tuple, cons
     else:
         c = _INTERPRET[kind]
         consts = consts | _ws_kwarg(kind, c)
-        if kind == "fwd_tma":
-            _set_block_shapes({**dict(zip(_attn_fwd_tma_kernel.arg_names, args)), **consts,
+        if _is_tma(kind):
+            _set_block_shapes({**dict(zip(_KERNELS[kind].arg_names, args)), **consts,
                                "BLOCK_M": c.block_m, "BLOCK_N": c.block_n})
         rows_per_program = c.block_n if kind == "dkdv" else c.block_m
         launch(_KERNELS[kind])[(cdiv(grid_rows, rows_per_program), heads, batch)](
@@ -958,8 +1046,9 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
         BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
     )
     consts = _common_consts(q, p) | {"HAS_DLSE": dlse is not None}
-    shared = (*lse_strides, H, H // Hkv, Nq, Nk, p.causal_offset, p.window_offset, p.scale, p.qk_scale, p.softcap_in,
-              _seq_bucket(Nq), _seq_bucket(Nk))
+    sizes = (H, H // Hkv, Nq, Nk, p.causal_offset, p.window_offset, p.scale, p.qk_scale, p.softcap_in,
+             _seq_bucket(Nq), _seq_bucket(Nk))  # the TMA kernel's lse is (B, H, Nq): no strides
+    shared = (*lse_strides, *sizes)
     _launch("dkdv", Nk, Hkv, B, (
         q, k, v, do, lse, delta, dk, dv, kv_lens, cu_q, cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *shared,
@@ -969,10 +1058,16 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     # summed in a fixed order: deterministic.
     partials = torch.zeros((B * cdiv(Nq, _MIN_BLOCK_M) if p.sinks is not None else 1, H), dtype=torch.float32,
                            device=q.device)
-    _launch("dq", Nq, H, B, (
-        q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse if dlse is not None else lse, partials,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
-    ), consts, q.device)
+    dlse_or_any = dlse if dlse is not None else lse
+    if p.cu is None and _tma_qualifies(q, k, v, do, dq):
+        descriptors = tuple(_descriptor(t, 16, block_d) for t in (q, k, v, do, dq))  # rows: set per config
+        _launch("dq_tma", Nq, H, B, (*descriptors, lse, delta, kv_lens, sinks, dlse_or_any, partials, *sizes),
+                consts, q.device)
+    else:
+        _launch("dq", Nq, H, B, (
+            q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse_or_any, partials,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
+        ), consts, q.device)
     if p.sinks is not None:
         dsinks = partials.sum(0)
     return dq, dk, dv, dsinks
@@ -988,9 +1083,8 @@ def _signature(kernel, ptr: str, consts: dict) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name.startswith("desc_"):  # (B, H, N, D) descriptors of one (rows, BLOCK_D) tile
-            rows = consts["BLOCK_N"] if name in ("desc_k", "desc_v") else consts["BLOCK_M"]
-            sig[name] = f"tensordesc<{ptr[1:]}[1, 1, {rows}, {consts['BLOCK_D']}]>"
+        elif name in _DESCRIPTOR_ROWS:  # (B, H, N, D) descriptors of one (rows, BLOCK_D) tile
+            sig[name] = f"tensordesc<{ptr[1:]}[1, 1, {consts[_DESCRIPTOR_ROWS[name]]}, {consts['BLOCK_D']}]>"
         elif name in _POINTERS:
             sig[name] = ptr
         elif name in _FP32_POINTERS:
@@ -1040,7 +1134,9 @@ def compile_specs() -> list[KernelSpec]:
                         for cfg, ccs in targets.items():
                             c = {name: 1 for name in kernel.arg_names
                                  if name.startswith("stride_") and name.endswith("d")}
-                            c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KV_LENS": False,
+                            # The TMA dQ's heaviest call also zeroes keys past kv_lens on its boundary tiles.
+                            c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal,
+                                  "HAS_KV_LENS": features and kind == "dq_tma",
                                   "VARLEN": features, "WINDOW": features, "SOFTCAP": features,
                                   "HAS_SINKS": features, "HAS_DLSE": False, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}

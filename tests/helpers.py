@@ -7,6 +7,7 @@ Importing this module imports ``kernels``, so conftest.py, which must set ``TRIT
 imports it only after doing so.
 """
 
+import importlib
 import json
 import random
 import shutil
@@ -26,6 +27,22 @@ MICRO = ["--vocab_size", "320", "--block_size", "32", "--n_layer", "2", "--n_hea
          "--seq_len", "32", "--batch_size", "4", "--max_steps", "4", "--set", "warmup_steps=1",
          "--save_interval", "2", "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1",
          "--backend", "reference", "--quiet"]
+
+
+def attention_kernels_launched(monkeypatch, family: str) -> list[str]:
+    """Record which attention kernel of a family each launch runs: 'fwd' ('fwd_tma' or 'fwd') or 'dq' ('dq_tma',
+    'dq'): where TMA can read the inputs, sm_90+ and the interpreter take the TMA kernels."""
+    module = importlib.import_module("kernels.attention")  # kernels.attention is also the function
+    kinds = []
+    launch = module._launch
+
+    def recording(kind, *args, **kwargs):
+        if kind.split("_")[0] == family:
+            kinds.append(kind)
+        return launch(kind, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_launch", recording)
+    return kinds
 
 
 def write_corpus(folder: Path, files: int = 24) -> Path:

@@ -31,7 +31,8 @@ def test_every_kernel_config_compiles_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kernels_seen = {r["kernel"] for r in rows}
     assert {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_ce_fwd_kernel",
-            "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_rope_kernel", "_glu_fwd_kernel",
+            "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dq_tma_kernel",
+            "_rope_kernel", "_glu_fwd_kernel",
             "_glu_bwd_kernel"} <= kernels_seen
     assert {r["target"] for r in rows} == {"sm_90", "sm_80"}
     # Hopper attention must use warpgroup MMA at the head dims models use.
@@ -62,27 +63,30 @@ def test_attention_features_compile_without_spills(tmp_path):
     # the candidates gpu_configs(features=True) gives, for both families.
     rows = _compile_rows(tmp_path, "90,80", "D=128 causal torch.bfloat16 +features")
     assert {r["kernel"] for r in rows} >= {"_attn_fwd_kernel", "_attn_fwd_tma_kernel", "_attn_bwd_dkdv_kernel",
-                                          "_attn_bwd_dq_kernel"}
+                                          "_attn_bwd_dq_kernel", "_attn_bwd_dq_tma_kernel"}
 
 
 def test_hopper_attention_feeds_the_tensor_cores(tmp_path):
-    # Only the configurations asserted on: the bf16 TMA forward at head dims 64/128 and
-    # dK/dV at 128, for sm_90 (a few dozen compiles; Triton's cache makes reruns quick).
+    # Only the configurations asserted on: the bf16 TMA forward and TMA dQ at head dims 64/128
+    # and dK/dV at 128, for sm_90 (a few dozen compiles; Triton's cache makes reruns quick).
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.compile", "--quick", "--quiet", "--targets", "90", "--json", str(out),
-         "--only", "_attn_fwd_tma_kernel|dkdv D=128 "],
+         "--only", "_attn_fwd_tma_kernel|_attn_bwd_dq_tma_kernel|dkdv D=128 "],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]  # no failure, no hot spill
     rows = json.loads(out.read_text())["rows"]
     fwd = [r for r in rows if r["kernel"] == "_attn_fwd_tma_kernel"]
+    dq = [r for r in rows if r["kernel"] == "_attn_bwd_dq_tma_kernel"]
     dkdv = [r for r in rows if r["kernel"] == "_attn_bwd_dkdv_kernel"]
-    assert {"D=64 ", "D=128 "} <= {d for r in fwd for d in ("D=64 ", "D=128 ") if d in r["config"]} and dkdv
-    for r in fwd:  # q, k, v in by TMA, o out by TMA, onto warpgroup MMA
+    for tma in (fwd, dq):
+        assert {"D=64 ", "D=128 "} <= {d for r in tma for d in ("D=64 ", "D=128 ") if d in r["config"]}
+    assert dkdv and any("BLOCK_M=128" in r["config"] for r in dq)
+    for r in fwd + dq:  # q, k, v (and dO) in by TMA, o (dQ) out by TMA, onto warpgroup MMA, no spill
         assert r["sass"]["utmaldg"] > 0 and r["sass"]["utmastg"] > 0 and r["sass"]["ldgsts"] == 0, r["config"]
-        assert r["sass"]["hgmma"], r["config"]
+        assert r["sass"]["hgmma"] and r["spill_bytes"] == 0, r["config"]
     if importlib.import_module("kernels.attention").HAS_WARP_SPECIALIZE:
         assert any(r["sass"]["warp_specialized"] and r["sass"]["setmaxnreg"] for r in fwd)
     for r in dkdv:  # no 64x16 (or narrower) wgmma: bound by shared-memory bandwidth

@@ -19,7 +19,7 @@ from kernels import reference
 from kernels.attention import TileConfig
 from kernels.numerics import assert_close_to_ref, factor
 
-from helpers import DEVICE, HAS_GPU
+from helpers import DEVICE, HAS_GPU, attention_kernels_launched
 
 # The module (kernels.attention is the function of the same name).
 attention_module = importlib.import_module("kernels.attention")
@@ -381,12 +381,16 @@ def test_every_integer_kv_lens_dtype(backend):
             kernels.attention(q, k, v, kv_lens=torch.tensor([9, 4], dtype=torch.uint64, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_nan_and_inf_past_kv_lens_change_nothing(backend, causal):
+def test_nan_and_inf_past_kv_lens_change_nothing(monkeypatch, backend, causal, dtype):
     # Padded keys/values are garbage the caller never wrote: NaN and inf there must not reach
-    # any output or any gradient, and the padded positions' own gradients are exactly 0.
-    q, k, v, do = _inputs(3, 2, 1, 5, 9, 8, torch.float32)
+    # any output or any gradient, and the padded positions' own gradients are exactly 0. fp16
+    # runs the TMA kernels, which read the padding whole (a key tile of 4 real keys, 5 padded):
+    # P = 0 there is not enough, 0 * NaN in dP = dO v^T and in dS k would reach dQ.
+    kinds = attention_kernels_launched(monkeypatch, "dq")
+    q, k, v, do = _inputs(3, 2, 1, 5, 9, 8, dtype)
     kv_lens = torch.tensor([9, 4, 0], device=DEVICE)
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[1, :, 4:6], k_bad[1, :, 6:] = float("nan"), float("inf")
@@ -401,6 +405,7 @@ def test_nan_and_inf_past_kv_lens_change_nothing(backend, causal):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     for b, n in enumerate(kv_lens.tolist()):
         assert (bad[2][b, :, n:] == 0).all() and (bad[3][b, :, n:] == 0).all()
+    assert set(kinds) == (set() if backend == "reference" else {"dq_tma" if dtype == torch.float16 else "dq"})
 
 
 # ----------------------------------------------------------------------------- TMA forward and pointer forward
@@ -408,16 +413,7 @@ def test_nan_and_inf_past_kv_lens_change_nothing(backend, causal):
 
 def _forward_kinds(monkeypatch):
     """Record which forward kernel ('fwd_tma' or 'fwd') each launch runs."""
-    kinds = []
-    launch = attention_module._launch
-
-    def recording(kind, *args, **kwargs):
-        if kind.startswith("fwd"):
-            kinds.append(kind)
-        return launch(kind, *args, **kwargs)
-
-    monkeypatch.setattr(attention_module, "_launch", recording)
-    return kinds
+    return attention_kernels_launched(monkeypatch, "fwd")
 
 
 def test_strides_tma_cannot_read_take_the_pointer_path_and_agree(monkeypatch):
@@ -484,3 +480,42 @@ def test_nan_past_kv_lens_changes_nothing_on_the_tma_path(monkeypatch):
         assert torch.isfinite(bad).all()
         torch.testing.assert_close(bad, clean, rtol=0, atol=0)
     assert set(kinds) == {"fwd_tma"}
+
+
+# ----------------------------------------------------------------------------- TMA dQ and pointer dQ
+
+# Ragged around the interpreter's 64-row, 32-key tile (127/128/129), Nq != Nk both ways (Nq > Nk
+# causal: empty rows), GQA, a head dim TMA pads (40 -> 64 columns), kv_lens with an empty batch.
+TMA_DQ_CASES = {
+    "127x128-d64-kv2-full": (2, 127, 128, 64, dict()),
+    "128x129-d40-kv1-causal": (1, 128, 129, 40, dict(causal=True)),
+    "129x127-d32-kv4-causal-kv_lens": (4, 129, 127, 32, dict(causal=True, kv_lens=[127, 0, 61])),
+}
+
+
+@pytest.mark.parametrize("case", list(TMA_DQ_CASES))
+def test_tma_dq_matches_reference(monkeypatch, case):
+    Hkv, Nq, Nk, D, opts = TMA_DQ_CASES[case]
+    kinds = attention_kernels_launched(monkeypatch, "dq")
+    kv_lens = opts.get("kv_lens")
+    B = 1 if kv_lens is None else len(kv_lens)
+    q, k, v, do = _inputs(B, 4, Hkv, Nq, Nk, D, torch.float16, seed=Nq)
+    check_against_reference(q, k, v, do, causal=opts.get("causal", False),
+                            kv_lens=None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE))
+    assert set(kinds) == {"dq_tma"}
+
+
+def test_dq_strides_tma_cannot_read_take_the_pointer_dq_and_agree(monkeypatch):
+    # A column-major dO (q, k, v qualify, dO does not), and no TMA at all (sm_80): the pointer dQ,
+    # bit for bit the TMA dQ's results.
+    kinds = attention_kernels_launched(monkeypatch, "dq")
+    q, k, v, do = _inputs(2, 4, 2, 129, 70, 32, torch.float16)
+    kv_lens = torch.tensor([70, 33], device=DEVICE)
+    base = check_against_reference(q, k, v, do, causal=True, kv_lens=kv_lens)
+    column_major = do.transpose(-1, -2).contiguous().transpose(-1, -2)
+    got = check_against_reference(q, k, v, column_major, causal=True, kv_lens=kv_lens)
+    monkeypatch.setattr(attention_module, "_tma_qualifies", lambda *tensors: False)
+    no_tma = check_against_reference(q, k, v, do, causal=True, kv_lens=kv_lens)
+    assert kinds == ["dq_tma", "dq", "dq"]
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), base, got, no_tma):
+        assert torch.equal(a, b) and torch.equal(a, c), name

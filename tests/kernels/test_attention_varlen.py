@@ -18,7 +18,7 @@ import kernels
 from kernels import reference
 from kernels.numerics import assert_close_to_ref, factor
 
-from helpers import DEVICE
+from helpers import DEVICE, attention_kernels_launched
 
 attention_module = importlib.import_module("kernels.attention")
 HIGH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
@@ -377,9 +377,18 @@ def test_dense_features_match_reference(case):
 
 
 def test_dense_pointer_forward_with_features(monkeypatch):
-    # fp16 takes the TMA forward where strides allow; sm_80 and odd strides run the pointer kernel.
+    # fp16 takes the TMA forward and dQ where strides allow; sm_80 and odd strides run the pointer kernels.
     monkeypatch.setattr(attention_module, "_tma_qualifies", lambda *tensors: False)
     check_dense(1, 4, 2, 80, 97, 32, torch.float16, causal=True, window_size=(20, 0), softcap=3.0, use_sinks=True)
+
+
+def test_tma_dq_with_every_dense_feature(monkeypatch):
+    # kv_lens (a key tile half padding), a window whose left edge cuts key tiles, softcap, sinks and
+    # the lse's gradient, GQA, Nq != Nk: the TMA dQ against the reference, dsinks included.
+    kinds = attention_kernels_launched(monkeypatch, "dq")
+    check_dense(2, 4, 2, 97, 129, 32, torch.float16, kv_lens=torch.tensor([129, 50], device=DEVICE), causal=True,
+                window_size=(40, 0), softcap=5.0, use_sinks=True)
+    assert set(kinds) == {"dq_tma"}
 
 
 @pytest.mark.parametrize("specialize", [False, True], ids=["boundary-masked", "warp-specialized"])

@@ -428,11 +428,13 @@ def test_backward_with_sinks_is_deterministic():
 
 def test_dsinks_partials_fit_every_dq_tile():
     # The dsinks partials are sized for BLOCK_M >= _MIN_BLOCK_M: every configuration must respect it.
-    tiles = [attention_module._INTERPRET["dq"]]
+    tiles = [attention_module._INTERPRET["dq"], attention_module._INTERPRET["dq_tma"]]
     for dtype, family in ((torch.float16, "sm90"), (torch.float16, "sm80"), (torch.float32, "sm90")):
         for block_d in (16, 64, 128, 256):
             for features in (False, True):  # sinks always take the feature table
-                tiles += attention_module.gpu_configs("dq", block_d, dtype, family, features)
+                for kind in ("dq", "dq_tma"):
+                    tiles += attention_module.gpu_configs(kind, block_d, dtype, family, features)
+    assert any(c.block_m == 128 for c in attention_module.gpu_configs("dq_tma", 128, torch.float16, "sm90"))
     assert min(c.block_m for c in tiles) >= attention_module._MIN_BLOCK_M
 
 

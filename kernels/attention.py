@@ -493,7 +493,9 @@ def _attn_bwd_dkdv_kernel(
             hi = tl.minimum(tl.maximum(start_n + BLOCK_N - window_offset, 0), Nq)
             win_start = start_n + 1 - window_offset
         diag_end = tl.minimum(full_start, Nq)
-        for g in range(0, group):
+        # At head dim 256 the loop nest is flattened into one pipelined loop: nested, its
+        # prologue's values stay live beside the 128 accumulator registers and spill.
+        for g in tl.range(0, group, flatten=BLOCK_D > 128):
             # Every query head of the group, summed here: no atomics, one owner per dK/dV tile.
             h = hk * group + g
             q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
@@ -666,14 +668,15 @@ _GPU_CONFIGS_16BIT = {
         },
         # dK/dV keeps k, v and two fp32 accumulators of BLOCK_N keys live: few queries per step.
         # At head dim 128 no BLOCK_M=16 (64x16 wgmma, bound by shared memory) and nothing
-        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal. Head dim 256 with 64 keys
-        # is on wgmma (32 keys compiled to mma.sync); only 16 queries per step fit there.
+        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal. Head dim 256 needs 64 keys
+        # for wgmma (32 compile to mma.sync) and 8 warps (the accumulators take 128 registers
+        # a thread), whose two warpgroups split the BLOCK_M queries of the score tile: 32 queries
+        # give 64x16 wgmma, 16 give 64x8; 64 spill, and so do 4 warps, 1 stage, or a nested head
+        # loop (the kernel flattens it there).
         "dkdv": {
             64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(32, 64, 4, 3)],
             128: [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
-            # (16, 64, 8w) ran wgmma here but spills 8 bytes when causal since the window/varlen
-            # kernels (its 1-stage twin spills 352 when not); mma.sync 16x32 is spill-free.
-            256: [TileConfig(16, 32, 8, 2)],
+            256: [TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)],
         },
         "dq": {
             64: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
@@ -717,7 +720,7 @@ _FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
 _FEATURE_CONFIGS_16BIT = {
     "sm90": {
         "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
-        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
+        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 64, 8, 2)]},  # (32, 64) spills 16 bytes
     },
     "sm80": {
         "dkdv": {64: [TileConfig(16, 128, 8, 3)]},

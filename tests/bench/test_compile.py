@@ -89,6 +89,18 @@ def test_hopper_attention_feeds_the_tensor_cores(tmp_path):
         assert r["sass"]["hgmma"] and not any(s.startswith(("64x8x", "64x16x")) for s in r["sass"]["hgmma"]), r
 
 
+@pytest.mark.slow
+def test_hopper_attention_dkdv_at_head_dim_256_runs_wgmma(tmp_path):
+    # Head dim 256 dK/dV compiled to mma.sync (HMMA) while its wgmma tile spilled; plain and
+    # every-feature candidates alike must now issue HGMMA, spill-free (_compile_rows checks).
+    rows = _compile_rows(tmp_path, "90", "dkdv D=256 full torch.bfloat16|dkdv D=256 causal torch.bfloat16")
+    assert all(any(w in r["config"] for r in rows) for w in (" full ", " causal ", "+features"))
+    for r in rows:
+        assert r["tensor_cores"] == "HGMMA" and r["sass"]["hmma"] == 0, r["config"]
+    # 32 queries per step (64x16 wgmma for the score tiles) is among the plain candidates.
+    assert any("64x16x16ss" in r["sass"]["hgmma"] for r in rows if "+features" not in r["config"])
+
+
 def test_sass_facts_reads_tma_wgmma_and_the_main_loop():
     sass = """
         /*0100*/                   UTMALDG.4D [UR8], [UR4] ;

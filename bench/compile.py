@@ -104,7 +104,7 @@ def sass_facts(sass: str, ttgir: str = "") -> dict:
     return {
         "utmaldg": count("UTMALDG"), "utmastg": count("UTMASTG"), "ldgsts": count("LDGSTS"),
         "warp_specialized": "ttg.warp_specialize" in ttgir,
-        "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\S* (0x[0-9a-f]+)", sass)}),
+        "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\S* (?:\w+, )?(0x[0-9a-f]+)", sass)}),
         "hgmma": hgmma, "hmma": count("HMMA."), "wgmma_waits": waits,
         "main_loop_instructions": len(main), "main_loop_ex2": count("MUFU.EX2", main),
         "main_loop_hgmma": count("HGMMA.", main),

@@ -121,6 +121,16 @@ def test_sass_facts_reads_tma_wgmma_and_the_main_loop():
     assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (5, 2, 1)
 
 
+def test_sass_facts_reads_setmaxnreg_both_ways():
+    # Warp-specialized kernels lower the producer's registers (DEALLOC) and raise the
+    # consumers' (TRY_ALLOC, with a predicate operand): both counts are the rebalancing.
+    sass = """
+        /*0080*/                   USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8 ;
+        /*0fb0*/                   USETMAXREG.DEALLOC.CTAPOOL 0x28 ;
+    """
+    assert compile_check.sass_facts(sass)["setmaxnreg"] == [0x28, 0xe8]
+
+
 def test_failures_flags_errors_and_hot_spills_only():
     rows = [
         {"kernel": "a", "config": "c", "target": "sm_90", "hot": True, "regs": 40, "spill_bytes": 0},

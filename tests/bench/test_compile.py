@@ -131,6 +131,24 @@ def test_sass_facts_reads_setmaxnreg_both_ways():
     assert compile_check.sass_facts(sass)["setmaxnreg"] == [0x28, 0xe8]
 
 
+def test_sass_facts_main_loop_is_innermost():
+    # A warp-specialized kernel has one key loop per consumer warpgroup, both inside branches
+    # back to the kernel's start: the main loop is a consumer's loop, not what encloses both.
+    sass = """
+        /*0100*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ;
+        /*0110*/                   MUFU.EX2 R1, R1 ;
+        /*0120*/              @!P2 BRA 0x100 ;
+        /*0130*/                   NOP ;
+        /*0140*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ;
+        /*0150*/                   MUFU.EX2 R1, R1 ;
+        /*0160*/                   FADD R2, R2, R2 ;
+        /*0170*/              @!P2 BRA 0x140 ;
+        /*0180*/              @!P3 BRA 0x100 ;
+    """
+    f = compile_check.sass_facts(sass)
+    assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (3, 1, 1)
+
+
 def test_failures_flags_errors_and_hot_spills_only():
     rows = [
         {"kernel": "a", "config": "c", "target": "sm_90", "hot": True, "regs": 40, "spill_bytes": 0},

@@ -84,7 +84,15 @@ def test_hopper_attention_feeds_the_tensor_cores(tmp_path):
         assert r["sass"]["utmaldg"] > 0 and r["sass"]["utmastg"] > 0 and r["sass"]["ldgsts"] == 0, r["config"]
         assert r["sass"]["hgmma"], r["config"]
     if importlib.import_module("kernels.attention").HAS_WARP_SPECIALIZE:
-        assert any(r["sass"]["warp_specialized"] and r["sass"]["setmaxnreg"] for r in fwd)
+        for d in ("D=64 ", "D=128 "):
+            # 128 query rows, 4 warps: a TMA producer warpgroup that gives up registers and two
+            # consumer warpgroups (64 rows each) that raise theirs.
+            specialized = [r for r in fwd if d in r["config"] and "BLOCK_M=128," in r["config"]
+                           and "WARP_SPECIALIZE=True] w4 " in r["config"]]
+            assert specialized, d
+            for r in specialized:
+                regs = r["sass"]["setmaxnreg"]
+                assert r["sass"]["warp_specialized"] and min(regs) < 128 < max(regs), r
     for r in dkdv:  # no 64x16 (or narrower) wgmma: bound by shared-memory bandwidth
         assert r["sass"]["hgmma"] and not any(s.startswith(("64x8x", "64x16x")) for s in r["sass"]["hgmma"]), r
 

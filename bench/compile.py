@@ -93,18 +93,23 @@ def sass_facts(sass: str, ttgir: str = "") -> dict:
             source = "ss" if "gdesc" in args[1] else "rs"  # A from shared memory or registers
             hgmma[f"{shape}{source}"] = hgmma.get(f"{shape}{source}", 0) + 1
     waits = sorted({int(w, 16) for w in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)})
-    # Loops: a branch to an earlier address. The main loop: the most HGMMA, innermost on a tie.
+    # Loops: a branch to an earlier address. The main loop: of the innermost loops that issue
+    # HGMMA (no such loop inside them: a warp-specialized kernel's branches back to its start
+    # enclose every consumer's loop), the one with the most, the shortest on a tie.
     loops = []
     for i, (addr, ins) in enumerate(code):
         m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", ins)
         if m and int(m.group(1), 16) < addr:
             body = [op for (a, _), op in zip(code, ops) if int(m.group(1), 16) <= a <= addr]
-            loops.append((count("HGMMA.", body), -len(body), body))
-    main = max(loops, default=(0, 0, []))[2] if any(loop[0] for loop in loops) else []
+            loops.append((count("HGMMA.", body), -len(body), body, (int(m.group(1), 16), addr)))
+    mma_loops = [loop for loop in loops if loop[0]]
+    innermost = [loop for loop in mma_loops
+                 if not any(o is not loop and loop[3][0] <= o[3][0] and o[3][1] <= loop[3][1] for o in mma_loops)]
+    main = max(innermost, key=lambda loop: loop[:2])[2] if innermost else []
     return {
         "utmaldg": count("UTMALDG"), "utmastg": count("UTMASTG"), "ldgsts": count("LDGSTS"),
         "warp_specialized": "ttg.warp_specialize" in ttgir,
-        "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\S* (0x[0-9a-f]+)", sass)}),
+        "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\S* (?:\w+, )?(0x[0-9a-f]+)", sass)}),
         "hgmma": hgmma, "hmma": count("HMMA."), "wgmma_waits": waits,
         "main_loop_instructions": len(main), "main_loop_ex2": count("MUFU.EX2", main),
         "main_loop_hgmma": count("HGMMA.", main),

@@ -73,6 +73,10 @@ try:  # host-side TMA descriptors (triton >= 3.3); without them every GPU runs t
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton
     TensorDescriptor = None
+try:  # the allocator a launch asks for the memory of descriptors made in a kernel (see _ensure_allocator)
+    from triton.runtime._allocation import NullAllocator as _NullAllocator, _allocator as _current_allocator
+except ImportError:  # pragma: no cover - another layout: always set ours
+    _NullAllocator = _current_allocator = None
 # tl.range(..., warp_specialize=True): without it the warp-specialized configurations are dropped.
 HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range).parameters
 
@@ -322,7 +326,8 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_fwd_tma_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, KV_LENS, SINKS,
+    desc_q, desc_k, desc_v, desc_o, LSE, KV_LENS, SINKS, Q, O,
+    stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om,
     H, group, Nq, Nk, causal_offset, window_offset, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
@@ -335,7 +340,9 @@ def _attn_fwd_tma_kernel(
     tile needs a load mask. One key loop, in which only the boundary tiles (diagonal,
     ragged end, kv_len, the window's left edge) apply the score mask, or, with
     WARP_SPECIALIZE, every tile (branch-free, so the compiler splits the loop into a
-    TMA producer warp and a wgmma consumer warpgroup).
+    TMA producer warpgroup and two wgmma consumer warpgroups of BLOCK_M / 2 rows each, with
+    rebalanced registers). ``Q``, ``O`` and their strides serve the descriptors that
+    kernel makes itself (needs :func:`_ensure_allocator`).
     """
     pid_m, h, b, hk = _forward_program(group, CAUSAL)
     start_m = pid_m * BLOCK_M
@@ -343,17 +350,27 @@ def _attn_fwd_tma_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
 
-    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    # Triton's warp-specialization pass takes no branch inside its loop (3.8 leaves such a
+    # loop unspecialized): there every tile runs the mask as arithmetic. It neither takes
+    # the register round trip that zeroes padded values, so with kv_lens the loop is plain.
+    SPECIALIZE: tl.constexpr = WARP_SPECIALIZE and not HAS_KV_LENS
+    if SPECIALIZE:
+        # The pass gives each consumer warpgroup 64 rows of the Q and O tiles, and so rewrites
+        # their descriptors' block shape: only descriptors made here can be rewritten (a host
+        # one fails, "descriptor block and tensor must have the same number of elements").
+        q_rows = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                           [Nq, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        o_rows = tl.make_tensor_descriptor(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                                           [Nq, HEAD_DIM], [stride_om, 1], [BLOCK_M, BLOCK_D])
+        q = q_rows.load([start_m, 0])
+    else:
+        q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
                                             BLOCK_M, BLOCK_N)
-    # Triton's warp-specialization pass takes no branch inside its loop (3.8 leaves such a
-    # loop unspecialized): there every tile runs the mask as arithmetic. It neither takes
-    # the register round trip that zeroes padded values, so with kv_lens the loop is plain.
-    SPECIALIZE: tl.constexpr = WARP_SPECIALIZE and not HAS_KV_LENS
     for start_n in tl.range(lo, end, BLOCK_N, warp_specialize=SPECIALIZE):
         k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -369,7 +386,10 @@ def _attn_fwd_tma_kernel(
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
     out, lse = _fwd_finish(acc, l_i, m_i, SINKS, h, HAS_SINKS)
-    desc_o.store([b, h, start_m, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    if SPECIALIZE:
+        o_rows.store([start_m, 0], out.to(desc_o.dtype))
+    else:
+        desc_o.store([b, h, start_m, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     tl.store(LSE + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
@@ -495,7 +515,9 @@ def _attn_bwd_dkdv_kernel(
             hi = tl.minimum(tl.maximum(start_n + BLOCK_N - window_offset, 0), Nq)
             win_start = start_n + 1 - window_offset
         diag_end = tl.minimum(full_start, Nq)
-        for g in range(0, group):
+        # At head dim 256 the loop nest is flattened into one pipelined loop: nested, its
+        # prologue's values stay live beside the 128 accumulator registers and spill.
+        for g in tl.range(0, group, flatten=BLOCK_D > 128):
             # Every query head of the group, summed here: no atomics, one owner per dK/dV tile.
             h = hk * group + g
             q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
@@ -687,7 +709,7 @@ class TileConfig:
     """BLOCK_M (query rows) x BLOCK_N (keys) per program step, and the launch options.
 
     ``warp_specialize`` (TMA forward only): the key loop is split by the compiler into
-    a TMA producer warp and a wgmma consumer warpgroup with rebalanced registers.
+    a TMA producer warpgroup and two wgmma consumer warpgroups with rebalanced registers.
     """
 
     block_m: int
@@ -720,28 +742,30 @@ _GPU_CONFIGS_16BIT = {
                   TileConfig(64, 64, 4, 3)],
             256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
         },
-        # The TMA forward (inputs that qualify, see _tma_qualifies). Warp-specialized configs
-        # keep BLOCK_M=64 with 4 warps (one consumer warpgroup): Triton 3.8's pass fails to
-        # split a 128-row Q tile between two consumers ("descriptor block and tensor must
-        # have the same number of elements") and leaves 8-warp loops unspecialized.
+        # The TMA forward (inputs that qualify, see _tma_qualifies). Warp-specialized configs:
+        # BLOCK_M=128 with 4 warps, which Triton 3.8's pass builds as a TMA producer warpgroup (40
+        # registers) and two consumer warpgroups of 64 rows each (232 registers). With
+        # BLOCK_M=64 both consumers computed the same 64 rows; 8-warp loops stay unspecialized.
         "fwd_tma": {
-            64: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3, True),
-                 TileConfig(64, 128, 4, 3, True), TileConfig(64, 64, 4, 3)],
+            64: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3, True),
+                 TileConfig(128, 128, 4, 3, True), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
-                  TileConfig(64, 64, 4, 2, True), TileConfig(64, 128, 4, 2, True), TileConfig(64, 64, 4, 3)],
+                  TileConfig(128, 64, 4, 2, True), TileConfig(128, 128, 4, 2, True), TileConfig(64, 64, 4, 3)],
+            # (128, 64) specialized needs 257 KB of shared memory here.
             256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2),
-                  TileConfig(64, 32, 4, 2, True)],
+                  TileConfig(128, 32, 4, 2, True)],
         },
         # dK/dV keeps k, v and two fp32 accumulators of BLOCK_N keys live: few queries per step.
         # At head dim 128 no BLOCK_M=16 (64x16 wgmma, bound by shared memory) and nothing
-        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal. Head dim 256 with 64 keys
-        # is on wgmma (32 keys compiled to mma.sync); only 16 queries per step fit there.
+        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal. Head dim 256 needs 64 keys
+        # for wgmma (32 compile to mma.sync) and 8 warps (the accumulators take 128 registers
+        # a thread), whose two warpgroups split the BLOCK_M queries of the score tile: 32 queries
+        # give 64x16 wgmma, 16 give 64x8; 64 spill, and so do 4 warps, 1 stage, or a nested head
+        # loop (the kernel flattens it there).
         "dkdv": {
             64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(32, 64, 4, 3)],
             128: [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
-            # (16, 64, 8w) ran wgmma here but spills 8 bytes when causal since the window/varlen
-            # kernels (its 1-stage twin spills 352 when not); mma.sync 16x32 is spill-free.
-            256: [TileConfig(16, 32, 8, 2)],
+            256: [TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)],
         },
         "dq": {
             64: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
@@ -794,7 +818,7 @@ _FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
 _FEATURE_CONFIGS_16BIT = {
     "sm90": {
         "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
-        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
+        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 64, 8, 2)]},  # (32, 64) spills 16 bytes
         "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
     },
     "sm80": {
@@ -862,6 +886,17 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
 # The TMA kernels' descriptors and the block size that gives each one's tile rows.
 _DESCRIPTOR_ROWS = {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_do": "BLOCK_M", "desc_dq": "BLOCK_M",
                     "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device memory for descriptors a kernel makes itself (``tl.make_tensor_descriptor``): Triton
+    asks ``triton.set_allocator``'s allocator at launch. One the caller set is kept."""
+    if _current_allocator is None or isinstance(_current_allocator.get(), _NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -1014,8 +1049,11 @@ def _forward(q, k, v, p: _Problem):
         block_d = consts["BLOCK_D"]  # the row counts are placeholders until the tile is chosen
         args = (
             _descriptor(q, 16, block_d), _descriptor(k, 16, block_d), _descriptor(v, 16, block_d),
-            _descriptor(o, 16, block_d), lse, kv_lens, sinks, H, H // Hkv, Nq, Nk, *offsets,
+            _descriptor(o, 16, block_d), lse, kv_lens, sinks, q, o, *q.stride()[:3], *o.stride()[:3],
+            H, H // Hkv, Nq, Nk, *offsets,
         )
+        if q.is_cuda:
+            _ensure_allocator()
         _launch("fwd_tma", Nq, H, B, args, consts, q.device)
         return o, lse
     args = (

@@ -88,9 +88,29 @@ def test_hopper_attention_feeds_the_tensor_cores(tmp_path):
         assert r["sass"]["utmaldg"] > 0 and r["sass"]["utmastg"] > 0 and r["sass"]["ldgsts"] == 0, r["config"]
         assert r["sass"]["hgmma"] and r["spill_bytes"] == 0, r["config"]
     if importlib.import_module("kernels.attention").HAS_WARP_SPECIALIZE:
-        assert any(r["sass"]["warp_specialized"] and r["sass"]["setmaxnreg"] for r in fwd)
+        for d in ("D=64 ", "D=128 "):
+            # 128 query rows, 4 warps: a TMA producer warpgroup that gives up registers and two
+            # consumer warpgroups (64 rows each) that raise theirs.
+            specialized = [r for r in fwd if d in r["config"] and "BLOCK_M=128," in r["config"]
+                           and "WARP_SPECIALIZE=True] w4 " in r["config"]]
+            assert specialized, d
+            for r in specialized:
+                regs = r["sass"]["setmaxnreg"]
+                assert r["sass"]["warp_specialized"] and min(regs) < 128 < max(regs), r
     for r in dkdv:  # no 64x16 (or narrower) wgmma: bound by shared-memory bandwidth
         assert r["sass"]["hgmma"] and not any(s.startswith(("64x8x", "64x16x")) for s in r["sass"]["hgmma"]), r
+
+
+@pytest.mark.slow
+def test_hopper_attention_dkdv_at_head_dim_256_runs_wgmma(tmp_path):
+    # Head dim 256 dK/dV compiled to mma.sync (HMMA) while its wgmma tile spilled; plain and
+    # every-feature candidates alike must now issue HGMMA, spill-free (_compile_rows checks).
+    rows = _compile_rows(tmp_path, "90", "dkdv D=256 full torch.bfloat16|dkdv D=256 causal torch.bfloat16")
+    assert all(any(w in r["config"] for r in rows) for w in (" full ", " causal ", "+features"))
+    for r in rows:
+        assert r["tensor_cores"] == "HGMMA" and r["sass"]["hmma"] == 0, r["config"]
+    # 32 queries per step (64x16 wgmma for the score tiles) is among the plain candidates.
+    assert any("64x16x16ss" in r["sass"]["hgmma"] for r in rows if "+features" not in r["config"])
 
 
 def test_sass_facts_reads_tma_wgmma_and_the_main_loop():
@@ -111,6 +131,34 @@ def test_sass_facts_reads_tma_wgmma_and_the_main_loop():
     assert f["hgmma"] == {"64x64x16ss": 1, "64x128x16rs": 1} and f["wgmma_waits"] == [1]
     assert f["warp_specialized"] and f["setmaxnreg"] == [0x28]
     assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (5, 2, 1)
+
+
+def test_sass_facts_reads_setmaxnreg_both_ways():
+    # Warp-specialized kernels lower the producer's registers (DEALLOC) and raise the
+    # consumers' (TRY_ALLOC, with a predicate operand): both counts are the rebalancing.
+    sass = """
+        /*0080*/                   USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8 ;
+        /*0fb0*/                   USETMAXREG.DEALLOC.CTAPOOL 0x28 ;
+    """
+    assert compile_check.sass_facts(sass)["setmaxnreg"] == [0x28, 0xe8]
+
+
+def test_sass_facts_main_loop_is_innermost():
+    # A warp-specialized kernel has one key loop per consumer warpgroup, both inside branches
+    # back to the kernel's start: the main loop is a consumer's loop, not what encloses both.
+    sass = """
+        /*0100*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ;
+        /*0110*/                   MUFU.EX2 R1, R1 ;
+        /*0120*/              @!P2 BRA 0x100 ;
+        /*0130*/                   NOP ;
+        /*0140*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ;
+        /*0150*/                   MUFU.EX2 R1, R1 ;
+        /*0160*/                   FADD R2, R2, R2 ;
+        /*0170*/              @!P2 BRA 0x140 ;
+        /*0180*/              @!P3 BRA 0x100 ;
+    """
+    f = compile_check.sass_facts(sass)
+    assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (3, 1, 1)
 
 
 def test_failures_flags_errors_and_hot_spills_only():

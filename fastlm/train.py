@@ -18,9 +18,12 @@ step before it trains (:class:`BatchPrefetcher`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+import types
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -130,6 +133,38 @@ class BatchPrefetcher:
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def model_forward(model: torch.nn.Module, compiled: bool) -> Iterator[Callable[..., torch.Tensor]]:
+    """What runs ``model`` in the loop: the model itself, or if ``compiled``, ``torch.compile(model)``
+    with its compiled code private to this run and freed when the run ends.
+
+    Dynamo keeps compiled code per code object (here ``type(model).forward``), shared by every instance,
+    and fails a fullgraph compile past ``recompile_limit`` entries (8); each model shape adds its training
+    and evaluation graphs, so in one process (a notebook sweep, a hyper-parameter loop) the fifth shape would
+    fail. The compiled model runs a copy of that code object instead (same bytecode, its own cache), emptied
+    at exit: a run counts only its own compilations, and a model the user compiled elsewhere, even of the
+    same class, is neither counted nor recompiled. One graph per model (fullgraph): a graph break is an
+    error here, not a silent slowdown; not under DDP/FSDP, whose compiled forward Dynamo splits at gradient
+    buckets (tested eager only), and whose wrapper's forward holds the cache (not fullgraph: past the limit
+    it runs eager)."""
+    if not compiled:
+        yield model
+        return
+    if distributed.world_size() > 1:
+        yield torch.compile(model)
+        return
+    shared = type(model).forward
+    code = shared.__code__.replace()  # a new code object, the same function
+    own = types.FunctionType(code, shared.__globals__, shared.__name__, shared.__defaults__, shared.__closure__)
+    own.__kwdefaults__, own.__qualname__ = shared.__kwdefaults__, shared.__qualname__
+    model.forward = types.MethodType(own, model)  # what nn.Module calls
+    try:
+        yield torch.compile(model, fullgraph=True)
+    finally:
+        del model.forward
+        torch._dynamo.reset_code(code)  # the run's graphs (Dynamo's own tables keep the small code object)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -281,10 +316,6 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     recorded_run = rundir.run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-    # One graph per model (fullgraph): a graph break is an error here, not a silent slowdown. Not
-    # under DDP/FSDP, whose compiled forward Dynamo splits at gradient buckets (tested eager only).
-    forward = (torch.compile(model, **({"fullgraph": True} if distributed.world_size() == 1 else {}))
-               if t.compile else model)
     say(f"model: {model_name}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
         f"{t.backend}; {t.max_steps} steps of {t.batch_size * t.grad_accum} "
         + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")
@@ -300,7 +331,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     watch = FiniteWatch(device)
-    with kernels.use_backend(t.backend), bar, BatchPrefetcher(task, cfg, device) as prefetcher:
+    with (kernels.use_backend(t.backend), bar, BatchPrefetcher(task, cfg, device) as prefetcher,
+          model_forward(model, t.compile) as forward):
         while step < t.max_steps:
             done = train_step(step, cfg, task, model, forward, optimizer, device, prefetcher.batches(step))
             watch.update(step, done)

@@ -157,6 +157,35 @@ def test_compiled_training_matches_eager(tmp_path, corpus, monkeypatch, family):
 
 
 @pytest.mark.slow
+def test_back_to_back_compiled_trainings_in_one_process(tmp_path, corpus, monkeypatch):
+    # A sweep (a notebook, a hyper-parameter loop over the Python API) trains model after model compiled in one
+    # process, with no Dynamo reset between them (the suite's fresh_dynamo runs only between tests). Each shape
+    # has its own training and evaluation graphs of the same forward code: in one cache shared by every model
+    # (and by the user's), the fourth shape here passed Dynamo's recompile limit (8 a code object) and the
+    # fullgraph compile failed. Five models of different shapes train, and a GPT the user compiled before them
+    # keeps its compiled code.
+    from torch._dynamo.testing import CompileCounter
+
+    from fastlm.model import GPT
+
+    mine, counter = GPT(micro_config(corpus).model), CompileCounter()
+    users_model = torch.compile(mine, backend=counter, fullgraph=True)
+    idx = torch.randint(0, 320, (2, 8))
+    users_model(idx, idx)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **options: real_compile(model, **{**options, "backend": "aot_eager"}))
+    shapes = [{"n_layer": 1, "n_head": heads} for heads in (1, 2, 4, 8)] + [{"n_layer": 2, "n_head": 1}]
+    for run, shape in enumerate(shapes):
+        cfg = micro_config(corpus, max_steps=1, eval_batches=1, compile=True)
+        for name, value in shape.items():
+            cfg.set(name, value)
+        train(cfg.validate(), tmp_path / f"run{run}", progress=False)
+    users_model(idx, idx)
+    assert counter.frame_count == 1, "the user's compiled model was compiled again"
+
+
+@pytest.mark.slow
 def test_compiled_cli_run_with_inductor(tmp_path, corpus):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert main(["train", "--data", str(corpus), "--out", str(eager), *MICRO]) == 0

@@ -185,7 +185,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 class StepResult:
     lr: float
     loss: torch.Tensor  # the step's mean loss over every rank's terms, on the device (read on logging steps only)
-    grad_norm: torch.Tensor | None  # before clipping, on the device (read on logging steps only); None unclipped
+    grad_norm: torch.Tensor  # before clipping, on the device (read on logging steps only)
     tokens: int  # this rank's tokens in the step's batches
     flops: float  # this rank's training FLOPs for them
 
@@ -217,13 +217,24 @@ def train_step(step: int, cfg: Config, task, model: torch.nn.Module, forward, op
             loss_sum += loss.detach().float() * share
             tokens += batch.tokens
             flops += batch.flops
-    grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-                 if t.grad_clip > 0 else None)
+    grad_norm = distributed.full_tensor(clip_gradients(model, t.grad_clip))
     # A non-finite gradient corrupts the weights in this update; FiniteWatch stops the run at the next
     # logging or checkpoint step, before anything is saved, naming the last good checkpoint.
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(lr, distributed.total(loss_sum), grad_norm, tokens, flops)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The global norm of ``model``'s gradients, on the device (a DTensor under FSDP2), having scaled them
+    down to norm ``max_norm`` if it was larger; ``max_norm=0`` measures without clipping: the norm is
+    non-finite where any gradient is, which :class:`FiniteWatch` needs whether or not the step clips."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch 2.6+: one fused pass over the gradients, no write
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(grads, math.inf)  # scales by 1: a second pass, the same norm
 
 
 class FiniteWatch:
@@ -237,9 +248,7 @@ class FiniteWatch:
 
     def update(self, step: int, done: StepResult) -> None:
         """Record step ``step`` (counted from 0)."""
-        bad = ~torch.isfinite(done.loss)
-        if done.grad_norm is not None:
-            bad = bad | ~torch.isfinite(done.grad_norm)
+        bad = ~torch.isfinite(done.loss) | ~torch.isfinite(done.grad_norm)
         first = bad & (self.first_bad == 0)
         self.first_bad = torch.where(first, step + 1, self.first_bad)
         self.bad_loss = torch.where(first, done.loss, self.bad_loss)
@@ -247,9 +256,12 @@ class FiniteWatch:
     def check(self, last_good: str | Path | None) -> None:
         first_bad = int(self.first_bad)
         if first_bad:
+            loss = float(self.bad_loss)
+            what = (f"non-finite gradient at step {first_bad} (its loss {loss:.4f})" if math.isfinite(loss)
+                    else f"non-finite loss ({loss}) at step {first_bad}")
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-            raise TrainingError(f"non-finite loss ({float(self.bad_loss)}) or gradient at step {first_bad}; "
-                                f"training stopped, {kept}. Try a lower lr or a smaller grad_clip.")
+            raise TrainingError(f"{what}; training stopped, {kept}. Try a lower lr or a smaller (non-zero) "
+                                "grad_clip.")
 
 
 def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_from: str | Path | None,
@@ -357,7 +369,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                 tokens_per_sec = job_tokens / elapsed
                 if distributed.is_main():
                     record = {"step": step, "loss": loss_value, "lr": done.lr,
-                              "grad_norm": None if done.grad_norm is None else done.grad_norm.item(),
+                              "grad_norm": done.grad_norm.item(),
                               "tokens_per_sec": tokens_per_sec, "mfu": mfu(job_flops / elapsed, peak),
                               "peak_mem_bytes": peak_memory_bytes(device)}
                     if t.task == "lm":

@@ -3,6 +3,7 @@
 checkpoint step. On CPU a sync costs nothing, but the ops counted here are the ones that would make
 the host wait for a GPU."""
 
+import math
 import threading
 
 import pytest
@@ -103,6 +104,36 @@ def test_non_finite_step_is_named_at_the_next_logging_step(tmp_path, corpus, mon
         train(cfg, tmp_path / "run", progress=False)
     from fastlm.checkpoint import list_checkpoints
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_non_finite_gradient_without_clipping_is_named(tmp_path, corpus, monkeypatch):
+    # With grad_clip=0 no gradient norm is needed for clipping, yet a non-finite gradient under a finite loss is
+    # still caught: step 3's gradient is NaN (its loss is fine), which corrupts the weights, so step 4's loss is
+    # NaN too. The run logs every 4 steps and saves every 2: it stops at step 4 naming step 3 (not 4) and keeps
+    # step 2's checkpoint, the last written before the bad gradient. No step but the logging one reads a value.
+    backward_calls = []
+    real_build = tasks.LanguageModeling.build_model
+
+    def build_with_a_bad_gradient(self):
+        model = real_build(self)
+        backward_calls.clear()  # one backward per step (grad_accum=1)
+        model.transformer.ln_f.weight.register_hook(
+            lambda grad: backward_calls.append(grad) or (grad * math.nan if len(backward_calls) == 3 else grad))
+        return model
+
+    monkeypatch.setattr(tasks.LanguageModeling, "build_model", build_with_a_bad_gradient)
+    cfg = micro_config(corpus, max_steps=5, save_interval=2, log_interval=4, eval_interval=8, grad_clip=0.0)
+    with pytest.raises(train_module.TrainingError,
+                       match=r"non-finite gradient at step 3\b \(its loss [\d.]+\).*step_00000002"):
+        host_reads_per_step(monkeypatch, cfg, tmp_path / "run")
+    from fastlm.checkpoint import list_checkpoints
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_steps_without_clipping_read_nothing_on_the_host(tmp_path, corpus, monkeypatch):
+    per_step = host_reads_per_step(monkeypatch, micro_config(corpus, max_steps=3, log_interval=3, eval_interval=3,
+                                                             save_interval=3, grad_clip=0.0), tmp_path / "run")
+    assert per_step[:2] == [[], []] and per_step[2], per_step
 
 
 # ----------------------------------------------------------------------------- compile

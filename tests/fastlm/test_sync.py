@@ -6,8 +6,10 @@ the host wait for a GPU."""
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlm import tasks
@@ -18,21 +20,57 @@ from helpers import (MICRO, losses, micro_config, task_config, write_classificat
                      write_short_documents)
 
 aten = torch.ops.aten
-# What reads a tensor's value on the host (Tensor.item/tolist/bool/==, torch.equal) reaches one of these.
+# What reads a tensor's value on the host (Tensor.item/bool/int/float/==, torch.equal) reaches one of these.
 HOST_READS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal}
+# What copies a tensor to the host without an aten op when it is already there, as every tensor is in these
+# tests (on a GPU each waits for the device): seen as the Tensor method called. Tensor.to counts too when it
+# names the host, "cpu", and waits (not non_blocking=True). A torch.device("cpu") target is not counted: on
+# the CPU it cannot be told from the run's own device (x.to(y.device), the batches' to_device), on a GPU a
+# device-side move.
+HOST_COPIES = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.cpu}
 
 
 class HostReads(TorchDispatchMode):
-    """Counts the host reads of tensor values made while active, per op name."""
+    """Counts the host reads of tensor values made while active, per op name: the aten ops of
+    ``HOST_READS`` and, through a function mode (:class:`HostCopies`), the copies to the host."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
+        self.copies = HostCopies(self)
+
+    def __enter__(self):
+        self.copies.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.copies.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in HOST_READS:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+class HostCopies(TorchFunctionMode):
+    """The copies to the host (``HOST_COPIES``, a waiting ``Tensor.to`` the CPU), recorded in ``reads.ops``."""
+
+    def __init__(self, reads: HostReads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_COPIES or (func is torch.Tensor.to and self.waits_for_a_copy_to_the_host(args, kwargs)):
+            self.reads.ops.append(func.__name__)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def waits_for_a_copy_to_the_host(args, kwargs) -> bool:
+        named = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str)]
+        _, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+        return any(torch.device(name).type == "cpu" for name in named) and not non_blocking
 
 
 def fused_optimizer(model, cfg, device):
@@ -70,6 +108,20 @@ def task_configs(tmp_path, corpus, **overrides) -> dict:
                                       document_mask=True),
             "classify": task_config("classify", write_classification(tmp_path / "labels.csv"), **logged),
             "seq2seq": task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), **logged)}
+
+
+def test_host_reads_sees_the_copies_to_the_host_that_reach_no_aten_op_on_the_cpu():
+    # On the CPU, tolist(), numpy() and cpu() of a tensor read it in place (no aten op runs), but on a GPU each
+    # copies the tensor to the host and waits for the device: the counter sees them at the Python level. A
+    # batch's own copy to the device (to_device), one that does not wait, and casts that stay on the device
+    # are not reads.
+    x = torch.ones(3)
+    with HostReads() as counter:
+        x.tolist(), x.numpy(), x.cpu(), x.to("cpu"), x.to(device="cpu", dtype=torch.float64), np.asarray(x)
+        int(x[0])
+        x.to(torch.float64), x.to(x), x.double(), x.to("cpu", non_blocking=True), x.to(x.device)
+        train_module.to_device(x, torch.device("cpu"))
+    assert counter.ops == ["tolist", "numpy", "cpu", "to", "to", "__array__", "aten._local_scalar_dense.default"]
 
 
 @pytest.mark.parametrize("task", ["lm", "lm-packed", "classify", "seq2seq"])

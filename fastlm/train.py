@@ -146,9 +146,9 @@ def model_forward(model: torch.nn.Module, compiled: bool) -> Iterator[Callable[.
     fail. The compiled model runs a copy of that code object instead (same bytecode, its own cache), emptied
     at exit: a run counts only its own compilations, and a model the user compiled elsewhere, even of the
     same class, is neither counted nor recompiled. One graph per model (fullgraph): a graph break is an
-    error here, not a silent slowdown; not under DDP/FSDP, whose compiled forward Dynamo splits at gradient
-    buckets (tested eager only), and whose wrapper's forward holds the cache (not fullgraph: past the limit
-    it runs eager)."""
+    error here, not a silent slowdown. Under DDP/FSDP, whose compiled forward Dynamo splits at gradient
+    buckets (tested eager only), the model is compiled as it is, without fullgraph: past the limit Dynamo
+    runs it eager instead of failing."""
     if not compiled:
         yield model
         return

@@ -16,7 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import numpy as np
+
 from .jsonfile import read_json_object
+
+
+def attention_pairs(lengths: Any, window: int | None, causal: bool) -> Any:
+    """The (query, key) pairs attention computes over a sequence of ``lengths`` tokens (an int, or an
+    array of lengths: elementwise): every query sees the keys within ``window`` of it (itself included;
+    None: all), only earlier ones when ``causal``. The pairs ``window`` or more apart, ``k * (k + 1) / 2``
+    of them each way with ``k = length - window``, are what a window leaves out."""
+    lengths = np.asarray(lengths, dtype=np.int64)  # squares overflow int32 past 46,340 tokens
+    far = 0 if window is None else np.maximum(lengths - window, 0)
+    if causal:
+        return lengths * (lengths + 1) // 2 - far * (far + 1) // 2
+    return lengths * lengths - far * (far + 1)
 
 
 class ConfigError(ValueError):
@@ -114,16 +128,26 @@ class ModelConfig:
             weights += 2 * self.n_head * hd * d
         return weights
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward) per token at ``seq_len``, for the decoder-only LM.
+    def attention_flops(self, lengths: Any, causal: bool, layers: int | None = None) -> float:
+        """Training FLOPs (forward + backward) of self-attention's two matmuls in a stack of ``layers``
+        blocks (default ``n_layer``), each with its :meth:`layer_window`, over sequences of ``lengths``
+        tokens (an int or an array of them, on the host): 12 * n_head * head_dim per (query, key) pair
+        the mask lets through (:func:`attention_pairs`), 4 * head_dim a head forward, twice that backward."""
+        layers = self.n_layer if layers is None else layers
+        pairs = sum(int(np.sum(attention_pairs(lengths, self.layer_window(i), causal))) for i in range(layers))
+        return 12.0 * self.n_head * self.head_dim * pairs
 
-        6 per weight of every matmul (the head included, the embedding lookups not),
-        plus attention's two matmuls: 12 * n_layer * n_head * head_dim * seq_len
-        for full attention, halved because causal attention computes half the scores.
-        """
+    def lm_flops(self, lengths: Any) -> float:
+        """Training FLOPs (forward + backward) of the decoder-only LM over sequences of ``lengths`` tokens
+        (an int or an array of them: rows, or the documents packed in rows): 6 per weight of every matmul
+        and token (the head included, the embedding lookups not), plus causal attention's (each layer's
+        window included)."""
         weights = self.n_layer * self.layer_weights() + self.vocab_size * self.n_embd
-        attention = 12 * self.n_layer * self.n_head * self.head_dim * seq_len / 2
-        return 6.0 * weights + attention
+        return 6.0 * weights * int(np.sum(lengths)) + self.attention_flops(lengths, causal=True)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """:meth:`lm_flops` per token of a sequence of ``seq_len`` tokens."""
+        return self.lm_flops(seq_len) / seq_len
 
 
 @dataclass

@@ -11,7 +11,9 @@ MFU = achieved model FLOPs/s (``ModelConfig.flops_per_token`` x tokens/s) over
 the device's peak dense bf16 tensor FLOPs, looked up by device name in
 :data:`PEAK_BF16_FLOPS`. Unknown devices and CPUs report no MFU rather than a
 guess. A classifier's and an encoder-decoder's FLOPs depend on each batch's lengths
-(:func:`classifier_flops`, :func:`seq2seq_flops`).
+(:func:`classifier_flops`, :func:`seq2seq_flops`). Attention is counted over the
+(query, key) pairs its mask lets through (``ModelConfig.attention_flops``): causal or
+not, each layer's sliding window, each packed document on its own.
 """
 
 from __future__ import annotations
@@ -182,8 +184,7 @@ def bits_per_byte(loss: float, tokens: int, text_bytes: float) -> float:
 def classifier_flops(m: ModelConfig, lens: np.ndarray) -> float:
     """Training FLOPs (forward + backward) of the encoder classifier on a batch of texts of ``lens`` tokens
     (an array on the host: counting reads no device value)."""
-    return (6.0 * m.n_layer * m.layer_weights() * lens.sum().item()
-            + 12.0 * m.n_layer * m.n_embd * (lens ** 2).sum().item())
+    return 6.0 * m.n_layer * m.layer_weights() * lens.sum().item() + m.attention_flops(lens, causal=False)
 
 
 def seq2seq_flops(m: ModelConfig, src_lens: np.ndarray, tgt_lens: np.ndarray) -> float:
@@ -192,11 +193,11 @@ def seq2seq_flops(m: ModelConfig, src_lens: np.ndarray, tgt_lens: np.ndarray) ->
     n_src, n_tgt = src_lens.sum().item(), tgt_lens.sum().item()
     kv = 2 * m.kv_heads * m.head_dim * m.n_embd  # cross-attention keys and values: once per source token
     encoder = 6.0 * m.encoder_layers * m.layer_weights() * n_src
-    encoder += 12.0 * m.encoder_layers * m.n_embd * (src_lens ** 2).sum().item()
+    encoder += m.attention_flops(src_lens, causal=False, layers=m.encoder_layers)
     decoder = 6.0 * (m.n_layer * m.layer_weights(cross_attention=True) + m.vocab_size * m.n_embd) * n_tgt
     decoder += 6.0 * m.n_layer * kv * n_src
-    decoder += 6.0 * m.n_layer * m.n_embd * (tgt_lens ** 2).sum().item()  # causal: half the scores
-    decoder += 12.0 * m.n_layer * m.n_embd * (src_lens * tgt_lens).sum().item()
+    decoder += m.attention_flops(tgt_lens, causal=True)
+    decoder += 12.0 * m.n_layer * m.n_embd * (src_lens * tgt_lens).sum().item()  # cross-attention: no window
     return encoder + decoder
 
 

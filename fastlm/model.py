@@ -59,7 +59,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels._library import check_values
 
 from .config import ModelConfig
 from .precision import active_dtype
@@ -322,7 +321,7 @@ def _check_lengths(idx: torch.Tensor, lens: torch.Tensor, name: str) -> None:
     if lens.dim() != 1 or lens.size(0) != idx.size(0) or lens.dtype.is_floating_point or lens.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor of shape ({idx.size(0)},), one length per sequence; "
                          f"got {lens.dtype} of shape {tuple(lens.shape)}")
-    if not check_values():
+    if not kernels.checks_enabled():
         return
     lo, hi = lens.min().item(), lens.max().item()
     if lo < 1 or hi > idx.size(1):
@@ -339,7 +338,7 @@ def _check_documents(idx: torch.Tensor, docs: torch.Tensor, positions: torch.Ten
     if positions.shape != idx.shape or positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise ValueError(f"positions must be an integer tensor of shape {tuple(idx.shape)}, one per token; "
                          f"got {positions.dtype} of shape {tuple(positions.shape)}")
-    if check_values() and idx.numel():
+    if kernels.checks_enabled() and idx.numel():
         lo, hi = positions.min().item(), positions.max().item()
         if lo < 0 or hi >= idx.size(1):
             raise ValueError(f"positions must lie in [0, {idx.size(1)}) (a document's place in its row); "

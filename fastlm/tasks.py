@@ -167,7 +167,7 @@ class LanguageModeling(Task):
         if self.eot is None:
             flops = x.numel() * self.cfg.model.flops_per_token(t.seq_len)
         else:  # attention runs over each document, not the whole row
-            flops = sum(n * self.cfg.model.flops_per_token(n) for n in np.diff(tensors[2].numpy()).tolist())
+            flops = self.cfg.model.lm_flops(np.diff(tensors[2].numpy()))
         return Batch(tensors, x.numel(), flops, y.numel())
 
     def step_loss_terms(self, step: int) -> int:

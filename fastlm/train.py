@@ -18,9 +18,12 @@ step before it trains (:class:`BatchPrefetcher`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+import types
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +135,38 @@ class BatchPrefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def model_forward(model: torch.nn.Module, compiled: bool) -> Iterator[Callable[..., torch.Tensor]]:
+    """What runs ``model`` in the loop: the model itself, or if ``compiled``, ``torch.compile(model)``
+    with its compiled code private to this run and freed when the run ends.
+
+    Dynamo keeps compiled code per code object (here ``type(model).forward``), shared by every instance,
+    and fails a fullgraph compile past ``recompile_limit`` entries (8); each model shape adds its training
+    and evaluation graphs, so in one process (a notebook sweep, a hyper-parameter loop) the fifth shape would
+    fail. The compiled model runs a copy of that code object instead (same bytecode, its own cache), emptied
+    at exit: a run counts only its own compilations, and a model the user compiled elsewhere, even of the
+    same class, is neither counted nor recompiled. One graph per model (fullgraph): a graph break is an
+    error here, not a silent slowdown. Under DDP/FSDP, whose compiled forward Dynamo splits at gradient
+    buckets (tested eager only), the model is compiled as it is, without fullgraph: past the limit Dynamo
+    runs it eager instead of failing."""
+    if not compiled:
+        yield model
+        return
+    if distributed.world_size() > 1:
+        yield torch.compile(model)
+        return
+    shared = type(model).forward
+    code = shared.__code__.replace()  # a new code object, the same function
+    own = types.FunctionType(code, shared.__globals__, shared.__name__, shared.__defaults__, shared.__closure__)
+    own.__kwdefaults__, own.__qualname__ = shared.__kwdefaults__, shared.__qualname__
+    model.forward = types.MethodType(own, model)  # what nn.Module calls
+    try:
+        yield torch.compile(model, fullgraph=True)
+    finally:
+        del model.forward
+        torch._dynamo.reset_code(code)  # the run's graphs (Dynamo's own tables keep the small code object)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -150,7 +185,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume_from: str | Path | None = 
 class StepResult:
     lr: float
     loss: torch.Tensor  # the step's mean loss over every rank's terms, on the device (read on logging steps only)
-    grad_norm: torch.Tensor | None  # before clipping, on the device (read on logging steps only); None unclipped
+    grad_norm: torch.Tensor  # before clipping, on the device (read on logging steps only)
     tokens: int  # this rank's tokens in the step's batches
     flops: float  # this rank's training FLOPs for them
 
@@ -182,13 +217,24 @@ def train_step(step: int, cfg: Config, task, model: torch.nn.Module, forward, op
             loss_sum += loss.detach().float() * share
             tokens += batch.tokens
             flops += batch.flops
-    grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-                 if t.grad_clip > 0 else None)
+    grad_norm = distributed.full_tensor(clip_gradients(model, t.grad_clip))
     # A non-finite gradient corrupts the weights in this update; FiniteWatch stops the run at the next
     # logging or checkpoint step, before anything is saved, naming the last good checkpoint.
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(lr, distributed.total(loss_sum), grad_norm, tokens, flops)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The global norm of ``model``'s gradients, on the device (a DTensor under FSDP2), having scaled them
+    down to norm ``max_norm`` if it was larger; ``max_norm=0`` measures without clipping: the norm is
+    non-finite where any gradient is, which :class:`FiniteWatch` needs whether or not the step clips."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch 2.6+: one fused pass over the gradients, no write
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(grads, math.inf)  # scales by 1: a second pass, the same norm
 
 
 class FiniteWatch:
@@ -202,9 +248,7 @@ class FiniteWatch:
 
     def update(self, step: int, done: StepResult) -> None:
         """Record step ``step`` (counted from 0)."""
-        bad = ~torch.isfinite(done.loss)
-        if done.grad_norm is not None:
-            bad = bad | ~torch.isfinite(done.grad_norm)
+        bad = ~torch.isfinite(done.loss) | ~torch.isfinite(done.grad_norm)
         first = bad & (self.first_bad == 0)
         self.first_bad = torch.where(first, step + 1, self.first_bad)
         self.bad_loss = torch.where(first, done.loss, self.bad_loss)
@@ -212,9 +256,12 @@ class FiniteWatch:
     def check(self, last_good: str | Path | None) -> None:
         first_bad = int(self.first_bad)
         if first_bad:
+            loss = float(self.bad_loss)
+            what = (f"non-finite gradient at step {first_bad} (its loss {loss:.4f})" if math.isfinite(loss)
+                    else f"non-finite loss ({loss}) at step {first_bad}")
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-            raise TrainingError(f"non-finite loss ({float(self.bad_loss)}) or gradient at step {first_bad}; "
-                                f"training stopped, {kept}. Try a lower lr or a smaller grad_clip.")
+            raise TrainingError(f"{what}; training stopped, {kept}. Try a lower lr or a smaller (non-zero) "
+                                "grad_clip.")
 
 
 def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_from: str | Path | None,
@@ -281,10 +328,6 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     recorded_run = rundir.run_record(run_dir, cfg) if distributed.is_main() else None  # what checkpoints vouch for
     if distributed.is_main():
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-    # One graph per model (fullgraph): a graph break is an error here, not a silent slowdown. Not
-    # under DDP/FSDP, whose compiled forward Dynamo splits at gradient buckets (tested eager only).
-    forward = (torch.compile(model, **({"fullgraph": True} if distributed.world_size() == 1 else {}))
-               if t.compile else model)
     say(f"model: {model_name}, {num_params / 1e6:.1f}M parameters on {device}, kernels backend "
         f"{t.backend}; {t.max_steps} steps of {t.batch_size * t.grad_accum} "
         + ("sequences" if t.task != "lm" else f"x {t.seq_len} tokens") + (f", from step {step}" if step else "")
@@ -300,7 +343,8 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     watch = FiniteWatch(device)
-    with kernels.use_backend(t.backend), bar, BatchPrefetcher(task, cfg, device) as prefetcher:
+    with (kernels.use_backend(t.backend), bar, BatchPrefetcher(task, cfg, device) as prefetcher,
+          model_forward(model, t.compile) as forward):
         while step < t.max_steps:
             done = train_step(step, cfg, task, model, forward, optimizer, device, prefetcher.batches(step))
             watch.update(step, done)
@@ -325,7 +369,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
                 tokens_per_sec = job_tokens / elapsed
                 if distributed.is_main():
                     record = {"step": step, "loss": loss_value, "lr": done.lr,
-                              "grad_norm": None if done.grad_norm is None else done.grad_norm.item(),
+                              "grad_norm": done.grad_norm.item(),
                               "tokens_per_sec": tokens_per_sec, "mfu": mfu(job_flops / elapsed, peak),
                               "peak_mem_bytes": peak_memory_bytes(device)}
                     if t.task == "lm":

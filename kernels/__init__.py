@@ -6,13 +6,13 @@ kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
 ``FASTLM_BACKEND=triton|reference`` or :func:`use_backend` forces one.
 Every op is registered with ``torch.library`` as ``torch.ops.fastlm.*`` (design:
 :mod:`kernels._library`); :func:`unchecked` skips the checks that read tensor
-values (a host sync each). :func:`patch` puts the kernels into an existing model (torch norms, transformers
+values (a host sync each), and :func:`checks_enabled` says whether they run. :func:`patch` puts the kernels into an existing model (torch norms, transformers
 GPT-2/Llama/Mistral/Qwen2/Gemma/Gemma 2 attention and loss).
 """
 
 from . import nn, reference
 from ._backend import use_backend
-from ._library import unchecked
+from ._library import checks_enabled, unchecked
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .attention import attention, scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
@@ -38,6 +38,7 @@ __all__ = [
     "geglu_packed",
     "use_backend",
     "unchecked",
+    "checks_enabled",
     "patch",
     "nn",
     "reference",

@@ -171,8 +171,13 @@ def unchecked() -> Iterator[None]:
         _state.unchecked = previous
 
 
-def check_values() -> bool:
-    """Whether value checks (a host sync each) run now: eager, outside :func:`unchecked`."""
+def checks_enabled() -> bool:
+    """Whether value checks (a host sync each) run now: eager, outside :func:`unchecked`; False while
+    ``torch.compile`` traces. Public (``kernels.checks_enabled``) for code that checks its own values
+    alongside the kernels' and should skip them where the kernels do."""
     if torch.compiler.is_compiling():
         return False
     return not getattr(_state, "unchecked", False)
+
+
+check_values = checks_enabled  # the name the op modules use

@@ -65,3 +65,15 @@ def test_the_import_graph_sees_module_and_function_level_imports():
 def test_fastlm_modules_import_each_other_without_a_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, f"import cycle among fastlm modules: {' -> '.join(cycle)}"
+
+
+def test_fastlm_uses_only_the_public_api_of_kernels():
+    # kernels' private modules (kernels._library, kernels._backend, ...) may change under fastlm without notice.
+    private = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            private += [f"{path.name}: {name}" for name in names
+                        if name.startswith("kernels.") and any(p.startswith("_") for p in name.split(".")[1:])]
+    assert not private, private

@@ -3,10 +3,13 @@
 checkpoint step. On CPU a sync costs nothing, but the ops counted here are the ones that would make
 the host wait for a GPU."""
 
+import math
 import threading
 
+import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlm import tasks
@@ -17,21 +20,57 @@ from helpers import (MICRO, losses, micro_config, task_config, write_classificat
                      write_short_documents)
 
 aten = torch.ops.aten
-# What reads a tensor's value on the host (Tensor.item/tolist/bool/==, torch.equal) reaches one of these.
+# What reads a tensor's value on the host (Tensor.item/bool/int/float/==, torch.equal) reaches one of these.
 HOST_READS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal}
+# What copies a tensor to the host without an aten op when it is already there, as every tensor is in these
+# tests (on a GPU each waits for the device): seen as the Tensor method called. Tensor.to counts too when it
+# names the host, "cpu", and waits (not non_blocking=True). A torch.device("cpu") target is not counted: on
+# the CPU it cannot be told from the run's own device (x.to(y.device), the batches' to_device), on a GPU a
+# device-side move.
+HOST_COPIES = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.cpu}
 
 
 class HostReads(TorchDispatchMode):
-    """Counts the host reads of tensor values made while active, per op name."""
+    """Counts the host reads of tensor values made while active, per op name: the aten ops of
+    ``HOST_READS`` and, through a function mode (:class:`HostCopies`), the copies to the host."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
+        self.copies = HostCopies(self)
+
+    def __enter__(self):
+        self.copies.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.copies.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in HOST_READS:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+class HostCopies(TorchFunctionMode):
+    """The copies to the host (``HOST_COPIES``, a waiting ``Tensor.to`` the CPU), recorded in ``reads.ops``."""
+
+    def __init__(self, reads: HostReads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_COPIES or (func is torch.Tensor.to and self.waits_for_a_copy_to_the_host(args, kwargs)):
+            self.reads.ops.append(func.__name__)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def waits_for_a_copy_to_the_host(args, kwargs) -> bool:
+        named = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str)]
+        _, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+        return any(torch.device(name).type == "cpu" for name in named) and not non_blocking
 
 
 def fused_optimizer(model, cfg, device):
@@ -71,6 +110,20 @@ def task_configs(tmp_path, corpus, **overrides) -> dict:
             "seq2seq": task_config("seq2seq", write_copy_task(tmp_path / "copy.jsonl"), **logged)}
 
 
+def test_host_reads_sees_the_copies_to_the_host_that_reach_no_aten_op_on_the_cpu():
+    # On the CPU, tolist(), numpy() and cpu() of a tensor read it in place (no aten op runs), but on a GPU each
+    # copies the tensor to the host and waits for the device: the counter sees them at the Python level. A
+    # batch's own copy to the device (to_device), one that does not wait, and casts that stay on the device
+    # are not reads.
+    x = torch.ones(3)
+    with HostReads() as counter:
+        x.tolist(), x.numpy(), x.cpu(), x.to("cpu"), x.to(device="cpu", dtype=torch.float64), np.asarray(x)
+        int(x[0])
+        x.to(torch.float64), x.to(x), x.double(), x.to("cpu", non_blocking=True), x.to(x.device)
+        train_module.to_device(x, torch.device("cpu"))
+    assert counter.ops == ["tolist", "numpy", "cpu", "to", "to", "__array__", "aten._local_scalar_dense.default"]
+
+
 @pytest.mark.parametrize("task", ["lm", "lm-packed", "classify", "seq2seq"])
 def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, corpus, monkeypatch, task):
     per_step = host_reads_per_step(monkeypatch, task_configs(tmp_path, corpus)[task], tmp_path / "run")
@@ -103,6 +156,36 @@ def test_non_finite_step_is_named_at_the_next_logging_step(tmp_path, corpus, mon
         train(cfg, tmp_path / "run", progress=False)
     from fastlm.checkpoint import list_checkpoints
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_non_finite_gradient_without_clipping_is_named(tmp_path, corpus, monkeypatch):
+    # With grad_clip=0 no gradient norm is needed for clipping, yet a non-finite gradient under a finite loss is
+    # still caught: step 3's gradient is NaN (its loss is fine), which corrupts the weights, so step 4's loss is
+    # NaN too. The run logs every 4 steps and saves every 2: it stops at step 4 naming step 3 (not 4) and keeps
+    # step 2's checkpoint, the last written before the bad gradient. No step but the logging one reads a value.
+    backward_calls = []
+    real_build = tasks.LanguageModeling.build_model
+
+    def build_with_a_bad_gradient(self):
+        model = real_build(self)
+        backward_calls.clear()  # one backward per step (grad_accum=1)
+        model.transformer.ln_f.weight.register_hook(
+            lambda grad: backward_calls.append(grad) or (grad * math.nan if len(backward_calls) == 3 else grad))
+        return model
+
+    monkeypatch.setattr(tasks.LanguageModeling, "build_model", build_with_a_bad_gradient)
+    cfg = micro_config(corpus, max_steps=5, save_interval=2, log_interval=4, eval_interval=8, grad_clip=0.0)
+    with pytest.raises(train_module.TrainingError,
+                       match=r"non-finite gradient at step 3\b \(its loss [\d.]+\).*step_00000002"):
+        host_reads_per_step(monkeypatch, cfg, tmp_path / "run")
+    from fastlm.checkpoint import list_checkpoints
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_steps_without_clipping_read_nothing_on_the_host(tmp_path, corpus, monkeypatch):
+    per_step = host_reads_per_step(monkeypatch, micro_config(corpus, max_steps=3, log_interval=3, eval_interval=3,
+                                                             save_interval=3, grad_clip=0.0), tmp_path / "run")
+    assert per_step[:2] == [[], []] and per_step[2], per_step
 
 
 # ----------------------------------------------------------------------------- compile
@@ -154,6 +237,35 @@ def test_compiled_training_matches_eager(tmp_path, corpus, monkeypatch, family):
         eager, compiled_losses = losses(tmp_path / "eager", key), losses(tmp_path / "compiled", key)
         assert eager.keys() == compiled_losses.keys() and eager
         torch.testing.assert_close(compiled_losses, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_back_to_back_compiled_trainings_in_one_process(tmp_path, corpus, monkeypatch):
+    # A sweep (a notebook, a hyper-parameter loop over the Python API) trains model after model compiled in one
+    # process, with no Dynamo reset between them (the suite's fresh_dynamo runs only between tests). Each shape
+    # has its own training and evaluation graphs of the same forward code: in one cache shared by every model
+    # (and by the user's), the fourth shape here passed Dynamo's recompile limit (8 a code object) and the
+    # fullgraph compile failed. Five models of different shapes train, and a GPT the user compiled before them
+    # keeps its compiled code.
+    from torch._dynamo.testing import CompileCounter
+
+    from fastlm.model import GPT
+
+    mine, counter = GPT(micro_config(corpus).model), CompileCounter()
+    users_model = torch.compile(mine, backend=counter, fullgraph=True)
+    idx = torch.randint(0, 320, (2, 8))
+    users_model(idx, idx)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **options: real_compile(model, **{**options, "backend": "aot_eager"}))
+    shapes = [{"n_layer": 1, "n_head": heads} for heads in (1, 2, 4, 8)] + [{"n_layer": 2, "n_head": 1}]
+    for run, shape in enumerate(shapes):
+        cfg = micro_config(corpus, max_steps=1, eval_batches=1, compile=True)
+        for name, value in shape.items():
+            cfg.set(name, value)
+        train(cfg.validate(), tmp_path / f"run{run}", progress=False)
+    users_model(idx, idx)
+    assert counter.frame_count == 1, "the user's compiled model was compiled again"
 
 
 @pytest.mark.slow

@@ -319,6 +319,19 @@ def test_unchecked_skips_only_value_checks():
     assert kernels.linear_cross_entropy(h, hw, bad, check_targets=False).isfinite()
 
 
+def test_checks_enabled_says_whether_value_checks_run():
+    # Public, for code that validates its own values alongside the kernels' (fastlm's model does).
+    assert "checks_enabled" in kernels.__all__ and kernels.checks_enabled()
+    with kernels.unchecked():
+        assert not kernels.checks_enabled()
+        with kernels.unchecked():
+            pass
+        assert not kernels.checks_enabled()  # nested blocks restore what was there
+    assert kernels.checks_enabled()
+    compiled = torch.compile(lambda x: x + (1 if kernels.checks_enabled() else 2), backend="eager", fullgraph=True)
+    assert compiled(torch.zeros(())) == 2  # skipped while compiling
+
+
 # ----------------------------------------------------------------------------- autocast
 
 

@@ -615,15 +615,18 @@ def test_a_patched_llama_traces_in_one_graph_with_the_fused_ops():
             assert ("fastlm.attention" in code) == fused_attention
 
 
-@pytest.mark.parametrize("backend, use_cache", [("eager", True), ("aot_eager", True), ("aot_eager", False)],
-                         ids=["eager", "aot_eager", "aot_eager-no_cache"])
-def test_fullgraph_compiled_patched_llama_matches_eager(backend, use_cache):
+@pytest.mark.parametrize("family, backend, use_cache", [("llama", "eager", True), ("llama", "aot_eager", True),
+                                                        ("llama", "aot_eager", False), ("gemma2", "aot_eager", True)],
+                         ids=["llama-eager", "llama-aot_eager", "llama-aot_eager-no_cache", "gemma2-aot_eager"])
+def test_fullgraph_compiled_patched_model_matches_eager(family, backend, use_cache):
     # backend="eager" is Dynamo alone, "aot_eager" adds AOT autograd (the ops' fake and autograd formulas);
-    # without a cache the attention is transformers' SDPA on its mask (see the test above).
+    # without a cache the attention is transformers' SDPA on its mask (see the test above). Gemma 2: both
+    # softcaps, sliding windows (masks: its eager attention while compiling) and (1 + w) norms.
     torch.manual_seed(0)
-    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(),
-                                                                        attn_implementation="sdpa")).train()
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(19))
+    config, implementation = (llama_config(), "sdpa") if family == "llama" else (windowed_config(family), "eager")
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(config,
+                                                                        attn_implementation=implementation)).train()
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(19))
     results = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's warning, once

@@ -139,12 +139,33 @@ def autocast_inputs(dtype: torch.dtype | None, *tensors: torch.Tensor | None) ->
                  for t in tensors)
 
 
-def register_autocast(op, device_dtypes: dict[str, torch.dtype]) -> None:
-    """The op's own autocast rule, for callers of ``torch.ops.fastlm.*`` (the public functions cast first)."""
-    if not hasattr(torch.library, "register_autocast"):
-        return
-    for device_type, dtype in device_dtypes.items():
-        torch.library.register_autocast(op, device_type, dtype)
+_autocast_library: torch.library.Library | None = None
+
+
+def register_autocast(name: str, rule: Callable[[str, tuple], torch.dtype | None]) -> None:
+    """The autocast rule of ``fastlm::name``, for callers of ``torch.ops.fastlm.*`` (the public functions
+    cast first): ``rule(device_type, args)`` is the dtype its floating inputs run in, or None to leave them.
+
+    A rule of the arguments, where ``torch.library.register_autocast`` casts every call alike: one norm
+    op stands for both ``layer_norm`` and ``rms_norm``, whose rules torch may set apart.
+    """
+    global _autocast_library
+    if _autocast_library is None:
+        _autocast_library = torch.library.Library(NAMESPACE, "IMPL")
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    for device_type in ("cuda", "cpu"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        autocast_keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_, *args, device_type=device_type, autocast_keys=autocast_keys):
+            dtype = rule(device_type, args)
+            if dtype is not None:  # as autocast casts: this device's floating tensors, fp64 excepted
+                args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                             and a.device.type == device_type and a.dtype != torch.float64 else a for a in args)
+            with torch._C._ExcludeDispatchKeyGuard(autocast_keys):
+                return overload(*args)
+
+        _autocast_library.impl(name, kernel, key, with_keyset=True)
 
 
 # ----------------------------------------------------------------------------- value checks

@@ -63,6 +63,7 @@ import triton.language as tl
 from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
 from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
+from ._triton_math import tanh as _tanh
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
 from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
 from . import reference
@@ -142,12 +143,6 @@ def _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN: tl.constexpr, HAS_KV_LENS:
         else:
             kv_len = Nk
     return q_start, len_q, k_start, len_k, kv_len, shift
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through the sigmoid: tl has no tanh on every supported Triton, and libdevice fails in the interpreter.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit

@@ -49,6 +49,7 @@ from ._validate import as_int64, check_float, check_same_device, check_same_dtyp
 from . import reference
 from ._chunked_linear_cross_entropy import default_chunk_size, linear_cross_entropy_chunks
 from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
+from ._triton_math import tanh
 from .reference.cross_entropy import REDUCTIONS, cross_entropy_rows, mean_scale, reduce_loss
 
 # ----------------------------------------------------------------------------- kernels
@@ -56,14 +57,8 @@ from .reference.cross_entropy import REDUCTIONS, cross_entropy_rows, mean_scale,
 
 @triton.jit
 def _softcap(x, softcap):
-    """``softcap * tanh(x / softcap)``, from one exponential (libdevice's tanh does not run in the interpreter).
-
-    ``exp(-2|u|)`` is at most 1, so nothing overflows; -inf maps to -softcap, as torch's tanh does.
-    """
-    u = x / softcap
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return softcap * tl.where(u < 0, -t, t)
+    """``softcap * tanh(x / softcap)``; -inf (padding) maps to -softcap, as torch's tanh does."""
+    return softcap * tanh(x / softcap)
 
 
 @triton.jit

@@ -31,6 +31,7 @@ read of each input); wider rows are streamed in chunks (see ``_FWD``/``_BWD``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Sequence
@@ -598,9 +599,19 @@ def _add_norm_grads(ctx, dy, ds, dmean, drstd):
 
 norm_op.register_autograd(_norm_grads, setup_context=_setup_norm)
 add_norm_op.register_autograd(_add_norm_grads, setup_context=_setup_add_norm)
-# Every norm replaced runs in fp32 under autocast where torch's does (CUDA; CPU autocast leaves norms alone).
-register_autocast(norm_op, {d: torch.float32 for d in ("cuda", "cpu") if NORM_RUNS_IN_FP32[("layer_norm", d)]})
-register_autocast(add_norm_op, {d: torch.float32 for d in ("cuda", "cpu") if NORM_RUNS_IN_FP32[("layer_norm", d)]})
+
+
+def _autocast_rule(is_rms_at: int):
+    """The ops' autocast rule: torch's for the function a call stands for (``rms_norm`` when is_rms,
+    else ``layer_norm``) on that device: fp32 where torch's has the fp32 rule (CUDA), else none."""
+    def rule(device_type: str, args: tuple) -> torch.dtype | None:
+        name = "rms_norm" if args[is_rms_at] else "layer_norm"
+        return torch.float32 if NORM_RUNS_IN_FP32[(name, device_type)] else None
+    return rule
+
+
+register_autocast("norm", _autocast_rule(5))  # (input, weight, bias, normalized_shape, eps, is_rms, ...)
+register_autocast("add_norm", _autocast_rule(6))  # (input, residual, weight, bias, normalized_shape, eps, is_rms, ...)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -666,10 +677,14 @@ def _run(input, residual, shape, weight, bias, eps, is_rms, offset=0.0, casting_
         if is_rms:
             return reference.add_rms_norm(input, residual, shape, weight, eps, **rms)
         return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
-    if residual is None:
-        return norm_op(input, weight, bias, shape, float(eps), is_rms, float(offset), casting_mode)[0]
-    y, s, _, _ = add_norm_op(input, residual, weight, bias, shape, float(eps), is_rms, float(offset), casting_mode)
-    return y, s
+    # The public functions have cast as torch's function does (a model's casting mode: not at all); the
+    # op's own autocast rule, there for direct callers, must not cast again.
+    with torch.autocast(input.device.type, enabled=False) if autocast_dtype(input.device) else contextlib.nullcontext():
+        if residual is None:
+            return norm_op(input, weight, bias, shape, float(eps), is_rms, float(offset), casting_mode)[0]
+        y, s, _, _ = add_norm_op(input, residual, weight, bias, shape, float(eps), is_rms, float(offset),
+                                 casting_mode)
+        return y, s
 
 
 def _rms_options(input, residual, weight, offset, casting_mode):

@@ -20,7 +20,7 @@
   modules call the module-level ``apply_rotary_pos_emb`` of their modeling module. That
   function is replaced, once per modeling module, by one that runs :func:`kernels.rope`
   (``unsqueeze_dim`` 1 or 2) only inside the forward of an attention module that was
-  patched (a context variable set by that module's forward) and the original everywhere
+  patched (a thread-local switch set by that module's forward) and the original everywhere
   else, so an unpatched model of the same family in the same process computes as before.
   These families rotate the whole head dim (their rotary modules ignore a
   ``partial_rotary_factor``); tables narrower than the head, or tables that require
@@ -38,7 +38,11 @@
   at 0 (without a cache, ``use_cache=False``; recognised from the mask, one host sync
   per layer). Any other mask, dropout in training, or an option the kernel lacks runs
   transformers' SDPA path (its eager path for a model with a softcap, which SDPA
-  lacks), with a warning the first time each reason occurs.
+  lacks), with a warning the first time each reason occurs (none while ``torch.compile``
+  traces: a warning would break the graph). So does any mask under ``torch.compile``
+  (reading it would break the graph), and transformers builds one while compiling unless
+  a cache lets it prove the batch plain causal: compile a patched model with
+  ``use_cache=True`` (transformers' default) for the fused attention.
 - Loss, same families: in training mode, a forward with ``labels`` computes the
   loss with :func:`kernels.linear_cross_entropy` from the final hidden states
   (labels shifted exactly as transformers' ``ForCausalLMLoss``, ``num_items_in_batch``
@@ -47,18 +51,17 @@
   and returns logits as usual. Gemma 2's final-logit cap (``final_logit_softcapping``) is
   the fused loss's ``softcap``.
 
-Patching is idempotent. What was asked for and could not be patched is listed in
+Patching is idempotent, and a patched model deep-copies and pickles whole, still patched. What was asked for and could not be patched is listed in
 ``model.kernels_patch_report`` and in one warning.
 """
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import functools
 import inspect
 import sys
-import types
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -90,6 +93,24 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [f"patched: {p}" for p in self.patched] + [f"NOT patched: {p}" for p in self.not_patched]
         return "\n".join(lines) or "nothing to patch"
+
+
+class _Method(functools.partial):
+    """``types.MethodType(function, owner)`` that pickle and ``copy.deepcopy`` follow into a copy.
+
+    A patched module's own ``forward`` is one of these: pickle stores a bound method by name
+    (``getattr(owner, "forward")``), which the copy resolves to its class's unpatched forward (or
+    fails to find); a partial of a module-level function pickles the function by reference and
+    the owner with the rest of the model.
+    """
+
+    @property
+    def __func__(self):
+        return self.func
+
+    @property
+    def __self__(self):
+        return self.args[0]
 
 
 def patch(model: torch.nn.Module, *, attention: bool = True, norm: bool = True, mlp: bool = True,
@@ -283,9 +304,11 @@ def _patch_gated_mlps(model: torch.nn.Module, report: PatchReport) -> None:
 
 # ----------------------------------------------------------------------------- RoPE
 
-# True inside the forward of an attention module that kernels.patch patched: only there does the
-# replaced apply_rotary_pos_emb run kernels.rope (other models of the same family keep the original).
-_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("kernels_patch_rope", default=False)
+# ``active`` is True inside the forward of an attention module that kernels.patch patched: only there does
+# the replaced apply_rotary_pos_emb run kernels.rope (other models of the same family keep the original).
+# Per thread, as a context variable would be, but torch.compile traces an attribute write where
+# ContextVar.set() is a graph break.
+_ROPE_SWITCH = threading.local()
 _ROPE_ARGUMENTS = ("q", "k", "cos", "sin")
 
 
@@ -301,7 +324,7 @@ def _fused_apply_rotary_pos_emb(original):
 
     @functools.wraps(original)
     def apply_rotary_pos_emb(*args, **kwargs):
-        if _ROPE_ACTIVE.get():
+        if getattr(_ROPE_SWITCH, "active", False):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             q, k, cos, sin = (bound.arguments[n] for n in _ROPE_ARGUMENTS)
@@ -321,11 +344,12 @@ def _fused_apply_rotary_pos_emb(original):
 
 def _rope_scoped_forward(self, *args, **kwargs):
     """A patched attention module's forward: its own, with the fused RoPE switched on for its duration."""
-    token = _ROPE_ACTIVE.set(True)
+    previous = getattr(_ROPE_SWITCH, "active", False)
+    _ROPE_SWITCH.active = True
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
-        _ROPE_ACTIVE.reset(token)
+        _ROPE_SWITCH.active = previous
 
 
 def _patch_rope(model, family: str, report: PatchReport) -> None:
@@ -345,7 +369,7 @@ def _patch_rope(model, family: str, report: PatchReport) -> None:
             modeling.apply_rotary_pos_emb = _fused_apply_rotary_pos_emb(function)
         counts.setdefault(type(module).__name__, 0)
         if getattr(module.__dict__.get("forward"), "__func__", None) is not _rope_scoped_forward:
-            module.forward = types.MethodType(_rope_scoped_forward, module)  # deepcopy rebinds it to the copy
+            module.forward = _Method(_rope_scoped_forward, module)
             counts[type(module).__name__] += 1
     if not counts:
         report.not_patched.append(f"rope: no attention module of this {family} model calls its modeling "
@@ -370,6 +394,8 @@ def _hf_causal_lm_family(model: torch.nn.Module) -> str | None:
 
 
 def _warn_once(reason: str, fallback: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # torch.compile cannot trace warnings.warn: it would break the graph
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"kernels.patch attention: {reason} is not supported by the fused kernel; "
@@ -494,6 +520,10 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
     if attention_mask is not None:
         if not causal:
             return fallback("an attention mask on a non-causal layer")
+        if torch.compiler.is_compiling():
+            # Telling right padding or packing from the mask reads its values, a graph break; and while
+            # compiling, transformers builds a mask even for a plain batch without a cache.
+            return fallback("an attention mask under torch.compile")
         kv_lens = _kv_lens_from_mask(attention_mask, q_len, kv_len, left)
         if kv_lens is None:
             cu_seqlens = _cu_seqlens_from_mask(attention_mask, q_len, left) if q_len == kv_len else None
@@ -559,42 +589,41 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
     return loss
 
 
-def _patch_loss(model, family: str, report: PatchReport) -> None:
-    current = model.__dict__.get("forward")
-    if getattr(current, "_kernels_fused_loss", False):
-        report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy (already)")
-        return
+def _fused_loss_forward(self, *args, **kwargs):
+    """A patched causal LM's forward: with ``labels`` in training mode, the loss through
+    :func:`_causal_lm_loss` and ``logits=None``; otherwise its class's own forward."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.utils import ModelOutput
 
-    own_forward = type(model).forward
+    own_forward = type(self).forward
     signature = inspect.signature(own_forward)
+    bound = signature.bind(self, *args, **kwargs)
+    arguments = dict(bound.arguments)
+    arguments.pop("self")
+    extra = arguments.pop(next((n for n, p in signature.parameters.items()
+                                if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs"), {})
+    labels = arguments.pop("labels", None)
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return own_forward(self, *args, **kwargs)
     output_cls = signature.return_annotation
     if not (isinstance(output_cls, type) and issubclass(output_cls, ModelOutput)):
         output_cls = CausalLMOutputWithPast
+    return_dict = extra.pop("return_dict", None)
+    loss_options = {k: extra[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in extra}
+    outputs = self.base_model(**arguments, **extra)  # as transformers does: the same kwargs to both
+    loss = _causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
+                           softcap=getattr(self.config, "final_logit_softcapping", None) or None, **loss_options)
+    fields = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in output_cls.__dataclass_fields__}
+    result = output_cls(loss=loss, logits=None, **fields)
+    return result.to_tuple() if return_dict is False else result
 
-    @functools.wraps(own_forward)
-    def forward(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        arguments = dict(bound.arguments)
-        arguments.pop("self")
-        extra = arguments.pop(next((n for n, p in signature.parameters.items()
-                                    if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs"), {})
-        labels = arguments.pop("labels", None)
-        logits_to_keep = arguments.pop("logits_to_keep", 0)
-        if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-            return own_forward(self, *args, **kwargs)
-        return_dict = extra.pop("return_dict", None)
-        loss_options = {k: extra[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in extra}
-        outputs = self.base_model(**arguments, **extra)  # as transformers does: the same kwargs to both
-        loss = _causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
-                               softcap=getattr(self.config, "final_logit_softcapping", None) or None, **loss_options)
-        fields = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in output_cls.__dataclass_fields__}
-        result = output_cls(loss=loss, logits=None, **fields)
-        return result.to_tuple() if return_dict is False else result
 
-    forward._kernels_fused_loss = True
-    model.forward = types.MethodType(forward, model)
+def _patch_loss(model, family: str, report: PatchReport) -> None:
+    if getattr(model.__dict__.get("forward"), "__func__", None) is _fused_loss_forward:
+        report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy (already)")
+        return
+    model.forward = _Method(_fused_loss_forward, model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     report.patched.append(f"loss: {family} training loss runs kernels.linear_cross_entropy "
                           + (f"with softcap={softcap} " if softcap else "")

@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 from helpers import DEVICE, ROOT
 
+library = importlib.import_module("kernels._library")
+
 IGNORE = -100
 
 
@@ -354,6 +356,43 @@ def test_autocast_matches_the_torch_ops_dtypes(backend):
     torch.testing.assert_close(loss, want, rtol=2e-2, atol=2e-2)
     loss.backward()
     assert hw.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_norm_op_under_autocast_gives_torchs_dtypes(dtype):
+    # Direct callers of the op: is_rms follows torch's rms_norm, otherwise layer_norm (CPU autocast: neither casts).
+    x, _, w, b = _norm_inputs()
+    x = x.detach().to(dtype)
+    with kernels.use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert torch.ops.fastlm.norm(x, w, None, [40], 1e-6, True)[0].dtype == F.rms_norm(x, (40,), w, 1e-6).dtype
+        assert torch.ops.fastlm.norm(x, w, b, [40], 1e-5, False)[0].dtype == F.layer_norm(x, (40,), w, b).dtype
+
+
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+def test_the_norm_ops_autocast_rule_is_the_one_of_the_torch_op_they_replace(monkeypatch, is_rms):
+    # torch 2.14 gives layer_norm and rms_norm the same rule on each device; pretend they differ on this one,
+    # as on torch versions where rms_norm had no autocast rule.
+    monkeypatch.setitem(library.NORM_RUNS_IN_FP32, ("rms_norm", DEVICE), is_rms)
+    monkeypatch.setitem(library.NORM_RUNS_IN_FP32, ("layer_norm", DEVICE), not is_rms)
+    x, r, w, _ = _norm_inputs()
+    xb, rb, wb = (t.detach().bfloat16() for t in (x, r, w))
+    ops = torch.ops.fastlm
+    with kernels.use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        # Only the op standing for the function with the fp32 rule casts (the rule is the only thing flipped).
+        assert ops.norm(xb, wb, None, [40], 1e-6, is_rms)[0].dtype == torch.float32
+        assert ops.norm(xb, wb, None, [40], 1e-6, not is_rms)[0].dtype == torch.bfloat16
+        assert ops.add_norm(xb, rb, wb, None, [40], 1e-6, is_rms)[0].dtype == torch.float32
+        assert ops.add_norm(xb, rb, wb, None, [40], 1e-6, not is_rms)[0].dtype == torch.bfloat16
+        # The public functions cast as torch's function would, and not at all for a model's casting mode.
+        if is_rms:
+            assert kernels.rms_norm(xb, 40, wb).dtype == torch.float32
+            for mode in ("llama", "gemma", "none"):
+                with torch.autocast(DEVICE, enabled=False):
+                    expected = kernels.rms_norm(xb, 40, wb, casting_mode=mode)
+                assert torch.equal(kernels.rms_norm(xb, 40, wb, casting_mode=mode), expected)
+        else:
+            assert kernels.layer_norm(xb, 40, wb).dtype == torch.float32
+            assert kernels.rms_norm(xb, 40, wb).dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- the name `kernels`

@@ -2,6 +2,8 @@
 
 import copy
 import importlib
+import io
+import pickle
 import warnings
 
 import pytest
@@ -423,7 +425,7 @@ def test_the_replaced_apply_rotary_pos_emb_keeps_its_semantics(rope_calls):
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     assert all(torch.equal(a, b) for a, b in zip(replaced(q, k, cos, sin, 2), original(q, k, cos, sin, 2)))
     assert rope_calls == []  # outside a patched attention module: the original ran
-    token = patch_module._ROPE_ACTIVE.set(True)
+    patch_module._ROPE_SWITCH.active = True  # as inside a patched attention module's forward
     try:
         for got, want in zip(replaced(q, k, cos, sin, unsqueeze_dim=2), original(q, k, cos, sin, 2)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -435,7 +437,7 @@ def test_the_replaced_apply_rotary_pos_emb_keeps_its_semantics(rope_calls):
             replaced(q, k, cos[..., :4], sin[..., :4], 2)
         assert len(rope_calls) == 2
     finally:
-        patch_module._ROPE_ACTIVE.reset(token)
+        patch_module._ROPE_SWITCH.active = False
 
 
 def test_partial_rotary_factor_matches_unpatched(rope_calls):
@@ -547,3 +549,93 @@ def test_activation_checkpointing_recomputes_through_the_fused_rope(rope_calls):
     for (name, _), g, g_ref in zip(reference.named_parameters(), grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert len(rope_calls) == 4
+
+
+# ----------------------------------------------------------------------------- copies and torch.compile
+
+
+def _saved_and_loaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _saved_and_loaded],
+                         ids=["deepcopy", "pickle", "torch.save"])
+def test_a_patched_llama_copies_whole_and_stays_patched(copy_of, rope_calls, attention_calls):
+    # EMA and teacher models are deep copies, whole-model checkpoints pickles: the copy computes the same
+    # numbers through its own (patched) modules, and patching it again finds everything patched.
+    torch.manual_seed(0)
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(),
+                                                                        attn_implementation="sdpa")).train()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(17))
+    expected = model(ids, labels=ids, use_cache=False).loss
+    twin = copy_of(model)
+    assert twin.forward.__self__ is twin
+    attentions = [layer.self_attn for layer in twin.model.layers]
+    assert all(vars(a)["forward"].__self__ is a for a in attentions)
+    assert not {id(p) for p in twin.parameters()} & {id(p) for p in model.parameters()}
+    del rope_calls[:], attention_calls[:]
+    out = twin(ids, labels=ids, use_cache=False)
+    assert out.logits is None  # the fused loss
+    assert torch.equal(out.loss, expected)
+    assert len(rope_calls) == len(attention_calls) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.patch(twin)
+    assert "rope: LlamaAttention already runs kernels.rope" in twin.kernels_patch_report.patched
+    assert "loss: llama training loss runs kernels.linear_cross_entropy (already)" in twin.kernels_patch_report.patched
+
+
+def _graph_breaks(model, ids, **kwargs) -> tuple[int, str]:
+    """Graph breaks of a training forward under ``torch._dynamo.explain``, and the traced graphs' code."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda ids: model(ids, labels=ids, **kwargs).loss)(ids)
+    torch._dynamo.reset()
+    return explained.graph_break_count, "\n".join(g.code for g in explained.graphs)
+
+
+def test_a_patched_llama_traces_in_one_graph_with_the_fused_ops():
+    # transformers' Llama compiles with fullgraph=True unpatched; patched it must too (the RoPE switch of
+    # each attention module is traced, not a break). Without a cache transformers builds a mask even for a
+    # plain batch while compiling, which the patch cannot read without a sync: transformers' SDPA runs it.
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa").train()
+    patched = kernels.patch(copy.deepcopy(reference))
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(18))
+    fused_ops = ("fastlm.norm", "fastlm.add_norm", "fastlm.glu", "fastlm.rope", "fastlm.linear_cross_entropy")
+    with kernels.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning, once
+        for kwargs, fused_attention in (({}, True), ({"use_cache": False}, False)):
+            assert _graph_breaks(reference, ids, **kwargs)[0] == 0
+            breaks, code = _graph_breaks(patched, ids, **kwargs)
+            assert breaks == 0
+            assert all(op in code for op in fused_ops if op != "fastlm.add_norm"), code
+            assert ("fastlm.attention" in code) == fused_attention
+
+
+@pytest.mark.parametrize("family, backend, use_cache", [("llama", "eager", True), ("llama", "aot_eager", True),
+                                                        ("llama", "aot_eager", False), ("gemma2", "aot_eager", True)],
+                         ids=["llama-eager", "llama-aot_eager", "llama-aot_eager-no_cache", "gemma2-aot_eager"])
+def test_fullgraph_compiled_patched_model_matches_eager(family, backend, use_cache):
+    # backend="eager" is Dynamo alone, "aot_eager" adds AOT autograd (the ops' fake and autograd formulas);
+    # without a cache the attention is transformers' SDPA on its mask (see the test above). Gemma 2: both
+    # softcaps, sliding windows (masks: its eager attention while compiling) and (1 + w) norms.
+    torch.manual_seed(0)
+    config, implementation = (llama_config(), "sdpa") if family == "llama" else (windowed_config(family), "eager")
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(config,
+                                                                        attn_implementation=implementation)).train()
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(19))
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning, once
+        for run in (model, torch.compile(model, fullgraph=True, backend=backend)):
+            model.zero_grad(set_to_none=True)
+            loss = run(ids, labels=ids, use_cache=use_cache).loss
+            loss.backward()
+            results.append((loss, [p.grad for p in model.parameters()]))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    for (name, _), g, g_compiled in zip(model.named_parameters(), grads, compiled_grads):
+        torch.testing.assert_close(g_compiled, g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

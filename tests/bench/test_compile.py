@@ -10,6 +10,7 @@ minutes).
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,3 +123,65 @@ def test_failures_flags_errors_and_hot_spills_only():
     ]
     bad = compile_check.failures(rows)
     assert len(bad) == 2 and "b c sm_90: spills 16" in bad[0] and "does not compile" in bad[1]
+
+
+def test_failures_flags_shared_memory_over_the_targets_limit():
+    # Triton's launcher raises OutOfResources for a block over the device's opt-in shared memory
+    # (the autotuner then drops the candidate): 227 KB on sm_90, 163 KB on sm_80.
+    rows = [
+        {"kernel": "a", "config": "c", "target": "sm_90", "hot": True, "spill_bytes": 0, "shared_bytes": 232448},
+        {"kernel": "b", "config": "c", "target": "sm_90", "hot": True, "spill_bytes": 0, "shared_bytes": 232449},
+        {"kernel": "c", "config": "c", "target": "sm_80", "hot": True, "spill_bytes": 0, "shared_bytes": 166912},
+        {"kernel": "d", "config": "c", "target": "sm_80", "hot": False, "spill_bytes": 0, "shared_bytes": 180000},
+    ]
+    bad = compile_check.failures(rows)
+    assert len(bad) == 2, bad
+    assert "b c sm_90: needs 232449 bytes of shared memory, over sm_90's 232448" in bad[0]
+    assert "d c sm_80: needs 180000 bytes of shared memory, over sm_80's 166912" in bad[1]
+
+
+def test_sass_facts_skips_the_tma_wait_retry_blocks():
+    # Two key loops; each waits on an mbarrier whose retry block sits past EXIT and branches
+    # back into the loop: those branches are no loop (else one "loop" spans both).
+    sass = """
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e0], R4 ;
+        /*0110*/              @!P0 BRA 0x400 ;
+        /*0120*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT, gsb0 ;
+        /*0130*/                   MUFU.EX2 R1, R1 ;
+        /*0140*/              @!P2 BRA 0x100 ;
+        /*0150*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0200*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e8], R4 ;
+        /*0210*/              @!P0 BRA 0x430 ;
+        /*0220*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT, gsb0 ;
+        /*0230*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0240*/                   FSEL R1, R1, -INF , P1 ;
+        /*0250*/                   FMNMX R1, R1, R5, !PT ;
+        /*0260*/                   MUFU.EX2 R1, R1 ;
+        /*0270*/              @!P2 BRA 0x200 ;
+        /*0280*/                   EXIT ;
+        /*0400*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e0], R4 ;
+        /*0410*/              @!P0 BRA 0x400 ;
+        /*0420*/                   BRA 0x120 ;
+        /*0430*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e8], R4 ;
+        /*0440*/              @!P0 BRA 0x430 ;
+        /*0450*/                   BRA 0x220 ;
+        /*0460*/                   BRA 0x460 ;
+    """
+    f = compile_check.sass_facts(sass)
+    assert [(n["start"], n["instructions"], n["hgmma"], n["ex2"]) for n in f["loops"]] == [
+        ("0x100", 5, 1, 1), ("0x200", 8, 1, 1)]
+    assert (f["loops"][1]["isetp"], f["loops"][1]["sel"], f["loops"][1]["fmnmx"]) == (1, 1, 1)
+    assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (5, 1, 1)
+
+
+def test_warp_specialized_tma_forward_reports_each_key_loop(tmp_path):
+    # The TMA forward at head dim 64, causal: each key loop the report finds issues one key
+    # tile's wgmma (Q K^T: D/16, P V: BLOCK_N/16, per warpgroup), never the span of two loops
+    # (a warp-specialized config runs one per consumer partition).
+    rows = _compile_rows(tmp_path, "90", "fwd_tma D=64 causal torch.bfloat16[")
+    assert rows
+    for r in rows:
+        block_n = int(re.search(r"BLOCK_N=(\d+)", r["config"]).group(1))
+        loops = r["sass"]["loops"]
+        assert loops and all(n["hgmma"] == (64 + block_n) // 16 for n in loops), (r["config"], loops)
+        assert r["sass"]["main_loop_hgmma"] == (64 + block_n) // 16

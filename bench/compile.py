@@ -116,27 +116,36 @@ def key_loops(code: list[tuple[int, str]], ops: list[str]) -> list[dict]:
     the out-of-line retry blocks of the TMA/mbarrier waits (``SYNCS...TRYWAIT``; ``@!P0 BRA``
     to a block past the kernel's EXIT, which branches back into the loop) are not loops, and
     counting them as such gave one "loop" spanning every key loop between the wait and the end.
-    Per loop: instructions, HGMMA, HMMA, MUFU.EX2, and the integer compares (ISETP), selects
-    (FSEL/SEL) and float max/min (FMNMX) that masking and the online softmax cost per key tile.
+    Per loop: its instructions, HGMMA, HMMA and MUFU.EX2; ``branched``, the instructions in
+    blocks a forward branch inside the loop can jump over (e.g. a boundary tile's mask, which
+    interior tiles skip); and on the path every iteration runs (outside those blocks) the
+    integer compares (ISETP), selects (FSEL/SEL) and float max/min (FMNMX): what masking and
+    the online softmax cost every key tile.
     """
-    spans = []
-    for i, (addr, ins) in enumerate(code):
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+
+    def target(ins):
         m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) <= addr:
-            first = next(j for j, (a, _) in enumerate(code) if a >= int(m.group(1), 16))
-            if "EXIT" not in (code[j][1] for j in range(first, i + 1)):
-                spans.append((first, i))
+        return index.get(int(m.group(1), 16)) if m else None
+
+    spans = [(t, i) for i, (_, ins) in enumerate(code) if (t := target(ins)) is not None and t <= i
+             and not any(code[j][1] == "EXIT" for j in range(t, i + 1))]
     with_mma = [(f, l) for f, l in spans if any(op.startswith(("HGMMA.", "HMMA.")) for op in ops[f:l + 1])]
     innermost = [(f, l) for f, l in with_mma if not any((f, l) != (g, k) and f <= g and k <= l for g, k in with_mma)]
     loops = []
     for f, l in sorted(set(innermost)):
+        branched = {j for i in range(f, l) if (t := target(code[i][1])) is not None and i < t <= l
+                    for j in range(i + 1, t)}
+        every = [op for j, op in enumerate(ops[f:l + 1], f) if j not in branched]
+
+        def count(prefix, body):
+            return sum(op.startswith(prefix) for op in body)
+
         body = ops[f:l + 1]
-        loops.append({
-            "start": f"{code[f][0]:#x}", "instructions": len(body),
-            "hgmma": sum(op.startswith("HGMMA.") for op in body), "hmma": sum(op.startswith("HMMA.") for op in body),
-            "ex2": sum(op.startswith("MUFU.EX2") for op in body), "isetp": sum(op.startswith("ISETP") for op in body),
-            "sel": sum(op.startswith(("FSEL", "SEL")) for op in body), "fmnmx": sum(op.startswith("FMNMX") for op in body),
-        })
+        loops.append({"start": f"{code[f][0]:#x}", "instructions": len(body), "branched": len(branched),
+                      "hgmma": count("HGMMA.", body), "hmma": count("HMMA.", body), "ex2": count("MUFU.EX2", body),
+                      "isetp": count("ISETP", every), "sel": count(("FSEL", "SEL"), every),
+                      "fmnmx": count("FMNMX", every)})
     return loops
 
 
@@ -145,8 +154,9 @@ def describe_facts(f: dict) -> str:
     load = f"TMA {f['utmaldg']}ld/{f['utmastg']}st" if f["utmaldg"] or f["utmastg"] else f"LDGSTS {f['ldgsts']}"
     ws = f"WS setmaxnreg {f['setmaxnreg']}" if f["warp_specialized"] else "no-WS"
     mma = ",".join(f"{k}x{n}" for k, n in sorted(f["hgmma"].items())) or (f"HMMA x{f['hmma']}" if f["hmma"] else "-")
-    loops = " | ".join(f"{n['instructions']} ins, {n['hgmma'] or n['hmma']} {'hgmma' if n['hgmma'] else 'hmma'}, "
-                       f"{n['ex2']} ex2, {n['isetp']} isetp, {n['sel']} sel, {n['fmnmx']} fmnmx" for n in f["loops"])
+    loops = " | ".join(f"{n['instructions']} ins ({n['branched']} branched), {n['hgmma'] or n['hmma']} "
+                       f"{'hgmma' if n['hgmma'] else 'hmma'}, {n['ex2']} ex2; every tile {n['isetp']} isetp, "
+                       f"{n['sel']} sel, {n['fmnmx']} fmnmx" for n in f["loops"])
     return f"{load}; {ws}; {mma}; waits {f['wgmma_waits']}; {'loops' if len(f['loops']) > 1 else 'loop'} {loops or '-'}"
 
 

@@ -640,10 +640,10 @@ def _attn_bwd_dq_tma_kernel(
 
     As the TMA forward: the descriptors zero-fill rows past the sequence and columns
     past HEAD_DIM, so no load is masked, and one key loop applies the score mask on
-    the boundary tiles only. (Triton 3.8 if-converts that test: every tile runs the
-    mask's compares and selects, 32 to 64 a thread in a 128x32 tile; the pointer
-    kernel's two loops avoid them, but as TMA loops cost 10 to 51 more registers.)
-    dsinks as the pointer kernel.
+    the boundary tiles only. (That test stays a branch in Triton 3.8's SASS: interior
+    tiles jump over the mask's compares and selects, which ``bench.compile --details``
+    counts as "branched"; two loops, as the pointer kernel's, cost 10 to 51 more
+    registers as TMA loops.) dsinks as the pointer kernel.
     """
     pid_m, h, b, hk = _forward_program(group, CAUSAL)
     start_m = pid_m * BLOCK_M

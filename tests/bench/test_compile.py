@@ -142,7 +142,8 @@ def test_failures_flags_shared_memory_over_the_targets_limit():
 
 def test_sass_facts_skips_the_tma_wait_retry_blocks():
     # Two key loops; each waits on an mbarrier whose retry block sits past EXIT and branches
-    # back into the loop: those branches are no loop (else one "loop" spans both).
+    # back into the loop: those branches are no loop (else one "loop" spans both). The second
+    # loop's mask block is branched over (interior tiles skip it): not counted as every tile's.
     sass = """
         /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e0], R4 ;
         /*0110*/              @!P0 BRA 0x400 ;
@@ -153,12 +154,13 @@ def test_sass_facts_skips_the_tma_wait_retry_blocks():
         /*0200*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e8], R4 ;
         /*0210*/              @!P0 BRA 0x430 ;
         /*0220*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT, gsb0 ;
-        /*0230*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
-        /*0240*/                   FSEL R1, R1, -INF , P1 ;
-        /*0250*/                   FMNMX R1, R1, R5, !PT ;
-        /*0260*/                   MUFU.EX2 R1, R1 ;
-        /*0270*/              @!P2 BRA 0x200 ;
-        /*0280*/                   EXIT ;
+        /*0230*/              @!P1 BRA 0x260 ;
+        /*0240*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0250*/                   FSEL R1, R1, -INF , P1 ;
+        /*0260*/                   FMNMX R1, R1, R5, !PT ;
+        /*0270*/                   MUFU.EX2 R1, R1 ;
+        /*0280*/              @!P2 BRA 0x200 ;
+        /*0290*/                   EXIT ;
         /*0400*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e0], R4 ;
         /*0410*/              @!P0 BRA 0x400 ;
         /*0420*/                   BRA 0x120 ;
@@ -168,9 +170,9 @@ def test_sass_facts_skips_the_tma_wait_retry_blocks():
         /*0460*/                   BRA 0x460 ;
     """
     f = compile_check.sass_facts(sass)
-    assert [(n["start"], n["instructions"], n["hgmma"], n["ex2"]) for n in f["loops"]] == [
-        ("0x100", 5, 1, 1), ("0x200", 8, 1, 1)]
-    assert (f["loops"][1]["isetp"], f["loops"][1]["sel"], f["loops"][1]["fmnmx"]) == (1, 1, 1)
+    assert [(n["start"], n["instructions"], n["branched"], n["hgmma"], n["ex2"]) for n in f["loops"]] == [
+        ("0x100", 5, 0, 1, 1), ("0x200", 9, 2, 1, 1)]
+    assert (f["loops"][1]["isetp"], f["loops"][1]["sel"], f["loops"][1]["fmnmx"]) == (0, 0, 1)
     assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (5, 1, 1)
 
 

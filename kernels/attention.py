@@ -788,12 +788,13 @@ _GPU_CONFIGS_FP32 = {
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
 # With a feature on (_FEATURES) the kernels hold more registers: the candidates that do not spill
-# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs:
-# every feature on, the most registers any call takes).
+# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs,
+# _COMPILED_FEATURE_SETS: the most registers any call takes, with and without a window).
 _FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
 _FEATURE_CONFIGS_16BIT = {
     "sm90": {
-        "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
+        # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops).
+        "fwd": {256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)]},
         "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 32, 8, 2)]},
         "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
     },
@@ -1105,6 +1106,15 @@ def _divisible_by_16(sig: dict[str, str], head_dim: int) -> tuple[str, ...]:
                                            and ty == "i32" and head_dim % 16 == 0))
 
 
+# What compile_specs() builds per configuration, as (label suffix, features on, window): the plain
+# kernels, and the most registers each path with features takes. Every feature on (packed, window,
+# softcap, sinks; the TMA dQ also kv_lens) runs the window's single key loop; with no window the
+# pointer forward and dQ run two key loops (unmasked, then masked), heaviest packed with softcap
+# and sinks (fwd D=128 (128, 64, 8w, 3s) sm_90: 254 registers; 191 with kv_lens instead).
+_COMPILED_FEATURE_SETS = (("", False, False), (" +features", True, True), (" +features no-window", True, False))
+_TWO_LOOP_KINDS = ("fwd", "dq")  # the kernels whose key loop splits in two without a window
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every configuration the launchers can pick (all autotune candidates), for the static compile check.
 
@@ -1126,7 +1136,9 @@ def compile_specs() -> list[KernelSpec]:
             for kind, kernel in _KERNELS.items():
                 # Each configuration once, with the targets of the families that can pick it.
                 for causal in (False, True):
-                    for features in (False, True):  # the plain path, and every feature on (packed, window, ...)
+                    for label, features, window in _COMPILED_FEATURE_SETS:
+                        if features and not window and kind not in _TWO_LOOP_KINDS:
+                            continue  # one key loop with or without a window: "+features" covers it
                         targets: dict[TileConfig, list[int]] = {}
                         for family, cc in GPU_FAMILIES.items():
                             for cfg in gpu_configs(kind, block_d, dtype, family, features):
@@ -1137,15 +1149,15 @@ def compile_specs() -> list[KernelSpec]:
                             # The TMA dQ's heaviest call also zeroes keys past kv_lens on its boundary tiles.
                             c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal,
                                   "HAS_KV_LENS": features and kind == "dq_tma",
-                                  "VARLEN": features, "WINDOW": features, "SOFTCAP": features,
-                                  "HAS_SINKS": features, "HAS_DLSE": False, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                                  "VARLEN": features, "WINDOW": window, "SOFTCAP": features,
+                                  "HAS_SINKS": features, "HAS_DLSE": False,
+                                  "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
                             c = {k: v for k, v in c.items() if k in kernel.arg_names}
                             sig = _signature(kernel, ptr, c)
                             specs.append(KernelSpec(
                                 kernel, sig, c, cfg.num_warps, cfg.num_stages, hot=dtype != torch.float32,
-                                label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}"
-                                      f"{' +features' if features else ''}",
+                                label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}{label}",
                                 extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "targets": tuple(ccs),
                                        "quick": head_dim in (64, 128) and not features},
                             ))

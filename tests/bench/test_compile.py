@@ -8,6 +8,7 @@ minutes).
 """
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import compile as compile_check
 from helpers import ROOT
@@ -187,3 +189,28 @@ def test_warp_specialized_tma_forward_reports_each_key_loop(tmp_path):
         loops = r["sass"]["loops"]
         assert loops and all(n["hgmma"] == (64 + block_n) // 16 for n in loops), (r["config"], loops)
         assert r["sass"]["main_loop_hgmma"] == (64 + block_n) // 16
+
+
+def test_feature_sweep_covers_the_two_key_loop_path():
+    # Without a window the pointer forward and dQ run an unmasked and a masked key loop: the
+    # sweep builds every feature candidate there too, with the heaviest such call (packed,
+    # softcap, sinks), not only the window's single loop.
+    attention = importlib.import_module("kernels.attention")
+    specs = compile_check.collect_specs("+features")
+    for kind in ("fwd", "dq"):
+        kernel = attention._KERNELS[kind]
+        for head_dim, causal, family in itertools.product((64, 128, 256), (False, True), ("sm90", "sm80")):
+            built = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages)
+                     for s in specs if s.kernel is kernel and s.constexprs["HEAD_DIM"] == head_dim
+                     and s.constexprs["CAUSAL"] == causal and "bfloat16" in s.label
+                     and s.constexprs["WINDOW"] is False and s.constexprs["SOFTCAP"] and s.constexprs["HAS_SINKS"]
+                     and s.constexprs["VARLEN"] and attention.GPU_FAMILIES[family] in s.extra["targets"]}
+            candidates = attention.gpu_configs(kind, head_dim, torch.bfloat16, family, features=True)
+            assert {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in candidates} <= built, (kind, head_dim)
+
+
+def test_attention_forward_features_without_a_window_do_not_spill_at_head_dim_256(tmp_path):
+    # Packed, softcap and sinks, causal, no window: the pointer forward's two key loops. Its
+    # (64, 64, 8w, 2s) feature candidate spilled 8 bytes there on sm_90.
+    rows = _compile_rows(tmp_path, "90", "fwd D=256 causal torch.bfloat16 +features no-window[")
+    assert rows and all(r["spill_bytes"] == 0 for r in rows)

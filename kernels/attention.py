@@ -354,13 +354,22 @@ def _attn_fwd_tma_kernel(
     # loop unspecialized): there every tile runs the mask as arithmetic. It neither takes
     # the register round trip that zeroes padded values, so with kv_lens the loop is plain.
     SPECIALIZE: tl.constexpr = WARP_SPECIALIZE and not HAS_KV_LENS
+    # Masking every tile, fold the diagonal and kv_len into one end per row: one compare and
+    # one select per score, not _visible's two of each (D=128 causal (64, 64, 4w): the consumer
+    # loop 427 -> 379 instructions a tile, ISETP 49 -> 33, FSEL 66 -> 34; registers unchanged).
+    row_end = tl.full([BLOCK_M], kv_len, tl.int32)
+    if CAUSAL:
+        row_end = tl.minimum(row_end, offs_m + causal_offset + 1)
     for start_n in tl.range(lo, end, BLOCK_N, warp_specialize=SPECIALIZE):
         k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         qk = _scores(q, k, softcap_in, SOFTCAP, DOT_PRECISION)
         cols = start_n + offs_n
         if SPECIALIZE:
-            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
+            visible = cols[None, :] < row_end[:, None]
+            if WINDOW:
+                visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
+            qk = tl.where(visible, qk, float("-inf"))
         elif start_n >= full_end or start_n < full_lo:  # only the boundary tiles
             qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
             if HAS_KV_LENS:

@@ -189,6 +189,11 @@ def test_warp_specialized_tma_forward_reports_each_key_loop(tmp_path):
         loops = r["sass"]["loops"]
         assert loops and all(n["hgmma"] == (64 + block_n) // 16 for n in loops), (r["config"], loops)
         assert r["sass"]["main_loop_hgmma"] == (64 + block_n) // 16
+        if "WARP_SPECIALIZE=True" in r["config"]:
+            # Every tile is masked there: one select per score (a 64-row tile over one consumer
+            # warpgroup of 128 threads) and a few for the softmax, not one per condition.
+            scores = 64 * block_n // 128
+            assert all(n["sel"] <= scores + 4 and n["isetp"] <= scores + 4 for n in loops), (r["config"], loops)
 
 
 def test_feature_sweep_covers_the_two_key_loop_path():

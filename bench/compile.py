@@ -8,17 +8,21 @@ compiler (TTIR -> PTX -> cubin) for ``GPUTarget("cuda", cc, 32)``, and the
 cubin is read back with the ``cuobjdump`` that ships in the Triton wheel:
 registers, spills (local memory / stack), shared memory, and whether the
 tensor-core instructions are used (HGMMA, the warpgroup MMA, on sm_90; HMMA on
-sm_80). Exit status 1 when a configuration fails to compile or a hot kernel
-spills.
+sm_80). Exit status 1 when a configuration fails to compile, a hot kernel
+spills, or a kernel needs more shared memory than the target gives one block
+(:data:`MAX_SHARED_BYTES`: it could never launch).
 
 ``--details`` also prints what the SASS says about how a kernel feeds the tensor
 cores (:func:`sass_facts`): TMA loads and stores (UTMALDG/UTMASTG) against
 ``cp.async`` (LDGSTS), warp specialization (the TTGIR's ``ttg.warp_specialize``
 and the SASS's register rebalancing, USETMAXREG), each HGMMA shape with where its
 A operand comes from (``rs``: registers, ``ss``: shared memory), the wgmma wait
-depths (``WARPGROUP.DEPBAR.LE gsb0, N``: N groups left in flight), and for the
-main loop (the innermost loop with the most HGMMA) its instruction count and its
-MUFU.EX2 count (exponentials per key tile). A compiler report, not a measurement.
+depths (``WARPGROUP.DEPBAR.LE gsb0, N``: N groups left in flight), and per key
+loop (each innermost loop with tensor-core instructions, :func:`key_loops`; two
+where a kernel runs an unmasked and a masked loop, or a warp-specialized one two
+consumer partitions) its instructions, MUFU.EX2 (exponentials per key tile) and the
+compares, selects and max/min of its masking and softmax. A compiler report, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -93,27 +97,56 @@ def sass_facts(sass: str, ttgir: str = "") -> dict:
             source = "ss" if "gdesc" in args[1] else "rs"  # A from shared memory or registers
             hgmma[f"{shape}{source}"] = hgmma.get(f"{shape}{source}", 0) + 1
     waits = sorted({int(w, 16) for w in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)})
-    # Loops: a branch to an earlier address. The main loop: of the innermost loops that issue
-    # HGMMA (no such loop inside them: a warp-specialized kernel's branches back to its start
-    # enclose every consumer's loop), the one with the most, the shortest on a tie.
-    loops = []
-    for i, (addr, ins) in enumerate(code):
-        m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) < addr:
-            body = [op for (a, _), op in zip(code, ops) if int(m.group(1), 16) <= a <= addr]
-            loops.append((count("HGMMA.", body), -len(body), body, (int(m.group(1), 16), addr)))
-    mma_loops = [loop for loop in loops if loop[0]]
-    innermost = [loop for loop in mma_loops
-                 if not any(o is not loop and loop[3][0] <= o[3][0] and o[3][1] <= loop[3][1] for o in mma_loops)]
-    main = max(innermost, key=lambda loop: loop[:2])[2] if innermost else []
+    loops = key_loops(code, ops)
+    main = max(loops, key=lambda loop: (loop["hgmma"] + loop["hmma"], -loop["instructions"]), default=None)
     return {
         "utmaldg": count("UTMALDG"), "utmastg": count("UTMASTG"), "ldgsts": count("LDGSTS"),
         "warp_specialized": "ttg.warp_specialize" in ttgir,
         "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\S* (?:\w+, )?(0x[0-9a-f]+)", sass)}),
         "hgmma": hgmma, "hmma": count("HMMA."), "wgmma_waits": waits,
-        "main_loop_instructions": len(main), "main_loop_ex2": count("MUFU.EX2", main),
-        "main_loop_hgmma": count("HGMMA.", main),
+        "main_loop_instructions": main["instructions"] if main else 0, "main_loop_ex2": main["ex2"] if main else 0,
+        "main_loop_hgmma": main["hgmma"] if main else 0, "loops": loops,
     }
+
+
+def key_loops(code: list[tuple[int, str]], ops: list[str]) -> list[dict]:
+    """The innermost loops that run tensor-core instructions, in address order, with what one iteration issues.
+
+    A loop is a branch back to an earlier address whose span holds no unconditional EXIT:
+    the out-of-line retry blocks of the TMA/mbarrier waits (``SYNCS...TRYWAIT``; ``@!P0 BRA``
+    to a block past the kernel's EXIT, which branches back into the loop) are not loops, and
+    counting them as such gave one "loop" spanning every key loop between the wait and the end.
+    Per loop: its instructions, HGMMA, HMMA and MUFU.EX2; ``branched``, the instructions in
+    blocks a forward branch inside the loop can jump over (e.g. a boundary tile's mask, which
+    interior tiles skip); and on the path every iteration runs (outside those blocks) the
+    integer compares (ISETP), selects (FSEL/SEL) and float max/min (FMNMX): what masking and
+    the online softmax cost every key tile.
+    """
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+
+    def target(ins):
+        m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", ins)
+        return index.get(int(m.group(1), 16)) if m else None
+
+    spans = [(t, i) for i, (_, ins) in enumerate(code) if (t := target(ins)) is not None and t <= i
+             and not any(code[j][1] == "EXIT" for j in range(t, i + 1))]
+    with_mma = [(f, l) for f, l in spans if any(op.startswith(("HGMMA.", "HMMA.")) for op in ops[f:l + 1])]
+    innermost = [(f, l) for f, l in with_mma if not any((f, l) != (g, k) and f <= g and k <= l for g, k in with_mma)]
+    loops = []
+    for f, l in sorted(set(innermost)):
+        branched = {j for i in range(f, l) if (t := target(code[i][1])) is not None and i < t <= l
+                    for j in range(i + 1, t)}
+        every = [op for j, op in enumerate(ops[f:l + 1], f) if j not in branched]
+
+        def count(prefix, body):
+            return sum(op.startswith(prefix) for op in body)
+
+        body = ops[f:l + 1]
+        loops.append({"start": f"{code[f][0]:#x}", "instructions": len(body), "branched": len(branched),
+                      "hgmma": count("HGMMA.", body), "hmma": count("HMMA.", body), "ex2": count("MUFU.EX2", body),
+                      "isetp": count("ISETP", every), "sel": count(("FSEL", "SEL"), every),
+                      "fmnmx": count("FMNMX", every)})
+    return loops
 
 
 def describe_facts(f: dict) -> str:
@@ -121,8 +154,10 @@ def describe_facts(f: dict) -> str:
     load = f"TMA {f['utmaldg']}ld/{f['utmastg']}st" if f["utmaldg"] or f["utmastg"] else f"LDGSTS {f['ldgsts']}"
     ws = f"WS setmaxnreg {f['setmaxnreg']}" if f["warp_specialized"] else "no-WS"
     mma = ",".join(f"{k}x{n}" for k, n in sorted(f["hgmma"].items())) or (f"HMMA x{f['hmma']}" if f["hmma"] else "-")
-    return (f"{load}; {ws}; {mma}; waits {f['wgmma_waits']}; loop {f['main_loop_instructions']} ins, "
-            f"{f['main_loop_hgmma']} hgmma, {f['main_loop_ex2']} ex2")
+    loops = " | ".join(f"{n['instructions']} ins ({n['branched']} branched), {n['hgmma'] or n['hmma']} "
+                       f"{'hgmma' if n['hgmma'] else 'hmma'}, {n['ex2']} ex2; every tile {n['isetp']} isetp, "
+                       f"{n['sel']} sel, {n['fmnmx']} fmnmx" for n in f["loops"])
+    return f"{load}; {ws}; {mma}; waits {f['wgmma_waits']}; {'loops' if len(f['loops']) > 1 else 'loop'} {loops or '-'}"
 
 
 def _compile_one(job: tuple[int, int]) -> dict:
@@ -167,13 +202,26 @@ def run(targets: list[int], jobs: int, only: str | None, quick: bool = False) ->
         return pool.map(_compile_one, work, chunksize=4)
 
 
+# The most shared memory one block may use, in bytes (CUDA's per-block opt-in limit,
+# CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 227 KB on sm_90, 163 KB on sm_80).
+# Triton's launcher compares a kernel's ``shared`` with it and raises OutOfResources; the
+# autotuner then drops the candidate, so a config over it never runs. (sm_86/sm_89 allow 99 KB.)
+MAX_SHARED_BYTES = {90: 232448, 80: 166912}
+
+
 def failures(rows: list[dict]) -> list[str]:
+    """Configurations that do not compile, hot ones that spill, and any over the target's shared memory."""
     bad = []
     for r in rows:
         if "error" in r:
             bad.append(f"{r['kernel']} {r['config']} {r['target']}: does not compile: {r['error']}")
-        elif r["hot"] and r["spill_bytes"] > 0:
+            continue
+        if r["hot"] and r["spill_bytes"] > 0:
             bad.append(f"{r['kernel']} {r['config']} {r['target']}: spills {r['spill_bytes']} bytes")
+        limit = MAX_SHARED_BYTES.get(int(r["target"].removeprefix("sm_")))
+        if limit is not None and r.get("shared_bytes", 0) > limit:
+            bad.append(f"{r['kernel']} {r['config']} {r['target']}: needs {r['shared_bytes']} bytes of shared "
+                       f"memory, over {r['target']}'s {limit} (OutOfResources at launch)")
     return bad
 
 

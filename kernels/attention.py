@@ -366,13 +366,22 @@ def _attn_fwd_tma_kernel(
 
     lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
                                             BLOCK_M, BLOCK_N)
+    # Masking every tile, fold the diagonal and kv_len into one end per row: one compare and
+    # one select per score, not _visible's two of each (D=128 causal (64, 64, 4w): the consumer
+    # loop 427 -> 379 instructions a tile, ISETP 49 -> 33, FSEL 66 -> 34; registers unchanged).
+    row_end = tl.full([BLOCK_M], kv_len, tl.int32)
+    if CAUSAL:
+        row_end = tl.minimum(row_end, offs_m + causal_offset + 1)
     for start_n in tl.range(lo, end, BLOCK_N, warp_specialize=SPECIALIZE):
         k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         qk = _scores(q, k, softcap_in, SOFTCAP, DOT_PRECISION)
         cols = start_n + offs_n
         if SPECIALIZE:
-            qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
+            visible = cols[None, :] < row_end[:, None]
+            if WINDOW:
+                visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
+            qk = tl.where(visible, qk, float("-inf"))
         elif start_n >= full_end or start_n < full_lo:  # only the boundary tiles
             qk = _mask_scores(qk, cols, offs_m, kv_len, causal_offset, window_offset, CAUSAL, WINDOW)
             if HAS_KV_LENS:
@@ -657,10 +666,10 @@ def _attn_bwd_dq_tma_kernel(
 
     As the TMA forward: the descriptors zero-fill rows past the sequence and columns
     past HEAD_DIM, so no load is masked, and one key loop applies the score mask on
-    the boundary tiles only. (Triton 3.8 if-converts that test: every tile runs the
-    mask's compares and selects, 32 to 64 a thread in a 128x32 tile; the pointer
-    kernel's two loops avoid them, but as TMA loops cost 10 to 51 more registers.)
-    dsinks as the pointer kernel.
+    the boundary tiles only. (That test stays a branch in Triton 3.8's SASS: interior
+    tiles jump over the mask's compares and selects, which ``bench.compile --details``
+    counts as "branched"; two loops, as the pointer kernel's, cost 10 to 51 more
+    registers as TMA loops.) dsinks as the pointer kernel.
     """
     pid_m, h, b, hk = _forward_program(group, CAUSAL)
     start_m = pid_m * BLOCK_M
@@ -807,12 +816,13 @@ _GPU_CONFIGS_FP32 = {
     "dq": {64: [TileConfig(32, 32, 4, 2)], 128: [TileConfig(32, 32, 8, 1)], 256: [TileConfig(16, 32, 8, 1)]},
 }
 # With a feature on (_FEATURES) the kernels hold more registers: the candidates that do not spill
-# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs:
-# every feature on, the most registers any call takes).
+# then, where they differ from the plain ones (bench.compile's sweep of the "+features" specs,
+# _COMPILED_FEATURE_SETS: the most registers any call takes, with and without a window).
 _FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
 _FEATURE_CONFIGS_16BIT = {
     "sm90": {
-        "fwd": {256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)]},
+        # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops).
+        "fwd": {256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)]},
         "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 64, 8, 2)]},  # (32, 64) spills 16 bytes
         "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
     },
@@ -1138,6 +1148,15 @@ def _divisible_by_16(sig: dict[str, str], head_dim: int) -> tuple[str, ...]:
                                            and ty == "i32" and head_dim % 16 == 0))
 
 
+# What compile_specs() builds per configuration, as (label suffix, features on, window): the plain
+# kernels, and the most registers each path with features takes. Every feature on (packed, window,
+# softcap, sinks; the TMA dQ also kv_lens) runs the window's single key loop; with no window the
+# pointer forward and dQ run two key loops (unmasked, then masked), heaviest packed with softcap
+# and sinks (fwd D=128 (128, 64, 8w, 3s) sm_90: 254 registers; 191 with kv_lens instead).
+_COMPILED_FEATURE_SETS = (("", False, False), (" +features", True, True), (" +features no-window", True, False))
+_TWO_LOOP_KINDS = ("fwd", "dq")  # the kernels whose key loop splits in two without a window
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every configuration the launchers can pick (all autotune candidates), for the static compile check.
 
@@ -1159,7 +1178,9 @@ def compile_specs() -> list[KernelSpec]:
             for kind, kernel in _KERNELS.items():
                 # Each configuration once, with the targets of the families that can pick it.
                 for causal in (False, True):
-                    for features in (False, True):  # the plain path, and every feature on (packed, window, ...)
+                    for label, features, window in _COMPILED_FEATURE_SETS:
+                        if features and not window and kind not in _TWO_LOOP_KINDS:
+                            continue  # one key loop with or without a window: "+features" covers it
                         targets: dict[TileConfig, list[int]] = {}
                         for family, cc in GPU_FAMILIES.items():
                             for cfg in gpu_configs(kind, block_d, dtype, family, features):
@@ -1170,15 +1191,15 @@ def compile_specs() -> list[KernelSpec]:
                             # The TMA dQ's heaviest call also zeroes keys past kv_lens on its boundary tiles.
                             c |= {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal,
                                   "HAS_KV_LENS": features and kind == "dq_tma",
-                                  "VARLEN": features, "WINDOW": features, "SOFTCAP": features,
-                                  "HAS_SINKS": features, "HAS_DLSE": False, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                                  "VARLEN": features, "WINDOW": window, "SOFTCAP": features,
+                                  "HAS_SINKS": features, "HAS_DLSE": False,
+                                  "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_ws_kwarg(kind, cfg)}
                             c = {k: v for k, v in c.items() if k in kernel.arg_names}
                             sig = _signature(kernel, ptr, c)
                             specs.append(KernelSpec(
                                 kernel, sig, c, cfg.num_warps, cfg.num_stages, hot=dtype != torch.float32,
-                                label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}"
-                                      f"{' +features' if features else ''}",
+                                label=f"{kind} D={head_dim} {'causal' if causal else 'full'} {dtype}{label}",
                                 extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "targets": tuple(ccs),
                                        "quick": head_dim in (64, 128) and not features},
                             ))

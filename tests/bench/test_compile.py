@@ -8,12 +8,15 @@ minutes).
 """
 
 import importlib
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import compile as compile_check
 from helpers import ROOT
@@ -170,3 +173,97 @@ def test_failures_flags_errors_and_hot_spills_only():
     ]
     bad = compile_check.failures(rows)
     assert len(bad) == 2 and "b c sm_90: spills 16" in bad[0] and "does not compile" in bad[1]
+
+
+def test_failures_flags_shared_memory_over_the_targets_limit():
+    # Triton's launcher raises OutOfResources for a block over the device's opt-in shared memory
+    # (the autotuner then drops the candidate): 227 KB on sm_90, 163 KB on sm_80.
+    rows = [
+        {"kernel": "a", "config": "c", "target": "sm_90", "hot": True, "spill_bytes": 0, "shared_bytes": 232448},
+        {"kernel": "b", "config": "c", "target": "sm_90", "hot": True, "spill_bytes": 0, "shared_bytes": 232449},
+        {"kernel": "c", "config": "c", "target": "sm_80", "hot": True, "spill_bytes": 0, "shared_bytes": 166912},
+        {"kernel": "d", "config": "c", "target": "sm_80", "hot": False, "spill_bytes": 0, "shared_bytes": 180000},
+    ]
+    bad = compile_check.failures(rows)
+    assert len(bad) == 2, bad
+    assert "b c sm_90: needs 232449 bytes of shared memory, over sm_90's 232448" in bad[0]
+    assert "d c sm_80: needs 180000 bytes of shared memory, over sm_80's 166912" in bad[1]
+
+
+def test_sass_facts_skips_the_tma_wait_retry_blocks():
+    # Two key loops; each waits on an mbarrier whose retry block sits past EXIT and branches
+    # back into the loop: those branches are no loop (else one "loop" spans both). The second
+    # loop's mask block is branched over (interior tiles skip it): not counted as every tile's.
+    sass = """
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e0], R4 ;
+        /*0110*/              @!P0 BRA 0x400 ;
+        /*0120*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT, gsb0 ;
+        /*0130*/                   MUFU.EX2 R1, R1 ;
+        /*0140*/              @!P2 BRA 0x100 ;
+        /*0150*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0200*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e8], R4 ;
+        /*0210*/              @!P0 BRA 0x430 ;
+        /*0220*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT, gsb0 ;
+        /*0230*/              @!P1 BRA 0x260 ;
+        /*0240*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0250*/                   FSEL R1, R1, -INF , P1 ;
+        /*0260*/                   FMNMX R1, R1, R5, !PT ;
+        /*0270*/                   MUFU.EX2 R1, R1 ;
+        /*0280*/              @!P2 BRA 0x200 ;
+        /*0290*/                   EXIT ;
+        /*0400*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e0], R4 ;
+        /*0410*/              @!P0 BRA 0x400 ;
+        /*0420*/                   BRA 0x120 ;
+        /*0430*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5+0x1c0e8], R4 ;
+        /*0440*/              @!P0 BRA 0x430 ;
+        /*0450*/                   BRA 0x220 ;
+        /*0460*/                   BRA 0x460 ;
+    """
+    f = compile_check.sass_facts(sass)
+    assert [(n["start"], n["instructions"], n["branched"], n["hgmma"], n["ex2"]) for n in f["loops"]] == [
+        ("0x100", 5, 0, 1, 1), ("0x200", 9, 2, 1, 1)]
+    assert (f["loops"][1]["isetp"], f["loops"][1]["sel"], f["loops"][1]["fmnmx"]) == (0, 0, 1)
+    assert (f["main_loop_instructions"], f["main_loop_hgmma"], f["main_loop_ex2"]) == (5, 1, 1)
+
+
+def test_warp_specialized_tma_forward_reports_each_key_loop(tmp_path):
+    # The TMA forward at head dim 64, causal: each key loop the report finds issues one key
+    # tile's wgmma (Q K^T: D/16, P V: BLOCK_N/16, per warpgroup), never the span of two loops
+    # (a warp-specialized config runs one per consumer partition).
+    rows = _compile_rows(tmp_path, "90", "fwd_tma D=64 causal torch.bfloat16[")
+    assert rows
+    for r in rows:
+        block_n = int(re.search(r"BLOCK_N=(\d+)", r["config"]).group(1))
+        loops = r["sass"]["loops"]
+        assert loops and all(n["hgmma"] == (64 + block_n) // 16 for n in loops), (r["config"], loops)
+        assert r["sass"]["main_loop_hgmma"] == (64 + block_n) // 16
+        if "WARP_SPECIALIZE=True" in r["config"]:
+            # Every tile is masked there: one select per score (a 64-row tile over one consumer
+            # warpgroup of 128 threads) and a few for the softmax, not one per condition.
+            scores = 64 * block_n // 128
+            assert all(n["sel"] <= scores + 4 and n["isetp"] <= scores + 4 for n in loops), (r["config"], loops)
+
+
+def test_feature_sweep_covers_the_two_key_loop_path():
+    # Without a window the pointer forward and dQ run an unmasked and a masked key loop: the
+    # sweep builds every feature candidate there too, with the heaviest such call (packed,
+    # softcap, sinks), not only the window's single loop.
+    attention = importlib.import_module("kernels.attention")
+    specs = compile_check.collect_specs("+features")
+    for kind in ("fwd", "dq"):
+        kernel = attention._KERNELS[kind]
+        for head_dim, causal, family in itertools.product((64, 128, 256), (False, True), ("sm90", "sm80")):
+            built = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages)
+                     for s in specs if s.kernel is kernel and s.constexprs["HEAD_DIM"] == head_dim
+                     and s.constexprs["CAUSAL"] == causal and "bfloat16" in s.label
+                     and s.constexprs["WINDOW"] is False and s.constexprs["SOFTCAP"] and s.constexprs["HAS_SINKS"]
+                     and s.constexprs["VARLEN"] and attention.GPU_FAMILIES[family] in s.extra["targets"]}
+            candidates = attention.gpu_configs(kind, head_dim, torch.bfloat16, family, features=True)
+            assert {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in candidates} <= built, (kind, head_dim)
+
+
+def test_attention_forward_features_without_a_window_do_not_spill_at_head_dim_256(tmp_path):
+    # Packed, softcap and sinks, causal, no window: the pointer forward's two key loops. Its
+    # (64, 64, 8w, 2s) feature candidate spilled 8 bytes there on sm_90.
+    rows = _compile_rows(tmp_path, "90", "fwd D=256 causal torch.bfloat16 +features no-window[")
+    assert rows and all(r["spill_bytes"] == 0 for r in rows)

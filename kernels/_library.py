@@ -27,7 +27,8 @@ How dispatch works, and why the public function picks, not the op:
   implementation and sees the kernels (launched through :func:`launch`, i.e.
   ``wrap_triton``). The same function is the fake implementation, so it must
   be traceable: no ``.item()``, no ``data_ptr()``. Under the interpreter, and on
-  torch without ``triton_op``, it falls back to an opaque ``custom_op`` whose
+  torch without a ``triton_op`` that takes our schema (before 2.14 it infers one
+  from type annotations instead), it falls back to an opaque ``custom_op`` whose
   fake implementation is the same function with every launch skipped.
 
 Autocast: each public function does what the torch op it replaces does under
@@ -62,9 +63,17 @@ USE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "
 
 def define_op(name: str, fn: Callable, schema: str, mutates_args: tuple[str, ...] = ()):
     """Register ``fastlm::name`` with implementation (and fake implementation) ``fn``; returns the op."""
+    global USE_TRITON_OP
     qualname = f"{NAMESPACE}::{name}"
     if USE_TRITON_OP:
-        return torch.library.triton_op(qualname, fn, schema=schema, mutates_args=mutates_args)
+        try:
+            return torch.library.triton_op(qualname, fn, schema=schema, mutates_args=mutates_args)
+        except (TypeError, ValueError):
+            # torch before 2.14 (2.13 checked; the GPU machine has 2.11) ignores schema= and infers one from
+            # fn's type annotations, which ours do not have; older ones reject the keyword. Both fail
+            # before registering anything: every op is then an opaque custom op, and launch() runs the
+            # kernels directly (custom_op below still raises on a schema that is itself wrong).
+            USE_TRITON_OP = False
     op = torch.library.custom_op(qualname, fn, schema=schema, mutates_args=mutates_args)
     op.register_fake(fn)
     return op

@@ -143,6 +143,27 @@ def test_every_op_lives_in_one_namespace():
             "linear_cross_entropy", "linear_cross_entropy_backward", "rope", "glu", "glu_backward"} <= names
 
 
+
+def test_ops_register_where_triton_op_ignores_the_schema(monkeypatch):
+    # torch before 2.14 takes triton_op(schema=...) but infers the schema from the implementation's type
+    # annotations, which ours do not have: `import kernels` without the interpreter raised ValueError there
+    # (torch 2.13; likely the GPU machine's 2.11 too). Such a torch registers the opaque custom ops instead.
+    library = importlib.import_module("kernels._library")
+
+    def triton_op_before_2_14(name, fn, *, mutates_args, schema=None):
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        return torch.library.custom_op(name, fn, mutates_args=mutates_args, schema=schema)
+
+    def double(x):
+        return x * 2
+
+    monkeypatch.setattr(torch.library, "triton_op", triton_op_before_2_14)
+    monkeypatch.setattr(library, "USE_TRITON_OP", True)
+    monkeypatch.setattr(library, "NAMESPACE", "fastlm_schema_test")
+    op = library.define_op("double", double, "(Tensor x) -> Tensor")
+    assert torch.equal(op(torch.ones(3)), torch.full((3,), 2.0))
+    assert not library.USE_TRITON_OP and isinstance(library.launch(object()), library._SkipWhenFake)
+
 # ----------------------------------------------------------------------------- torch.compile
 
 

@@ -47,10 +47,14 @@ never an out-of-bounds access): validate where the values are born instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable, Iterator
 
+import numpy
 import torch
+import triton
+import triton.language as tl
 
 from ._backend import INTERPRETER
 
@@ -102,7 +106,34 @@ def launch(kernel):
     """
     if USE_TRITON_OP:
         return torch.library.wrap_triton(kernel)
+    if INTERPRETER:
+        check_interpreter()
     return _SkipWhenFake(kernel)
+
+
+@triton.jit
+def _loop_bound_probe(X, n):
+    for i in range(0, n + tl.program_id(0)):  # a bound the interpreter reads from a scalar tensor
+        tl.store(X, i)
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """Raise a clear error where Triton's interpreter cannot run the kernels (checked once, on CPU).
+
+    Triton 3.6 and older convert a scalar such as a runtime loop bound with ``int()`` of its
+    1-element array, which NumPy 2.4 refuses (triton-lang/triton#9171; later Triton squeezes
+    first): every kernel with such a bound would fail with "only 0-dimensional arrays can be
+    converted to Python scalars".
+    """
+    try:
+        _loop_bound_probe[(1,)](torch.zeros(1, dtype=torch.int32), 2)
+    except Exception as e:
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__}: "
+            f"it reads a loop bound as int() of a 1-element array, which NumPy 2.4 refuses. Install "
+            f"'numpy<2.4' or a newer triton, or run the references (FASTLM_BACKEND=reference)"
+        ) from e
 
 
 def no_tensor(like: torch.Tensor) -> torch.Tensor:

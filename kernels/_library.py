@@ -93,6 +93,8 @@ class _SkipWhenFake:
         def run(*args, **kwargs):
             if torch._guards.detect_fake_mode(list(args) + list(kwargs.values())) is not None:
                 return None
+            if INTERPRETER:
+                check_interpreter()
             return self.kernel[grid](*args, **kwargs)
 
         return run
@@ -106,8 +108,6 @@ def launch(kernel):
     """
     if USE_TRITON_OP:
         return torch.library.wrap_triton(kernel)
-    if INTERPRETER:
-        check_interpreter()
     return _SkipWhenFake(kernel)
 
 
@@ -127,7 +127,8 @@ def check_interpreter() -> None:
     converted to Python scalars".
     """
     try:
-        _loop_bound_probe[(1,)](torch.zeros(1, dtype=torch.int32), 2)
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():  # a real tensor even while tracing
+            _loop_bound_probe[(1,)](torch.zeros(1, dtype=torch.int32), 2)
     except Exception as e:
         raise RuntimeError(
             f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__}: "

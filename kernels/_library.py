@@ -27,7 +27,8 @@ How dispatch works, and why the public function picks, not the op:
   implementation and sees the kernels (launched through :func:`launch`, i.e.
   ``wrap_triton``). The same function is the fake implementation, so it must
   be traceable: no ``.item()``, no ``data_ptr()``. Under the interpreter, and on
-  torch without ``triton_op``, it falls back to an opaque ``custom_op`` whose
+  torch without a ``triton_op`` that takes our schema (before 2.14 it infers one
+  from type annotations instead), it falls back to an opaque ``custom_op`` whose
   fake implementation is the same function with every launch skipped.
 
 Autocast: each public function does what the torch op it replaces does under
@@ -46,10 +47,14 @@ never an out-of-bounds access): validate where the values are born instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable, Iterator
 
+import numpy
 import torch
+import triton
+import triton.language as tl
 
 from ._backend import INTERPRETER
 
@@ -62,9 +67,17 @@ USE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "
 
 def define_op(name: str, fn: Callable, schema: str, mutates_args: tuple[str, ...] = ()):
     """Register ``fastlm::name`` with implementation (and fake implementation) ``fn``; returns the op."""
+    global USE_TRITON_OP
     qualname = f"{NAMESPACE}::{name}"
     if USE_TRITON_OP:
-        return torch.library.triton_op(qualname, fn, schema=schema, mutates_args=mutates_args)
+        try:
+            return torch.library.triton_op(qualname, fn, schema=schema, mutates_args=mutates_args)
+        except (TypeError, ValueError):
+            # torch before 2.14 (2.13 checked; the GPU machine has 2.11) ignores schema= and infers one from
+            # fn's type annotations, which ours do not have; older ones reject the keyword. Both fail
+            # before registering anything: every op is then an opaque custom op, and launch() runs the
+            # kernels directly (custom_op below still raises on a schema that is itself wrong).
+            USE_TRITON_OP = False
     op = torch.library.custom_op(qualname, fn, schema=schema, mutates_args=mutates_args)
     op.register_fake(fn)
     return op
@@ -80,6 +93,8 @@ class _SkipWhenFake:
         def run(*args, **kwargs):
             if torch._guards.detect_fake_mode(list(args) + list(kwargs.values())) is not None:
                 return None
+            if INTERPRETER:
+                check_interpreter()
             return self.kernel[grid](*args, **kwargs)
 
         return run
@@ -94,6 +109,32 @@ def launch(kernel):
     if USE_TRITON_OP:
         return torch.library.wrap_triton(kernel)
     return _SkipWhenFake(kernel)
+
+
+@triton.jit
+def _loop_bound_probe(X, n):
+    for i in range(0, n + tl.program_id(0)):  # a bound the interpreter reads from a scalar tensor
+        tl.store(X, i)
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """Raise a clear error where Triton's interpreter cannot run the kernels (checked once, on CPU).
+
+    Triton 3.6 and older convert a scalar such as a runtime loop bound with ``int()`` of its
+    1-element array, which NumPy 2.4 refuses (triton-lang/triton#9171; later Triton squeezes
+    first): every kernel with such a bound would fail with "only 0-dimensional arrays can be
+    converted to Python scalars".
+    """
+    try:
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():  # a real tensor even while tracing
+            _loop_bound_probe[(1,)](torch.zeros(1, dtype=torch.int32), 2)
+    except Exception as e:
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__}: "
+            f"it reads a loop bound as int() of a 1-element array, which NumPy 2.4 refuses. Install "
+            f"'numpy<2.4' or a newer triton, or run the references (FASTLM_BACKEND=reference)"
+        ) from e
 
 
 def no_tensor(like: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,56 @@ def test_every_op_lives_in_one_namespace():
             "linear_cross_entropy", "linear_cross_entropy_backward", "rope", "glu", "glu_backward"} <= names
 
 
+
+def test_ops_register_where_triton_op_ignores_the_schema(monkeypatch):
+    # torch before 2.14 takes triton_op(schema=...) but infers the schema from the implementation's type
+    # annotations, which ours do not have: `import kernels` without the interpreter raised ValueError there
+    # (torch 2.13; likely the GPU machine's 2.11 too). Such a torch registers the opaque custom ops instead.
+    library = importlib.import_module("kernels._library")
+
+    def triton_op_before_2_14(name, fn, *, mutates_args, schema=None):
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        return torch.library.custom_op(name, fn, mutates_args=mutates_args, schema=schema)
+
+    def double(x):
+        return x * 2
+
+    monkeypatch.setattr(torch.library, "triton_op", triton_op_before_2_14)
+    monkeypatch.setattr(library, "USE_TRITON_OP", True)
+    monkeypatch.setattr(library, "NAMESPACE", "fastlm_schema_test")
+    op = library.define_op("double", double, "(Tensor x) -> Tensor")
+    assert torch.equal(op(torch.ones(3)), torch.full((3,), 2.0))
+    assert not library.USE_TRITON_OP and isinstance(library.launch(object()), library._SkipWhenFake)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="Triton's interpreter")
+def test_an_interpreter_that_cannot_read_loop_bounds_is_a_clear_error(monkeypatch):
+    # Triton 3.6's interpreter read a scalar (a loop bound) as int() of its 1-element array, which NumPy 2.4
+    # refuses: every kernel with a runtime bound failed with "only 0-dimensional arrays can be converted".
+    # Here 3.8's interpreter is given 3.6's conversion.
+    import numpy
+    from triton.runtime import interpreter
+
+    library = importlib.import_module("kernels._library")
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_as_in_3_6(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_tensor_as_in_3_6)
+    library.check_interpreter.cache_clear()
+    try:
+        q = torch.randn(1, 1, 5, 16)
+        with kernels.use_backend("triton"):
+            if tuple(int(p) for p in numpy.__version__.split(".")[:2]) < (2, 4):
+                kernels.attention(q, q, q)  # a deprecation warning only
+            else:
+                with pytest.raises(RuntimeError, match=r"interpreter cannot run .* NumPy .*numpy<2\.4"):
+                    kernels.attention(q, q, q)
+    finally:
+        library.check_interpreter.cache_clear()
+
 # ----------------------------------------------------------------------------- torch.compile
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ._autograd import triton_only_first_order
 from ._backend import use_triton
-from ._library import NORM_RUNS_IN_FP32, autocast_dtype, autocast_inputs, define_op, launch, no_tensor, present, register_autocast
+from ._library import NAMESPACE, NORM_RUNS_IN_FP32, autocast_dtype, autocast_inputs, define_op, launch, no_tensor, present, register_autocast
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, cdiv, next_power_of_2, parallel_programs, unique_specs
 from ._validate import check_float, check_positive, check_same_device, check_same_dtype
 from . import reference
@@ -601,17 +601,19 @@ norm_op.register_autograd(_norm_grads, setup_context=_setup_norm)
 add_norm_op.register_autograd(_add_norm_grads, setup_context=_setup_add_norm)
 
 
-def _autocast_rule(is_rms_at: int):
-    """The ops' autocast rule: torch's for the function a call stands for (``rms_norm`` when is_rms,
+def _autocast_rule(op) -> Callable[[str, tuple], torch.dtype | None]:
+    """``op``'s autocast rule: torch's for the function a call stands for (``rms_norm`` when is_rms,
     else ``layer_norm``) on that device: fp32 where torch's has the fp32 rule (CUDA), else none."""
+    is_rms_at = [a.name for a in op.default._schema.arguments].index("is_rms")
+
     def rule(device_type: str, args: tuple) -> torch.dtype | None:
         name = "rms_norm" if args[is_rms_at] else "layer_norm"
         return torch.float32 if NORM_RUNS_IN_FP32[(name, device_type)] else None
     return rule
 
 
-register_autocast("norm", _autocast_rule(5))  # (input, weight, bias, normalized_shape, eps, is_rms, ...)
-register_autocast("add_norm", _autocast_rule(6))  # (input, residual, weight, bias, normalized_shape, eps, is_rms, ...)
+for _name in ("norm", "add_norm"):
+    register_autocast(_name, _autocast_rule(getattr(getattr(torch.ops, NAMESPACE), _name)))
 
 
 # ----------------------------------------------------------------------------- public API

@@ -366,12 +366,13 @@ def _attn_fwd_tma_kernel(
 
     lo, full_lo, full_end, end = _key_range(start_m, Nq, kv_len, causal_offset, window_offset, CAUSAL, WINDOW,
                                             BLOCK_M, BLOCK_N)
-    # Masking every tile, fold the diagonal and kv_len into one end per row: one compare and
-    # one select per score, not _visible's two of each (D=128 causal (64, 64, 4w): the consumer
-    # loop 427 -> 379 instructions a tile, ISETP 49 -> 33, FSEL 66 -> 34; registers unchanged).
-    row_end = tl.full([BLOCK_M], kv_len, tl.int32)
-    if CAUSAL:
-        row_end = tl.minimum(row_end, offs_m + causal_offset + 1)
+    if SPECIALIZE:
+        # Masking every tile, fold the diagonal and kv_len into one end per row: one compare and
+        # one select per score, not _visible's two of each (D=128 causal (64, 64, 4w): the consumer
+        # loop 427 -> 379 instructions a tile, ISETP 49 -> 33, FSEL 66 -> 34; registers unchanged).
+        row_end = tl.full([BLOCK_M], kv_len, tl.int32)
+        if CAUSAL:
+            row_end = tl.minimum(row_end, offs_m + causal_offset + 1)
     for start_n in tl.range(lo, end, BLOCK_N, warp_specialize=SPECIALIZE):
         k = desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)

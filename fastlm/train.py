@@ -23,6 +23,7 @@ import math
 import os
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -273,6 +274,10 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     run_dir = Path(run_dir)
     t = cfg.train
     device = resolve_device(cfg)
+    if t.warmup_steps > t.max_steps and distributed.is_main():  # as asked (a preset's warmup on a short run, say)
+        warnings.warn(f"warmup_steps ({t.warmup_steps}) is more than max_steps ({t.max_steps}): the learning rate "
+                      f"rises for the whole run, to {learning_rate(t.max_steps - 1, cfg):.3g} of lr {t.lr:g}, and "
+                      "never decays; lower warmup_steps to warm up and decay within the run", stacklevel=3)
 
     # 1. Where the run goes (or what it resumes), checked before anything is written.
     saved_data = None

@@ -135,6 +135,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus, monke
     assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
 
 
+def test_warmup_longer_than_the_run_is_warned_about(tmp_path, corpus):
+    """warmup_steps past max_steps (a preset's warmup on a short run) trains as asked, the learning rate still
+    rising at the end and never decaying: said at the start."""
+    cfg = micro_config(corpus, max_steps=1, warmup_steps=30)
+    with pytest.warns(UserWarning, match=r"warmup_steps \(30\) is more than max_steps \(1\)"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
 def test_existing_run_dir_is_not_overwritten(tmp_path, corpus):
     cfg = micro_config(corpus, max_steps=1)
     run = tmp_path / "run"

@@ -87,8 +87,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         cfg.model = read_model_config(args.init_from)  # the checkpoint's shape; the preset's training recipe
     if args.data is not None:
-        cfg.train.data = str(Path(args.data).expanduser().resolve())
-    _parse_overrides(cfg, args.set, rest)
+        cfg.train.data = _data_path(args.data)
+    if _parse_overrides(cfg, args.set, rest).get("data") is not None and cfg.train.data is not None:
+        cfg.train.data = _data_path(cfg.train.data)  # --set data=PATH, kept as --data's is
     if args.command == "train-classifier" and cfg.train.task != "classify":  # overridden, or a resumed run's
         raise ConfigError(f"train-classifier trains task classify; got task {cfg.train.task!r} "
                           "(use fastlm train for the others)")
@@ -119,13 +120,41 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _user_path(text: str) -> Path:
+    """A path flag's value, ``~`` the home directory (a shell leaves ``--out=~/x`` and a quoted ``~`` as they are)."""
+    return Path(text).expanduser()
+
+
+def _data_path(text: str) -> str:
+    """The data path as the run records it: absolute, so that the run resumes from any working directory."""
+    return str(_user_path(text).resolve())
+
+
+def _text(name: str, text: str, escapes: bool) -> str:
+    """An input text given as ``name`` (a flag, or which text), its escapes interpreted if ``escapes``; an error
+    naming it when an escape is malformed or the text is not UTF-8 (bytes that are not reach Python's
+    arguments as lone surrogates, which no tokenizer takes)."""
+    if escapes:
+        try:
+            text = _unescape(text)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name} with --escapes: {e.reason} (a backslash starts an escape such as \\n; "
+                              "write \\\\ for a backslash)") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} is not valid UTF-8 text (is the terminal's encoding another?): "
+                          f"{text!r:.60}") from None
+    return text
+
+
 def _sample(args: argparse.Namespace) -> int:
     import kernels
 
     from .generate import complete
 
+    prompt = _text("--prompt", args.prompt, args.escapes)
     model, tokenizer, cfg = _load(args, "lm")
-    prompt = _unescape(args.prompt) if args.escapes else args.prompt
     with kernels.use_backend(args.backend):
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, num_samples=args.num_samples,
                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
@@ -143,9 +172,11 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     if not texts or texts == ["-"]:
         if sys.stdin.isatty():
             raise ConfigError("give the texts as arguments, or pipe them in one per line")
-        texts = sys.stdin.read().rstrip("\n").split("\n")  # one output line per input line, blank ones refused
-    if args.escapes:
-        texts = [_unescape(t) for t in texts]
+        try:
+            texts = sys.stdin.read().rstrip("\n").split("\n")  # one output line per input line, blank ones refused
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"standard input is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    texts = [_text(f"text {i + 1}", t, args.escapes) for i, t in enumerate(texts)]
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise ConfigError(f"text {empty[0] + 1} is empty; every input needs some text")
@@ -205,16 +236,18 @@ def _load(args: argparse.Namespace, task: str):
 
     from .rundir import checkpoint_at, load_run
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available (use --device cpu or auto)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return load_run(args.run, checkpoint_at(args.run, args.checkpoint), device, task=task)
 
 
 def _export(args: argparse.Namespace) -> int:
     from .hf import export_model
-    from .rundir import load_run
+    from .rundir import checkpoint_at, load_run
     from .tokenizer import eot_id
 
-    model, tokenizer, _ = load_run(args.run, args.checkpoint, task="lm")
+    model, tokenizer, _ = load_run(args.run, checkpoint_at(args.run, args.checkpoint), task="lm")
     out = export_model(model, args.to, tokenizer_json=args.run / "tokenizer.json", eos_token_id=eot_id(tokenizer),
                        overwrite=args.overwrite, source_run=args.run)
     print(f"exported {args.run} to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained('{out}')")
@@ -272,11 +305,12 @@ def _train_parser(sub, command: str) -> None:
     tr.add_argument("--data", help="lm: a text file or folder; classify: a .csv or .jsonl of text,label; seq2seq: "
                                    "a .jsonl (or .csv) of source,target (default: the task's built-in data set, "
                                    "made from the Python standard library)")
-    tr.add_argument("--out", help="run directory (default runs/PRESET-TIMESTAMP)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run (or one of its checkpoint directories)")
+    tr.add_argument("--out", type=_user_path, help="run directory (default runs/PRESET-TIMESTAMP)")
+    tr.add_argument("--resume", metavar="RUN_DIR", type=_user_path,
+                    help="continue a run (or one of its checkpoint directories)")
     tr.add_argument("--overwrite", action="store_true",
                     help="replace an existing run directory (only fastlm's own files in it are deleted)")
-    tr.add_argument("--init-from", "--init_from", metavar="HF_DIR",
+    tr.add_argument("--init-from", "--init_from", metavar="HF_DIR", type=_user_path,
                     help="start from a Hugging Face GPT-2/Llama checkpoint directory (its shape, weights, tokenizer)")
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -289,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in ("train", "train-classifier"):
         _train_parser(sub, command)
     sa = sub.add_parser("sample", help="generate text from a trained run")
-    sa.add_argument("--run", required=True, type=Path, help="run directory")
+    sa.add_argument("--run", required=True, type=_user_path, help="run directory")
     sa.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
     sa.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     sa.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the prompt")
@@ -307,15 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--no_cache", "--no-cache", action="store_true", help="recompute the context every step")
 
     ex = sub.add_parser("export", help="write a run's model as a Hugging Face checkpoint (config.json + safetensors)")
-    ex.add_argument("--run", required=True, type=Path, help="run directory")
-    ex.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: the latest)")
-    ex.add_argument("--to", required=True, type=Path, help="output directory (must be new or empty)")
+    ex.add_argument("--run", required=True, type=_user_path, help="run directory")
+    ex.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
+    ex.add_argument("--to", required=True, type=_user_path, help="output directory (must be new or empty)")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in that directory")
 
     for command, help_text in (("classify", "predict labels with a trained classifier run"),
                                ("translate", "decode target texts with a trained seq2seq run")):
         p = sub.add_parser(command, help=help_text)
-        p.add_argument("--run", required=True, type=Path, help="run directory")
+        p.add_argument("--run", required=True, type=_user_path, help="run directory")
         p.add_argument("text", nargs="*", help="input texts (none or '-': one per line of standard input)")
         p.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
         p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the texts")

@@ -117,13 +117,19 @@ def _is_own(name: str, own: tuple[str, ...]) -> bool:
 
 
 def foreign_entries(path: Path, own: tuple[str, ...] = RUN_ENTRIES) -> list[str]:
-    """Entries of ``path`` that fastlm did not create (for a run, inside ``checkpoints/`` too)."""
+    """Entries of ``path`` that fastlm did not create (for a run, inside ``checkpoints/`` too). fastlm makes no
+    symbolic links: one with any name (``checkpoints`` linked to another disk, say) is the user's, and would
+    be followed into what it points to, or broken, by a deletion."""
     path = Path(path)
-    foreign = [name for name in _entries(path) if not _is_own(name, own)]
+    foreign = [_named(path, name) for name in _entries(path) if not _is_own(name, own) or (path / name).is_symlink()]
     if own is RUN_ENTRIES and (path / "checkpoints").is_dir():
-        foreign += [f"checkpoints/{p.name}" for p in sorted((path / "checkpoints").iterdir())
-                    if not _CHECKPOINT_ENTRY.match(p.name)]
+        foreign += [_named(path, f"checkpoints/{p.name}") for p in sorted((path / "checkpoints").iterdir())
+                    if not _CHECKPOINT_ENTRY.match(p.name) or p.is_symlink()]
     return foreign
+
+
+def _named(path: Path, name: str) -> str:
+    return f"{name} (a symbolic link)" if (path / name).is_symlink() else name
 
 
 def _holds_something(path: Path, error: type[Exception], choose: str) -> bool:
@@ -253,8 +259,13 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def default_run_dir(preset: str) -> Path:
-    """Where a run goes without ``--out``: ``runs/PRESET-YYYYMMDD-HHMMSS``, the time it was started."""
-    return Path(f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Where a run goes without ``--out``: ``runs/PRESET-YYYYMMDD-HHMMSS``, the time it was started, with
+    ``-2``, ``-3``, ... added when another run started in the same second took that name."""
+    first = Path(f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = first, 2
+    while path.exists() or path.is_symlink():
+        path, n = first.with_name(f"{first.name}-{n}"), n + 1
+    return path
 
 
 def start_run(run_dir: Path, overwrite: bool) -> None:
@@ -380,12 +391,21 @@ def verify_resume(run_dir: Path, checkpoint: Path, cfg: Config) -> dict:
                         if then.get(name) != now.get(name)]
         if changed:
             raise ConfigError(f"config.json {since}: {', '.join(changed)}; restore it to resume from this checkpoint")
-        for name, digest in record["files"].items():
-            if content_sha256(read_json_object(run_dir / name, TrainingError)) != digest:
-                raise TrainingError(f"{name} {since} (its content no longer has the sha256 recorded then); "
-                                    "restore it to resume from this checkpoint")
+        changed_file = _changed_run_file(run_dir, record, TrainingError)
+        if changed_file:
+            raise TrainingError(f"{changed_file} {since} (its content no longer has the sha256 recorded then); "
+                                "restore it to resume from this checkpoint")
     check_resumable(saved, cfg)
     return saved_data
+
+
+def _changed_run_file(run_dir: Path, record: dict, error: type[Exception]) -> str | None:
+    """The first of the run files a checkpoint's record vouches for (tokenizer.json, data.json) whose content
+    in ``run_dir`` differs from what the checkpoint recorded; None when all are the same."""
+    for name, digest in record["files"].items():
+        if content_sha256(read_json_object(run_dir / name, error)) != digest:
+            return name
+    return None
 
 
 def check_same_data(run_dir: Path, saved: dict, now: dict) -> None:
@@ -420,20 +440,35 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         if not found:
             raise CheckpointError(f"run {run_dir} has no checkpoint yet")
         checkpoint = found[-1]
-    verify_checkpoint(Path(checkpoint))
+    checkpoint = Path(checkpoint)
+    record = verify_checkpoint(checkpoint).get("run")
+    if record is not None:  # checkpoints written before these records cannot be checked
+        require(record, checkpoint / "state.json", {"config": dict, "files": dict}, CheckpointError)
+        changed_file = _changed_run_file(run_dir, record, CheckpointError)
+        if changed_file:  # its token ids (a classifier's labels) would be read with another run's meaning
+            raise CheckpointError(f"checkpoint {checkpoint} was not trained with the {changed_file} of run {run_dir} "
+                                  f"(it recorded another sha256): it is another run's checkpoint, or {changed_file} "
+                                  "was replaced since; use it with the run that wrote it")
     model = build_model(cfg.model, cfg.train.task)
     load_weights(Path(checkpoint), model)
     return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer.json"), cfg
 
 
 def checkpoint_at(run_dir: Path, checkpoint: str | None) -> Path | None:
-    """``--checkpoint``: a checkpoint directory, or a step number of the run's checkpoints."""
-    if checkpoint is None or not checkpoint.isdigit():
-        return None if checkpoint is None else Path(checkpoint)
-    matches = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) == int(checkpoint)]
+    """``--checkpoint``: a checkpoint directory, a step number of the run's checkpoints, or the name of one
+    (``step_00000500``)."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser()
+    if not checkpoint.isdigit() and (path.exists() or len(path.parts) > 1 or not path.name.startswith("step_")):
+        return path
+    found = list_checkpoints(run_dir)
+    matches = [p for p in found if (checkpoint_step(p) == int(checkpoint) if checkpoint.isdigit()
+                                    else p.name == checkpoint)]
     if not matches:
-        raise CheckpointError(f"run {run_dir} has no checkpoint for step {checkpoint}; it has: "
-                              f"{', '.join(p.name for p in list_checkpoints(run_dir)) or 'none'}")
+        wanted = f"for step {checkpoint}" if checkpoint.isdigit() else checkpoint
+        raise CheckpointError(f"run {run_dir} has no checkpoint {wanted}; it has: "
+                              f"{', '.join(p.name for p in found) or 'none'}")
     return matches[0]
 
 

@@ -1,12 +1,15 @@
 """The command line: overrides, the error paths, train -> resume -> sample through main(argv)."""
 
+import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastlm.cli import main
 from fastlm.config import PRESETS, ConfigError, preset
@@ -121,3 +124,73 @@ def test_readme_names_the_run_directory_as_it_is(trained_run):
     assert f"by default `{shape(str(default_run_dir('PRESET')))}`" in shape(listing)
     resumed = re.search(r"fastlm train --resume (runs/tiny-\S+)", readme).group(1)
     assert shape(resumed) == shape(str(default_run_dir("tiny")))
+
+
+def test_paths_given_with_a_tilde_are_the_home_directory(trained_run, tmp_path, monkeypatch, capsys):
+    """``--out=~/run`` (which the shell leaves as it is) is a run in the home directory, as --data's ``~`` was,
+    not a folder named ``~`` in the working directory; --resume, --run, --to and --checkpoint alike."""
+    run, corpus = trained_run
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, tmp_path / "home" / "run")
+    assert main(["train", "--resume", "~/run"]) == 0
+    assert "already finished its 4 steps" in capsys.readouterr().out
+    assert main(["sample", "--run", "~/run", "--checkpoint", "~/run/checkpoints/step_00000002",
+                 "--max_new_tokens", "2", "--backend", "reference"]) == 0
+    assert main(["export", "--run", "~/run", "--to", "~/exported"]) == 0
+    assert (tmp_path / "home" / "exported" / "model.safetensors").is_file()
+    assert main(["train", "--data", str(corpus), "--out=~/new", *MICRO, "--max_steps", "1"]) == 0
+    assert (tmp_path / "home" / "new" / "config.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_relative_data_path_set_as_a_field_is_kept_absolute(trained_run, tmp_path, monkeypatch, capsys):
+    """``--set data=corpus`` means the corpus in the working directory, as ``--data corpus`` does: the run
+    records its absolute path, so it resumes from anywhere."""
+    shutil.copytree(trained_run[1], tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--set", "data=corpus", "--out", "run", *MICRO, "--max_steps", "1"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data"] == str(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert "already finished its 1 steps" in capsys.readouterr().out
+
+
+def test_checkpoints_are_named_alike_by_sample_and_export(trained_run, tmp_path, capsys):
+    """--checkpoint takes a step number, a checkpoint's folder name or its path, for sample and export alike."""
+    run, _ = trained_run
+    outputs = []
+    for checkpoint in ("2", "step_00000002", str(run / "checkpoints" / "step_00000002")):
+        assert main(["sample", "--run", str(run), "--checkpoint", checkpoint, "--max_new_tokens", "4",
+                     "--backend", "reference"]) == 0, capsys.readouterr().err
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    for i, checkpoint in enumerate(("2", "step_00000002")):
+        assert main(["export", "--run", str(run), "--checkpoint", checkpoint, "--to", str(tmp_path / f"e{i}")]) == 0
+    assert (tmp_path / "e0" / "model.safetensors").read_bytes() == (tmp_path / "e1" / "model.safetensors").read_bytes()
+    assert main(["sample", "--run", str(run), "--checkpoint", "step_00000003"]) == 1
+    assert "has no checkpoint step_00000003; it has: step_00000002, step_00000004" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_sample_on_a_missing_gpu_names_the_flag(trained_run, capsys):
+    assert main(["sample", "--run", str(trained_run[0]), "--device", "cuda"]) == 2
+    assert "fastlm: error: --device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),  # how Python passes a Latin-1 byte in argv
+    (["--escapes", "--prompt", "ends in \\"], "--prompt with --escapes: \\ at end of string"),
+    (["--escapes", "--prompt", "\\x4"], "--prompt with --escapes: truncated \\xXX escape"),
+])
+def test_bad_prompt_text_names_the_flag(trained_run, capsys, argv, message):
+    assert main(["sample", "--run", str(trained_run[0]), "--backend", "reference", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastlm: error: ") and message in err, err
+
+
+def test_standard_input_that_is_not_utf8_is_named(trained_run, monkeypatch, capsys):
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["translate", "--run", str(trained_run[0])]) == 2
+    assert "fastlm: error: standard input is not valid UTF-8" in capsys.readouterr().err

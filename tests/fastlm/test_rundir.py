@@ -75,6 +75,56 @@ def test_overwrite_deletes_only_what_fastlm_created(tmp_path, corpus, capsys):
                                                      "metrics.jsonl", "tokenizer.json"]  # the lock is gone too
 
 
+def test_overwrite_never_deletes_through_a_symbolic_link(trained_run, tmp_path, capsys):
+    """A run whose checkpoints/ (or one checkpoint) is the user's link to another disk is not overwritten: the
+    link is named as in the way, and it and what it points to are left as they were."""
+    run = copy_run(trained_run, tmp_path)
+    elsewhere = tmp_path / "big_disk"
+    shutil.move(run / "checkpoints", elsewhere)
+    (run / "checkpoints").symlink_to(elsewhere)
+    before = tree(elsewhere)
+    with pytest.raises(TrainingError, match=r"files fastlm did not create: checkpoints \(a symbolic link\)"):
+        train(Config.from_file(run / "config.json"), run, overwrite=True, progress=False)
+    assert (run / "checkpoints").is_symlink() and (run / "config.json").is_file() and tree(elsewhere) == before
+
+    (run / "checkpoints").unlink()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step_00000004").symlink_to(elsewhere / "step_00000004")
+    with pytest.raises(TrainingError, match=r"checkpoints/step_00000004 \(a symbolic link\)"):
+        train(Config.from_file(run / "config.json"), run, overwrite=True, progress=False)
+    assert tree(elsewhere) == before
+
+
+def test_a_checkpoint_is_used_only_with_its_own_run(trained_run, tmp_path, capsys):
+    """A checkpoint loaded with a run whose tokenizer it was not trained with (another run's checkpoint of the
+    same shape, or a run whose tokenizer.json was replaced) would decode its tokens into the wrong text: refused."""
+    run = copy_run(trained_run, tmp_path)
+    tokenizer = json.loads((run / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (run / "tokenizer.json").write_text(json.dumps(tokenizer))
+    for argv in (["sample", "--run", str(run)],
+                 ["sample", "--run", str(run), "--checkpoint", str(trained_run[0] / "checkpoints" / "step_00000002")],
+                 ["export", "--run", str(run), "--to", str(tmp_path / "export")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"was not trained with the tokenizer.json of run {run}" in err, err
+    assert not (tmp_path / "export").exists()
+
+
+def test_default_run_directories_never_share_a_name(tmp_path, monkeypatch):
+    """Two runs started in the same second without --out get directories of their own."""
+    from fastlm import rundir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260102-030405")
+    first = rundir.default_run_dir("tiny")
+    assert first == Path("runs/tiny-20260102-030405")
+    first.mkdir(parents=True)
+    assert rundir.default_run_dir("tiny") == Path("runs/tiny-20260102-030405-2")
+
+
 def test_an_old_run_without_marker_resumes_but_is_not_overwritten(trained_run, tmp_path, capsys):
     run = copy_run(trained_run, tmp_path)
     (run / MARKER).unlink()

@@ -237,7 +237,10 @@ def _not_utf8(path: Path) -> DataError:
 
 
 def _csv_rows(path: Path, columns: tuple[str, ...]):
-    """(line number, values) for each non-blank row; a cell missing from a short row reads as empty."""
+    """(line number, values) for each non-blank row; a cell missing from a short row reads as empty. A row with
+    more non-blank cells than the header has columns is refused: a comma in an unquoted text shifted its cells,
+    so a piece of the text would be read as the label (empty cells past the header, as spreadsheets write, are
+    allowed)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long document is one cell; the default is 128 KiB
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: drop a byte-order mark
         reader = csv.reader(f)
@@ -251,6 +254,9 @@ def _csv_rows(path: Path, columns: tuple[str, ...]):
                             f"found columns {found}")
         where = [found.index(c) for c in columns]
         for row in reader:
+            if any(cell.strip() for cell in row[len(header):]):
+                raise DataError(f"data file {path}, line {reader.line_num}: {len(row)} cells, but the header names "
+                                f"{len(header)} columns (a comma inside an unquoted cell? quote it)")
             if any(cell.strip() for cell in row):
                 yield reader.line_num, tuple(row[i] if i < len(row) else "" for i in where)
 

@@ -196,6 +196,12 @@ def test_read_classification_csv(tmp_path):
     assert label_names(examples) == ["ham", "spam"]
 
 
+def test_blank_cells_past_the_header_are_allowed(tmp_path):
+    """A spreadsheet's export may end rows in empty cells: those are no sign of a shifted row."""
+    path = _write(tmp_path / "d.csv", "text,label\nbuy now,spam,\nsee you, ham , ,\n")
+    assert [(e.source, e.target) for e in read_classification(path)] == [("buy now", "spam"), ("see you", "ham")]
+
+
 def test_read_classification_jsonl(tmp_path):
     rows = [{"text": "a b", "label": 1, "extra": [1]}, {"text": "c", "label": 0}, {"text": "d", "label": True}]
     path = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -232,6 +238,9 @@ def test_load_seq2seq_without_data_is_the_builtin_task(monkeypatch):
     ("d.csv", "text,label\na,x\nb\n", "line 3: empty 'label'"),
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": " "}\n', "line 2: empty 'label'"),
     ("d.csv", "text,label\na,x\nb, x\n", r"a classifier needs at least two classes, found 1: \['x'\]"),
+    # A comma in an unquoted text shifts its row's cells: the label read would be a piece of the text.
+    ("d.csv", "text,label\nbuy now,x\nsee you, at noon,y\n",
+     r"line 3: 3 cells, but the header names 2 columns \(a comma inside an unquoted cell\? quote it\)"),
 ])
 def test_read_classification_errors(tmp_path, name, content, match):
     path = tmp_path / name

@@ -237,17 +237,25 @@ def check_has_tokenizer(path: str | Path) -> None:
                               "again")
 
 
-def load_hf_weights(path: str | Path, model: GPT) -> None:
-    """Load the HF checkpoint at ``path`` into ``model``, whose config must match it exactly."""
-    path = Path(path)
-    hf_config = _read_hf_config(path)
+def check_fits(path: str | Path, config: ModelConfig) -> dict:
+    """The config.json of the HF checkpoint at ``path``, whose shape must be ``config``'s exactly (a run's
+    overrides of fields that shape no weight, such as dropout, may differ); a run checks this before it
+    writes anything."""
+    hf_config = _read_hf_config(Path(path))
     expected = model_config_from_hf(hf_config)
     shape = ("vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "hidden", "norm", "mlp", "position",
              "bias", "tie_embeddings")
-    differ = [f"{n}: {getattr(expected, n)} in {path}, {getattr(model.config, n)} in the model"
-              for n in shape if getattr(expected, n) != getattr(model.config, n)]
+    differ = [f"{n}: {getattr(expected, n)} in {path}, {getattr(config, n)} in the model"
+              for n in shape if getattr(expected, n) != getattr(config, n)]
     if differ:
         raise CheckpointError("the checkpoint does not fit this model:\n  " + "\n  ".join(differ))
+    return hf_config
+
+
+def load_hf_weights(path: str | Path, model: GPT) -> None:
+    """Load the HF checkpoint at ``path`` into ``model``, whose config must match it exactly."""
+    path = Path(path)
+    hf_config = check_fits(path, model.config)
     tensors = _load_tensors(path)
     state = _hf_to_fastlm(hf_config["model_type"], model.config, tensors)
     if tensors:

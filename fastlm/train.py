@@ -38,7 +38,7 @@ from . import distributed, rundir
 from .batching import Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
-from .hf import check_has_tokenizer, load_hf_weights
+from .hf import check_fits, check_has_tokenizer, load_hf_weights
 from .metrics import MetricsLog, eval_record, mfu, peak_flops, peak_memory_bytes
 from .precision import autocast_context, compute_dtype
 from .rundir import TrainingError, check_new_run_dir
@@ -287,6 +287,7 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
         check_new_run_dir(run_dir, overwrite)
         if init_from is not None:
             check_has_tokenizer(init_from)
+            check_fits(init_from, cfg.model)  # an override of its shape (--n_layer) fails here, not after set-up
     else:
         if distributed.is_main():
             lock.acquire(create=False)  # before reading what another process might be rewriting

@@ -165,3 +165,13 @@ def test_init_from_a_checkpoint_without_its_tokenizer_is_refused(tmp_path, monke
                  "--init-from", str(tmp_path / "hf"), *micro]) == 1
     assert f"{tmp_path / 'hf'} has no tokenizer.json" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_shape_override_that_does_not_fit_the_checkpoint_is_refused_before_anything_is_written(
+        trained_run, tmp_path, capsys):
+    run, corpus = trained_run
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "hf")]) == 0
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "hf"),
+                 "--n_layer", "3", "--seq_len", "32", "--max_steps", "1", "--backend", "reference", "--quiet"]) == 1
+    assert f"does not fit this model:\n  n_layer: 2 in {tmp_path / 'hf'}, 3 in the model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

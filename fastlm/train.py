@@ -282,6 +282,9 @@ def _train(cfg: Config, run_dir: Path, lock: rundir.DirectoryLock, *, resume_fro
     # 1. Where the run goes (or what it resumes), checked before anything is written.
     saved_data = None
     cfg.check_memory(device_memory(device), str(device), distributed.world_size())
+    if device.type != "cuda":  # a GPU runs every backend; a CPU runs triton only through Triton's interpreter
+        with kernels.use_backend(t.backend):
+            kernels.rms_norm(torch.ones(1, 8, device=device), (8,))  # raises, naming the fix, where it cannot
     rundir.check_placement(run_dir, t.data)
     if resume_from is None:
         check_new_run_dir(run_dir, overwrite)

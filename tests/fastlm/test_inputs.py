@@ -87,3 +87,17 @@ def test_malformed_hf_files(tmp_path, damage, message):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=message):
         import_checkpoint(tmp_path)
+
+
+def test_a_backend_the_device_cannot_run_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """--backend triton on a CPU without Triton's interpreter failed at the first step, after the run directory
+    was set up: a run with no checkpoint, which neither --resume nor a plain retry could start."""
+    import importlib
+
+    from helpers import MICRO, write_corpus
+
+    monkeypatch.setattr(importlib.import_module("kernels._backend"), "INTERPRETER", False)
+    argv = ["train", "--data", str(write_corpus(tmp_path / "corpus")), "--out", str(tmp_path / "run"), *MICRO]
+    assert main([*argv, "--backend", "triton", "--device", "cpu"]) == 1
+    assert "FASTLM_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -52,9 +52,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, use_cache: bool = True, dtype: str = "auto") -> list[list[int]]:
+             seed: int = 0, use_cache: bool = True, dtype: str = "auto",
+             vocab_limit: int | None = None) -> list[list[int]]:
     """``num_samples`` continuations of ``prompt`` (token ids), each ``max_new_tokens`` long, computed in
-    ``dtype`` (the run's ``TrainConfig.dtype``: see :mod:`fastlm.precision`)."""
+    ``dtype`` (the run's ``TrainConfig.dtype``: see :mod:`fastlm.precision`); with ``vocab_limit``, ids at and
+    past it (the model's vocabulary padded past its tokenizer's, which decodes them to nothing) are never drawn."""
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
@@ -78,6 +80,8 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, num_samples:
                     cache, fed = KVCache.empty(model.config, num_samples, device, _cache_dtype(model)), window
                 logits = model(tokens[:, fed:], cache=cache)
                 fed = tokens.size(1)
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     return tokens[:, len(prompt):].tolist()
@@ -88,7 +92,7 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
     eot = eot_id(tokenizer)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eot]
     texts = []
-    for sample in generate(model, ids, max_new_tokens, **kwargs):
+    for sample in generate(model, ids, max_new_tokens, vocab_limit=tokenizer.get_vocab_size(), **kwargs):
         if eot in sample:
             sample = sample[:sample.index(eot)]
         texts.append(prompt + tokenizer.decode(sample))

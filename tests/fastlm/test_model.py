@@ -93,3 +93,16 @@ def test_sample_next_filters():
     assert draws == {2, 3}  # top-k 2
     draws = {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(50)}
     assert draws == {3}  # the top token alone holds 64% of the mass
+
+
+def test_ids_past_the_tokenizer_are_never_sampled():
+    """The model's vocabulary is padded past the tokenizer's (vocab_size 320 for a BPE that learnt fewer tokens on
+    a small corpus): an id there decodes to nothing, so sampling one silently dropped a token from the text."""
+    model = micro_model(FAMILIES["gpt2"]).eval()
+    limit = model.config.vocab_size - 40
+    with kernels.use_backend("reference"):
+        free = generate(model, [5], 60, num_samples=4, temperature=1.0, seed=0)
+        limited = generate(model, [5], 60, num_samples=4, temperature=1.0, seed=0, vocab_limit=limit)
+        greedy = generate(model, [5], 60, temperature=0.0, vocab_limit=limit)
+    assert max(max(s) for s in free) >= limit  # an untrained model does draw them
+    assert max(max(s) for s in limited + greedy) < limit

@@ -340,9 +340,10 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
 # (all but RESUMABLE_CHANGES) and the content hashes of tokenizer.json and data.json (see run_record).
 # Resuming compares them with the files as they are now, and the token cache with data.json.
 
-# Fields a resumed run may change: none of them alters what is computed at a step.
+# Fields a resumed run may change: none of them alters what is computed at a step. The data's path is one
+# (a run moved to another machine, or its data set moved): its content must still hash as data.json recorded.
 RESUMABLE_CHANGES = {"eval_interval", "eval_batches", "log_interval", "save_interval", "keep_last",
-                     "device", "backend", "compile", "parallel"}
+                     "device", "backend", "compile", "parallel", "data"}
 
 
 def check_resumable(saved: Config, requested: Config) -> None:
@@ -386,7 +387,8 @@ def verify_resume(run_dir: Path, checkpoint: Path, cfg: Config) -> dict:
         for section, now in computed_config(saved).items():
             # A field the checkpoint did not record did not exist yet: config.json, written at the same time,
             # lacked it too and reads it as its default, which computes what fastlm computed before it.
-            then = {**defaults[section], **record["config"].get(section, {})}
+            then = {name: value for name, value in {**defaults[section], **record["config"].get(section, {})}.items()
+                    if name not in RESUMABLE_CHANGES}  # older checkpoints recorded a few of these
             changed += [f"{name} {then.get(name)!r} -> {now.get(name)!r}" for name in sorted(set(now) | set(then))
                         if then.get(name) != now.get(name)]
         if changed:
@@ -409,9 +411,11 @@ def _changed_run_file(run_dir: Path, record: dict, error: type[Exception]) -> st
 
 
 def check_same_data(run_dir: Path, saved: dict, now: dict) -> None:
-    """The data as prepared now (the token cache included) describes itself as data.json recorded it."""
+    """The data as prepared now (the token cache included) describes itself as data.json recorded it, but for
+    its ``source``: where the data was when the run started (a resume may read it elsewhere; its content, by
+    ``corpus_hash``, is the same)."""
     differ = [f"{key} {saved[key]!r} recorded, {now[key]!r} now" for key in sorted(saved.keys() & now.keys())
-              if saved[key] != now[key]]
+              if saved[key] != now[key] and key != "source"]
     if differ:
         raise TrainingError(f"the prepared data does not match {run_dir / 'data.json'}: {'; '.join(differ)}. "
                             f"The data or the token cache under {cache_dir()} changed since the run started, "

@@ -215,3 +215,22 @@ def test_damaged_token_cache_is_rebuilt(corpus, damage):
         rebuilt = data_lib.tokenize_corpus(*args[:2], args[2], 0.1)
     assert np.array_equal(np.array(rebuilt.train), expected)
     assert data_lib.tokenize_corpus(*args[:2], args[2], 0.1).train.filename == rebuilt.train.filename
+
+
+def test_a_moved_data_set_resumes_exactly(run, trained_run, capsys):
+    """A run moved to another machine, or whose data moved, resumes with --data at the new place: what decides
+    the computation is the data's content, which must hash as data.json recorded (a changed one is refused)."""
+    moved = shutil.copytree(trained_run[1], run.parent / "moved")
+
+    def record_data(state):  # as a checkpoint written while data could not change recorded it
+        state.pop("state_sha256")
+        state["run"]["config"]["train"]["data"] = str(trained_run[1])
+        state["state_sha256"] = content_sha256(state)
+    edit_json(run / STEP_2 / "state.json", record_data)
+    assert main(["train", "--resume", str(run / STEP_2), "--data", str(moved), "--quiet"]) == 0
+    assert losses(run) == losses(trained_run[0])
+    assert json.loads((run / "config.json").read_text())["train"]["data"] == str(moved)
+
+    (moved / "mod_00.py").write_text("# another text\n")
+    code, err = resume(run, capsys)
+    assert code == 1 and f"the data at {moved} changed since {run} started" in err

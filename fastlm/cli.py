@@ -287,6 +287,7 @@ def _number(kind: type, expected: str, ok: Callable) -> Callable[[str], int | fl
     return parse
 
 
+CHECKPOINT_HELP = "a checkpoint: its step, its name (step_00000500) or its directory (default: the latest)"
 POSITIVE_INT = _number(int, "an integer >= 1", lambda v: v >= 1)
 SEED = _number(int, f"an integer in [0, {MAX_SEED}]", lambda v: 0 <= v <= MAX_SEED)
 
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         _train_parser(sub, command)
     sa = sub.add_parser("sample", help="generate text from a trained run")
     sa.add_argument("--run", required=True, type=_user_path, help="run directory")
-    sa.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
+    sa.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     sa.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     sa.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the prompt")
     sa.add_argument("--max_new_tokens", "--max-new-tokens", type=POSITIVE_INT, default=200)
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a run's model as a Hugging Face checkpoint (config.json + safetensors)")
     ex.add_argument("--run", required=True, type=_user_path, help="run directory")
-    ex.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
+    ex.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     ex.add_argument("--to", required=True, type=_user_path, help="output directory (must be new or empty)")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in that directory")
 
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=help_text)
         p.add_argument("--run", required=True, type=_user_path, help="run directory")
         p.add_argument("text", nargs="*", help="input texts (none or '-': one per line of standard input)")
-        p.add_argument("--checkpoint", help="a checkpoint directory or step (default: the latest)")
+        p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
         p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in the texts")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])

@@ -454,7 +454,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
                                   f"(it recorded another sha256): it is another run's checkpoint, or {changed_file} "
                                   "was replaced since; use it with the run that wrote it")
     model = build_model(cfg.model, cfg.train.task)
-    load_weights(Path(checkpoint), model)
+    load_weights(checkpoint, model)
     return model.to(device).eval(), load_tokenizer(run_dir / "tokenizer.json"), cfg
 
 

@@ -1,6 +1,7 @@
 """The corpus, its tokenization cache, and deterministic batches.
 
-- Text comes from a file, a folder (every text file under it, recursively), or by
+- Text comes from a file, a folder (every text file under it, recursively, links to
+  folders followed, hidden names skipped), or by
   default the Python standard library's own source (~9 MB of .py files without
   its tests and data tables), which every Python ships. Binary files (a NUL byte
   in their first 8 KiB) in a folder are skipped, with a warning naming them;
@@ -144,9 +145,8 @@ def corpus_files(data: str | None) -> tuple[Path, list[Path]]:
     if not path.is_dir():
         raise DataError(f"data path {path} is neither a file nor a folder")
     files, binary = [], []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
-            (files if _is_text(p) else binary).append(p)
+    for p in _folder_files(path):
+        (files if _is_text(p) else binary).append(p)
     skipped = [str(p.relative_to(path)) for p in binary]
     if not files:
         raise DataError(f"data folder {path} holds no text files"
@@ -156,6 +156,33 @@ def corpus_files(data: str | None) -> tuple[Path, list[Path]]:
                       f"({'they have' if len(skipped) > 1 else 'it has'} NUL bytes): {name_list(skipped)}",
                       stacklevel=3)
     return path, files
+
+
+def _folder_files(root: Path) -> list[Path]:
+    """Every file under ``root`` but hidden ones (a name with a leading dot, or inside such a folder), sorted by
+    path. Links to folders are followed, as a data set assembled from links expects (``rglob`` skipped them, and
+    their files, without a word), each real folder once: a link to an enclosing folder does not loop."""
+    files, seen = [], set()
+
+    def visit(folder: Path) -> None:
+        real = folder.resolve()
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as e:
+            raise unreadable(folder, e) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                visit(entry)
+            elif entry.is_file():
+                files.append(entry)
+
+    visit(root)
+    return files  # depth first over sorted entries: the order of sorting the paths themselves
 
 
 def load_documents(data: str | None) -> list[Document]:

@@ -205,6 +205,22 @@ def test_bad_data_paths(tmp_path, case):
         data_lib.load_documents(str(path))
 
 
+def test_a_corpus_folder_follows_its_links_to_folders(tmp_path):
+    """A data set assembled from links (a subfolder linked in from another disk) is read whole, in the same
+    order as the folders themselves (sorted by path); a link to an enclosing folder is read once, not forever."""
+    shared = tmp_path / "shared" / "part"
+    shared.mkdir(parents=True)
+    (shared / "b.txt").write_text("from the linked folder\n")
+    corpus = tmp_path / "corpus"
+    (corpus / "a").mkdir(parents=True)
+    (corpus / "a" / "a.txt").write_text("a\n")
+    (corpus / "c.txt").write_text("c\n")
+    (corpus / "b").symlink_to(shared)
+    (corpus / "a" / "loop").symlink_to(corpus)
+    root, files = data_lib.corpus_files(str(corpus))
+    assert [str(f.relative_to(root)) for f in files] == ["a/a.txt", "b/b.txt", "c.txt"]
+
+
 def test_stdlib_corpus_is_found():
     root, files = data_lib.corpus_files(None)
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)

@@ -308,10 +308,19 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint) for ``--resume PATH``: a run directory (its latest checkpoint)
     or one of its checkpoint directories."""
     path = Path(path)
-    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+    folder = path.absolute().parent  # of a relative path too: --resume step_00000500 inside checkpoints/
+    if folder.name == "checkpoints" and path.name.startswith("step_"):
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
-        return path.parent.parent, path
+        return folder.parent, path
+    if folder.name == "abandoned" and folder.parent.name == "checkpoints" and path.name.startswith("step_"):
+        name = path.name.split("-")[0]  # step_00000500-YYYYMMDD-HHMMSS[-N]
+        raise TrainingError(f"{path} is a checkpoint set aside when its run resumed from an older one; to resume "
+                            f"from it, move it back to {folder.parent / name} (where no checkpoint of that name may "
+                            "be) and pass that")
+    if path.name == "checkpoints" and (path.parent / "config.json").is_file():
+        raise TrainingError(f"{path} is the checkpoints folder of a run: pass the run ({path.parent}) to resume "
+                            "from its latest checkpoint, or one checkpoint in it")
     again = f"fastlm train --out {path} --overwrite (with the options it was started with)"
     if not (path / "config.json").is_file():
         if marker_kind(path) == "run":

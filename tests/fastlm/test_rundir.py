@@ -244,6 +244,21 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(trained_run, tmp_
     assert losses(run) == losses(trained_run[0])
 
 
+def test_resume_takes_a_checkpoint_relative_to_where_it_runs(trained_run, tmp_path, monkeypatch, capsys):
+    """--resume step_00000002 inside checkpoints/ is that checkpoint; the checkpoints folder itself and a checkpoint
+    set aside are not resumed from, and the error says what to pass instead."""
+    run = copy_run(trained_run, tmp_path)
+    monkeypatch.chdir(run / "checkpoints")
+    assert main(["train", "--resume", "step_00000002", "--quiet"]) == 0
+    assert losses(run) == losses(trained_run[0])
+    (aside,) = (run / "checkpoints" / "abandoned").iterdir()
+    assert main(["train", "--resume", str(aside)]) == 1
+    assert f"set aside when its run resumed from an older one; to resume from it, move it back to " \
+           f"{run / 'checkpoints' / 'step_00000004'}" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run / "checkpoints")]) == 1
+    assert f"is the checkpoints folder of a run: pass the run ({run})" in capsys.readouterr().err
+
+
 def test_partial_checkpoints_are_not_listed_and_are_cleaned_up(tmp_path, monkeypatch):
     model, optimizer = tiny_model()
     for step in (1, 2):

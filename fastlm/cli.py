@@ -25,7 +25,7 @@ from typing import Callable
 # an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import MAX_SEED, PRESETS, Config, ConfigError, TrainConfig, describe_fields, preset
+from .config import EMPTY_DATA, MAX_SEED, PRESETS, Config, ConfigError, TrainConfig, describe_fields, preset
 
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
@@ -121,12 +121,17 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _user_path(text: str) -> Path:
-    """A path flag's value, ``~`` the home directory (a shell leaves ``--out=~/x`` and a quoted ``~`` as they are)."""
+    """A path flag's value, ``~`` the home directory (a shell leaves ``--out=~/x`` and a quoted ``~`` as they are);
+    an empty one (``--out "$DIR"`` with DIR unset) is an error, not the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return Path(text).expanduser()
 
 
 def _data_path(text: str) -> str:
     """The data path as the run records it: absolute, so that the run resumes from any working directory."""
+    if not text.strip():
+        raise ConfigError(EMPTY_DATA)
     return str(_user_path(text).resolve())
 
 

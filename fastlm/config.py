@@ -43,6 +43,8 @@ MAX_SEED = 2**32 - 1  # each rank seeds torch with seed * 1_000_003 + rank, whic
 MAX_LR = 10.0  # AdamW moves each weight by about lr a step: beyond ~1 every run diverges
 MAX_VOCAB_SIZE = 2**24  # the tokenizer trainer allocates per possible token (1e9 aborts it); real ones are <= 2**18
 MAX_TOKENS_PER_STEP = 2**30  # batch_size x grad_accum x seq_len: ~60x the largest published LLM batches
+# An empty data path would read as the working directory: --data "$DATA" with DATA unset trained on whatever it held.
+EMPTY_DATA = "data must be a path (or none: the built-in data set), got an empty string"
 
 
 @dataclass
@@ -289,6 +291,8 @@ class Config:
             raise ConfigError(f"vocab_size must be at least 260 (256 bytes plus special tokens), got {m.vocab_size}")
         if t.seq_len > m.block_size:
             raise ConfigError(f"seq_len ({t.seq_len}) cannot exceed block_size ({m.block_size})")
+        if t.data is not None and not t.data.strip():
+            raise ConfigError(EMPTY_DATA)
         if not 0 < t.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {t.val_fraction}")
         for name in ("beta1", "beta2"):

@@ -194,3 +194,21 @@ def test_standard_input_that_is_not_utf8_is_named(trained_run, monkeypatch, caps
     monkeypatch.setattr(sys, "stdin", stdin)
     assert main(["translate", "--run", str(trained_run[0])]) == 2
     assert "fastlm: error: standard input is not valid UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", ""], "data must be a path (or none: the built-in data set), got an empty string"),
+    (["--set", "data="], "data must be a path (or none: the built-in data set), got an empty string"),
+    (["--out", ""], "argument --out: expected a path, got an empty string"),
+])
+def test_an_empty_path_is_refused_not_taken_as_the_working_directory(tmp_path, monkeypatch, capsys, argv, message):
+    """``--data "$DATA"`` with DATA unset trained on whatever the working directory held; ``--out ""`` wrote the
+    run into it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    try:
+        code = main(["train", *MICRO, *(["--out", "run"] if "--out" not in argv else []), *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

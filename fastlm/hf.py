@@ -223,7 +223,14 @@ def _fastlm_to_hf(kind: str, config: ModelConfig, sd: dict[str, torch.Tensor]) -
 
 def read_model_config(path: str | Path) -> ModelConfig:
     """fastlm's :class:`ModelConfig` for the transformers checkpoint directory at ``path``."""
-    return model_config_from_hf(_read_hf_config(Path(path)))
+    hf = _read_hf_config(Path(path))
+    try:
+        return model_config_from_hf(hf)
+    except CheckpointError as e:
+        if {"model", "train"} <= set(hf):  # a fastlm run's config.json: starting from one's own run
+            raise CheckpointError(f"{e}. {path} is a fastlm run directory: export it (fastlm export --run {path} "
+                                  f"--to DIR) and start from DIR, or continue it with --resume {path}") from None
+        raise
 
 
 def check_has_tokenizer(path: str | Path) -> None:

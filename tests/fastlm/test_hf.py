@@ -175,3 +175,13 @@ def test_a_shape_override_that_does_not_fit_the_checkpoint_is_refused_before_any
                  "--n_layer", "3", "--seq_len", "32", "--max_steps", "1", "--backend", "reference", "--quiet"]) == 1
     assert f"does not fit this model:\n  n_layer: 2 in {tmp_path / 'hf'}, 3 in the model" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_fastlm_run_says_how_to_start_from_it(trained_run, tmp_path, capsys):
+    """A fine-tune from one's own run: the run directory is not a Hugging Face checkpoint, and the error says
+    what to do with it (export it, or resume it)."""
+    run, _ = trained_run
+    assert main(["train", "--out", str(tmp_path / "x"), "--init-from", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"{run} is a fastlm run directory: export it (fastlm export --run {run} --to DIR) and start from DIR" in err
+    assert not (tmp_path / "x").exists()

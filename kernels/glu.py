@@ -270,6 +270,8 @@ def _run(gate: torch.Tensor, up: torch.Tensor | None, activation: str) -> torch.
         check_same_dtype(gate=gate, up=up)
         if gate.shape != up.shape:
             raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+        if gate.dim() == 0:  # scalars, as torch's elementwise ops take them: one row of one feature
+            return _run(gate.reshape(1), up.reshape(1), activation).reshape(())
     if not use_triton(gate.device):
         if up is None:
             return glu_reference(*gate.chunk(2, dim=-1), activation)

@@ -65,7 +65,7 @@ from ._backend import use_triton
 from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
 from ._triton_math import tanh as _tanh
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
-from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
+from ._validate import FLOAT_DTYPES, as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
 from . import reference
 from .reference.attention import (masked_attention, packed_positions, varlen_rule, varlen_visibility, visibility,
                                   window_bounds)
@@ -1740,6 +1740,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
         return "non-tensor inputs"
     if not all(t.dim() == 4 for t in tensors):
         return "inputs that are not 4-D (batch, heads, seq, head_dim)"
+    if not all(t.dtype in FLOAT_DTYPES for t in tensors):
+        return "a dtype other than float32, float16 or bfloat16"
     if value.shape[-1] != query.shape[-1]:
         return "a value head dim different from the query's"
     if not enable_gqa and key.shape[1] != query.shape[1]:
@@ -1749,6 +1751,18 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim above {MAX_HEAD_DIM}"
     return None
+
+
+def _broadcast_batch(query, key, value):
+    """The three expanded to one batch size where the others' is 1, as torch's SDPA broadcasts them.
+
+    Stride 0 along the batch, no copy (the kernels take any strides); autograd sums the
+    broadcast gradients. Batch sizes that do not broadcast are left for the checks to name.
+    """
+    batch = max(t.shape[0] for t in (query, key, value))
+    if all(t.shape[0] in (1, batch) for t in (query, key, value)):
+        return tuple(t.expand(batch, *t.shape[1:]) for t in (query, key, value))
+    return query, key, value
 
 
 def scaled_dot_product_attention(
@@ -1764,10 +1778,11 @@ def scaled_dot_product_attention(
     """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention` on 4-D inputs.
 
     torch's semantics, including its top-left causal alignment when the query
-    and key lengths differ (query i sees keys j <= i). What the kernel does not
-    cover (an explicit ``attn_mask``, dropout, 3-D or 5-D inputs, a value head
-    dim different from the query's, head dims over 256) runs torch's own function,
-    with a warning the first time each reason occurs.
+    and key lengths differ (query i sees keys j <= i), and its broadcast of a batch of
+    1 against the others'. What the kernel does not cover (an explicit ``attn_mask``,
+    dropout, 3-D or 5-D inputs, float64, a value head dim different from the query's,
+    head dims over 256) runs torch's own function, with a warning the first time each
+    reason occurs.
     """
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is not None:
@@ -1779,7 +1794,7 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
-    query, key, value = _autocast(query, key, value)
+    query, key, value = _broadcast_batch(*_autocast(query, key, value))
     scale = _check(query, key, value, None, scale, names=("query", "key", "value"))
     if not use_triton(query.device):
         return reference.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,

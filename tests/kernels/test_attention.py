@@ -236,6 +236,32 @@ def test_sdpa_falls_back_with_one_warning(monkeypatch):
         kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
 
 
+def test_sdpa_runs_torch_for_float64(monkeypatch):
+    # torch's SDPA takes fp64 (gradcheck does); the kernel does not, so the drop-in runs torch's.
+    monkeypatch.setattr(attention_module, "_warned", set())
+    q, k, v, _ = _inputs(1, 2, 2, 5, 7, 8, torch.float64)
+    with pytest.warns(UserWarning, match="dtype"):
+        out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_sdpa_broadcasts_batch_as_torch():
+    # torch's SDPA broadcasts a batch of 1 against the others' (one prompt's keys for many queries);
+    # the drop-in runs the kernel on the stride-0 expansion, and autograd sums the broadcast gradients.
+    q, _, _, _ = _inputs(3, 2, 2, 5, 7, 16, torch.float32)
+    _, k, v, _ = _inputs(1, 2, 2, 5, 7, 16, torch.float32)
+    do = torch.randn(3, 2, 5, 16, device=DEVICE)
+    got = _grads(lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v, do)
+    high = _grads(_torch_sdpa(is_causal=True), *(t.double() for t in (q, k, v, do)))
+    low = _grads(_torch_sdpa(is_causal=True), q, k, v, do)
+    for name, a, hi, lo in zip(("out", "dq", "dk", "dv"), got, high, low):
+        assert a.shape == lo.shape, name
+        assert_close_to_ref(a, hi, lo, factor=factor("attention", gradient=name != "out"), name=name)
+    got = kernels.scaled_dot_product_attention(q[:1], k.expand(3, -1, -1, -1), v)  # q's batch of 1, v's too
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q[:1], k.expand(3, -1, -1, -1), v))
+
+
 def test_nn_attention_module():
     q, k, v, _ = _inputs(1, 4, 2, 20, 20, 16, torch.float32)
     layer = kernels.nn.Attention(causal=True)

@@ -43,9 +43,10 @@ is summed inside one program; a separate kernel per block of queries forms dQ,
 on sm_90+ for inputs TMA can read ``_attn_bwd_dq_tma_kernel`` (tensor descriptors,
 one key loop, as the TMA forward), otherwise the pointer kernel.
 
-Batch and head offsets are int64. On a GPU the block shapes are autotuned per
-(head dim, causal, dtype, sequence-length bucket); under the interpreter one
-small configuration runs.
+Batch and head offsets are int64, offsets inside a head int32: the launchers run tensors whose
+rows would pass 2**31 - 1 elements there on head-major copies (:func:`_int32_rows`). On a GPU
+the block shapes are autotuned per (head dim, causal, dtype, sequence-length bucket); under
+the interpreter one small configuration runs.
 """
 
 from __future__ import annotations
@@ -1005,6 +1006,46 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride()) if t.dim() == 4 else (0, t.stride(1), t.stride(0), t.stride(2))
 
 
+# The pointer kernels form offsets inside one head as rows * row stride in int32 (batch, head and
+# packed sequence-start offsets are int64; 64-bit row arithmetic would cost every tile registers).
+_MAX_OFFSET = 2**31 - 1
+
+
+def _head_span(t: torch.Tensor, rows: int) -> int:
+    """The largest element offset the kernels form inside one head of ``t`` over ``rows`` rows."""
+    _, _, row_stride, col_stride = _strides(t)
+    return (max(rows, 1) - 1) * row_stride + (t.shape[-1] - 1) * col_stride
+
+
+def _head_major(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose rows lie head_dim apart: (B, H, N, D) contiguous, or packed (H, total, D) memory."""
+    return t.contiguous() if t.dim() == 4 else t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _int32_rows(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """``t``, or its head-major copy where ``rows`` of its rows would take the kernels' offsets past int32.
+
+    A (batch, seq, heads, head_dim) projection, or a packed batch, has rows heads * head_dim
+    apart; head-major they are head_dim apart. Past even that, a clear error.
+    """
+    if _head_span(t, rows) <= _MAX_OFFSET:
+        return t
+    t = _head_major(t)
+    if _head_span(t, rows) > _MAX_OFFSET:
+        raise ValueError(f"attention: {name} has {rows} rows of head dim {t.shape[-1]} in one head, past the "
+                         f"kernels' int32 offsets inside a head ({_MAX_OFFSET} elements); split the sequence")
+    return t
+
+
+def _output(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty output of ``like``'s shape and dtype: contiguous, or head-major where ``rows`` rows of a
+    contiguous one would pass the int32 offsets (packed); the launchers return it ``.contiguous()``."""
+    if like.dim() == 3 and (rows - 1) * like.shape[1] * like.shape[2] + like.shape[2] - 1 > _MAX_OFFSET:
+        return torch.empty((like.shape[1], like.shape[0], like.shape[2]), dtype=like.dtype,
+                           device=like.device).transpose(0, 1)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def _common_consts(q: torch.Tensor, p: _Problem) -> dict:
     return {
         "HEAD_DIM": q.shape[-1],
@@ -1044,10 +1085,11 @@ def _forward(q, k, v, p: _Problem):
     """Launch the forward. Returns ``o`` (contiguous, q's layout and dtype) and ``lse`` fp32
     ((B, H, Nq) dense, (H, total_q) packed)."""
     B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q, k, v = _int32_rows(q, Nq, "q"), _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
+    o = _output(q, Nq)
     lse = torch.empty((B, H, Nq) if p.cu is None else (H, q.shape[0]), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or B == 0:
-        return o, lse
+        return o.contiguous(), lse
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
@@ -1061,26 +1103,26 @@ def _forward(q, k, v, p: _Problem):
         if q.is_cuda:
             _ensure_allocator()
         _launch("fwd_tma", Nq, H, B, args, consts, q.device)
-        return o, lse
+        return o.contiguous(), lse
     args = (
         q, k, v, o, lse, kv_lens, cu_q, cu_k, sinks,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *lse_strides,
         H, H // Hkv, Nq, Nk, *offsets,
     )
     _launch("fwd", Nq, H, B, args, consts, q.device)
-    return o, lse
+    return o.contiguous(), lse
 
 
 def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     """Launch the backward. Returns dq, dk, dv in the inputs' dtype, and dsinks (fp32, or None)."""
     B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
     D = q.shape[-1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    do, q, o = _int32_rows(do, Nq, "grad_out"), _int32_rows(q, Nq, "q"), _int32_rows(o, Nq, "out")
+    k, v = _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
+    dq, dk, dv = _output(q, Nq), _output(k, Nk), _output(v, Nk)
     dsinks = None if p.sinks is None else torch.zeros_like(p.sinks)
     if dq.numel() == 0 or dk.numel() == 0 or B == 0:  # no queries, or no keys (every row empty)
-        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
+        return dq.zero_().contiguous(), dk.zero_().contiguous(), dv.zero_().contiguous(), dsinks
     block_d = _block_d(D)
     delta = torch.empty_like(lse)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
@@ -1114,7 +1156,7 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
         ), consts, q.device)
     if p.sinks is not None:
         dsinks = partials.sum(0)
-    return dq, dk, dv, dsinks
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks
 
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}

@@ -166,6 +166,22 @@ def test_non_contiguous_inputs_and_grad():
         assert torch.equal(a, b)  # same math whatever the strides
 
 
+def test_rows_past_int32_offsets_run_on_head_major_copies(monkeypatch):
+    # The pointer kernels form offsets inside one head in int32 (batch and head offsets are int64).
+    # A (batch, seq, heads, head_dim) projection's rows lie heads * head_dim apart, so a long
+    # sequence's last rows would wrap past 2**31 elements and read and write elsewhere. The
+    # launchers run such tensors on head-major copies (rows head_dim apart) and refuse what not
+    # even those fit. A limit lowered to these sizes stands in for 2**31 - 1.
+    B, H, Hkv, Nq, Nk, D = 1, 4, 2, 40, 50, 16
+    q, k, v, do = _inputs(B, H, Hkv, Nq, Nk, D, torch.float32)
+    q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, do))  # (B, N, H, D) memory
+    monkeypatch.setattr(attention_module, "_MAX_OFFSET", Nk * D)  # head-major fits; rows H * D apart do not
+    check_against_reference(q, k, v, do, causal=True)
+    monkeypatch.setattr(attention_module, "_MAX_OFFSET", Nq * D // 2)  # not even head-major
+    with pytest.raises(ValueError, match="q has 40 rows of head dim 16"):
+        kernels.attention(q, k, v)
+
+
 def test_backward_is_deterministic():
     q, k, v, do = _inputs(1, 4, 1, 97, 130, 32, torch.float16)
     first = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)

@@ -253,6 +253,16 @@ def test_varlen_fp32_every_feature():
                  use_sinks=True)
 
 
+def test_packed_rows_past_int32_offsets_run_on_head_major_copies(monkeypatch):
+    # Packed (total, heads, head_dim) rows lie heads * head_dim apart, and the kernels' offsets inside
+    # one sequence's head are int32: past 2**31 - 1 (here lowered to these sizes) inputs and outputs
+    # go head-major for the launch; the results come back in the usual layout.
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_MAX_OFFSET", 70 * 24)
+    out, lse, dq, dk, dv, _ = check_varlen([33, 0, 70], [33, 5, 70], 4, 2, 24, torch.float32, causal=True,
+                                          use_sinks=True)
+    assert all(t.is_contiguous() for t in (out, dq, dk, dv))
+
+
 def test_softcap_with_scores_near_1e4():
     # Scores of ~1e4 saturate the tanh: the capped softmax and its gradient stay finite and exact.
     check_varlen([40, 61], [40, 61], 2, 1, 16, torch.float32, causal=True, softcap=30.0, use_sinks=True,

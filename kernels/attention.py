@@ -44,7 +44,8 @@ on sm_90+ for inputs TMA can read ``_attn_bwd_dq_tma_kernel`` (tensor descriptor
 one key loop, as the TMA forward), otherwise the pointer kernel.
 
 Batch and head offsets are int64, offsets inside a head int32: the launchers run tensors whose
-rows would pass 2**31 - 1 elements there on head-major copies (:func:`_int32_rows`). On a GPU
+rows would pass 2**31 - 1 elements there on head-major copies (:func:`_int32_rows`). A batch
+past the grid's 65535 launches in runs (:func:`_batch_runs`). On a GPU
 the block shapes are autotuned per (head dim, causal, dtype, sequence-length bucket); under
 the interpreter one small configuration runs.
 """
@@ -55,7 +56,7 @@ import functools
 import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -1081,6 +1082,27 @@ def _pointers(p: _Problem, fallback: torch.Tensor) -> tuple:
     return kv_lens, cu_q, cu_k, p.sinks if p.sinks is not None else fallback
 
 
+# CUDA's limit on a grid's y and z dimensions; the kernels put the batch (sequences, when
+# packed) on z, so a longer batch launches in runs of at most this many.
+_MAX_GRID_BATCH = 65535
+
+
+def _batch_runs(p: _Problem, B: int, *batched: torch.Tensor | None):
+    """``(problem, tensors)`` per run of at most :data:`_MAX_GRID_BATCH` sequences.
+
+    Dense: the batch-first tensors and ``kv_lens`` sliced (views). Packed: the tensors whole
+    and ``cu_seqlens`` sliced, whose offsets are absolute.
+    """
+    for b0 in range(0, B, _MAX_GRID_BATCH):
+        b1 = min(B, b0 + _MAX_GRID_BATCH)
+        if p.cu is None:
+            kv_lens = p.kv_lens[b0:b1] if p.kv_lens is not None else None
+            yield replace(p, kv_lens=kv_lens), tuple(t[b0:b1] if t is not None else None for t in batched)
+        else:
+            cu_q, cu_k, max_q, max_k = p.cu
+            yield replace(p, cu=(cu_q[b0:b1 + 1], cu_k[b0:b1 + 1], max_q, max_k)), batched
+
+
 def _forward(q, k, v, p: _Problem):
     """Launch the forward. Returns ``o`` (contiguous, q's layout and dtype) and ``lse`` fp32
     ((B, H, Nq) dense, (H, total_q) packed)."""
@@ -1090,6 +1112,14 @@ def _forward(q, k, v, p: _Problem):
     lse = torch.empty((B, H, Nq) if p.cu is None else (H, q.shape[0]), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or B == 0:
         return o.contiguous(), lse
+    for run, tensors in _batch_runs(p, B, q, k, v, o, lse):
+        _forward_run(*tensors, run)
+    return o.contiguous(), lse
+
+
+def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
+    """Launch the forward kernel over one run of the batch (:func:`_batch_runs`), writing ``o`` and ``lse``."""
+    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
@@ -1103,28 +1133,38 @@ def _forward(q, k, v, p: _Problem):
         if q.is_cuda:
             _ensure_allocator()
         _launch("fwd_tma", Nq, H, B, args, consts, q.device)
-        return o.contiguous(), lse
+        return
     args = (
         q, k, v, o, lse, kv_lens, cu_q, cu_k, sinks,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *lse_strides,
         H, H // Hkv, Nq, Nk, *offsets,
     )
     _launch("fwd", Nq, H, B, args, consts, q.device)
-    return o.contiguous(), lse
 
 
 def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     """Launch the backward. Returns dq, dk, dv in the inputs' dtype, and dsinks (fp32, or None)."""
     B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
-    D = q.shape[-1]
     do, q, o = _int32_rows(do, Nq, "grad_out"), _int32_rows(q, Nq, "q"), _int32_rows(o, Nq, "out")
     k, v = _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
     dq, dk, dv = _output(q, Nq), _output(k, Nk), _output(v, Nk)
     dsinks = None if p.sinks is None else torch.zeros_like(p.sinks)
     if dq.numel() == 0 or dk.numel() == 0 or B == 0:  # no queries, or no keys (every row empty)
         return dq.zero_().contiguous(), dk.zero_().contiguous(), dv.zero_().contiguous(), dsinks
-    block_d = _block_d(D)
     delta = torch.empty_like(lse)
+    for run, tensors in _batch_runs(p, B, do, q, k, v, o, lse, dlse, delta, dq, dk, dv):
+        partials = _backward_run(*tensors, run)
+        if p.sinks is not None:
+            dsinks += partials.sum(0)  # the runs in order: deterministic
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks
+
+
+def _backward_run(do, q, k, v, o, lse, dlse, delta, dq, dk, dv, p: _Problem) -> torch.Tensor:
+    """Launch the backward kernels over one run of the batch, writing ``dq``, ``dk``, ``dv``; returns
+    the dsinks partials (a placeholder without sinks)."""
+    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    D = q.shape[-1]
+    block_d = _block_d(D)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
         o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *lse_strides, Nq,
@@ -1154,9 +1194,7 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
             q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse_or_any, partials,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
         ), consts, q.device)
-    if p.sinks is not None:
-        dsinks = partials.sum(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks
+    return partials
 
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}

@@ -368,6 +368,19 @@ def check_dense(B, H, Hkv, Nq, Nk, D, dtype, *, kv_lens=None, use_sinks=False, s
     return got
 
 
+def test_batches_past_the_grid_limit_launch_in_runs(monkeypatch):
+    # The kernels put the batch (the sequences, when packed) on the grid's z dimension, at most
+    # 65535 on CUDA: a longer batch launches in runs (here of 2, standing in for 65535), and every
+    # run's rows, lse, gradients and dsinks partials land where one launch would put them.
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_MAX_GRID_BATCH", 2)
+    forwards = attention_kernels_launched(monkeypatch, "fwd")
+    check_dense(5, 2, 1, 20, 30, 16, torch.float32, kv_lens=torch.tensor([30, 3, 0, 17, 30], device=DEVICE),
+                use_sinks=True, causal=True)
+    check_dense(3, 2, 2, 20, 20, 16, torch.float16, causal=True)  # 16-bit: the TMA kernels where they run
+    check_varlen([9, 0, 20, 1, 13], [9, 4, 20, 3, 13], 2, 1, 16, torch.float32, causal=True, use_sinks=True)
+    assert len(forwards) == 3 + 2 + 3  # runs of 2 of the batches of 5, 3 and 5 (the reference launches none)
+
+
 DENSE_CASES = {  # B, H, Hkv, Nq, Nk, D, dtype, options
     "d256-causal-window-softcap-sinks": (1, 2, 1, 65, 65, 256, torch.float16,
                                          dict(causal=True, window_size=(32, 0), softcap=10.0, use_sinks=True)),

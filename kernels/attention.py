@@ -67,7 +67,8 @@ from ._backend import use_triton
 from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
 from ._triton_math import tanh as _tanh
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
-from ._validate import FLOAT_DTYPES, as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
+from ._validate import (FLOAT_DTYPES, as_int64, check_float, check_integer, check_same_device, check_same_dtype,
+                        check_tensor)
 from . import reference
 from .reference.attention import (masked_attention, packed_positions, varlen_rule, varlen_visibility, visibility,
                                   window_bounds)
@@ -1630,7 +1631,9 @@ def _check_features(q, window_size, softcap, sinks) -> tuple[int, int, float, to
         if tuple(sinks.shape) != (q.shape[1],):
             raise ValueError(f"sinks must have shape (heads,) = ({q.shape[1]},), one logit per query head, "
                              f"got {tuple(sinks.shape)}")
-        sinks = sinks.float()  # the kernels' softmax runs in fp32; autograd casts the gradient back
+        # The kernels' softmax runs in fp32 (autograd casts the gradient back) and reads head h's sink at
+        # SINKS + h: a strided one (a column of a (heads, layers) parameter) would read other heads'.
+        sinks = sinks.float().contiguous()
     return int(window_size[0]), int(window_size[1]), float(softcap), sinks
 
 

@@ -381,6 +381,29 @@ def test_batches_past_the_grid_limit_launch_in_runs(monkeypatch):
     assert len(forwards) == 3 + 2 + 3  # runs of 2 of the batches of 5, 3 and 5 (the reference launches none)
 
 
+def test_strided_sinks():
+    # sinks as a column of a (heads, layers) parameter (stride 3): each head reads its own sink
+    # and its gradient reaches that column.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 16, generator=g).to(DEVICE) for h in (4, 2, 2))
+    table = torch.randn(4, 3, generator=g).to(DEVICE)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    for name, fn, ref in (
+        ("dense", lambda s: kernels.attention(q, k, v, causal=True, sinks=s),
+         lambda s: reference.attention(q, k, v, causal=True, sinks=s)),
+        ("packed", lambda s: kernels.varlen_attention(*packed, cu, cu, causal=True, sinks=s),
+         lambda s: reference.varlen_attention(*packed, cu, cu, causal=True, sinks=s)),
+    ):
+        grads = []
+        for impl in (fn, ref):
+            leaf = table.clone().requires_grad_()
+            out = impl(leaf[:, 1])
+            out.square().sum().backward()
+            grads.append((out.detach(), leaf.grad))
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5, msg=name)
+
+
 DENSE_CASES = {  # B, H, Hkv, Nq, Nk, D, dtype, options
     "d256-causal-window-softcap-sinks": (1, 2, 1, 65, 65, 256, torch.float16,
                                          dict(causal=True, window_size=(32, 0), softcap=10.0, use_sinks=True)),

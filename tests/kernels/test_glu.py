@@ -126,6 +126,19 @@ def test_zero_dim_inputs(op, approximate):
     torch.testing.assert_close((gate.grad, up.grad), (g2.grad, u2.grad))
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0,)], ids=str)
+def test_zero_width_inputs(shape):
+    # Rows of no features (torch's elementwise ops take them): empty outputs and gradients, no error.
+    gate, up = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(2))
+    out = kernels.swiglu(gate, up)
+    out.sum().backward()
+    assert out.shape == shape and gate.grad.shape == shape and up.grad.shape == shape
+    packed = torch.randn(shape, device=DEVICE, requires_grad=True)
+    out = kernels.geglu_packed(packed)
+    out.sum().backward()
+    assert out.shape == shape and packed.grad.shape == shape
+
+
 def test_packed_backward_writes_one_gradient_without_a_copy_of_the_input():
     gate_up = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     kernels.swiglu_packed(gate_up).sum().backward()

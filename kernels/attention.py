@@ -1013,10 +1013,14 @@ def _strides(t: torch.Tensor) -> tuple:
 _MAX_OFFSET = 2**31 - 1
 
 
+def _span(rows: int, row_stride: int, head_dim: int, col_stride: int = 1) -> int:
+    """The largest element offset the kernels form inside one head of ``rows`` rows."""
+    return (max(rows, 1) - 1) * row_stride + (head_dim - 1) * col_stride
+
+
 def _head_span(t: torch.Tensor, rows: int) -> int:
-    """The largest element offset the kernels form inside one head of ``t`` over ``rows`` rows."""
     _, _, row_stride, col_stride = _strides(t)
-    return (max(rows, 1) - 1) * row_stride + (t.shape[-1] - 1) * col_stride
+    return _span(rows, row_stride, t.shape[-1], col_stride)
 
 
 def _head_major(t: torch.Tensor) -> torch.Tensor:
@@ -1042,7 +1046,7 @@ def _int32_rows(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
 def _output(like: torch.Tensor, rows: int) -> torch.Tensor:
     """An empty output of ``like``'s shape and dtype: contiguous, or head-major where ``rows`` rows of a
     contiguous one would pass the int32 offsets (packed); the launchers return it ``.contiguous()``."""
-    if like.dim() == 3 and (rows - 1) * like.shape[1] * like.shape[2] + like.shape[2] - 1 > _MAX_OFFSET:
+    if like.dim() == 3 and _span(rows, like.shape[1] * like.shape[2], like.shape[2]) > _MAX_OFFSET:
         return torch.empty((like.shape[1], like.shape[0], like.shape[2]), dtype=like.dtype,
                            device=like.device).transpose(0, 1)
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)

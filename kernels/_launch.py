@@ -10,6 +10,7 @@ caught on CPU.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,8 +79,11 @@ def parallel_programs(device: torch.device) -> int:
 
 
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``t`` as (rows, n) with unit stride along the last dim, copying only if it must."""
-    t2 = t.reshape(-1, n)
+    """View ``t`` as (rows, n) with unit stride along the last dim, copying only if it must.
+
+    ``n`` 0 (rows of no features): the rows are the leading dims, which -1 cannot infer from 0 elements.
+    """
+    t2 = t.reshape(-1, n) if n else t.reshape(math.prod(t.shape[:-1]), 0)
     if t2.stride(-1) != 1 and n > 1:
         t2 = t2.contiguous()
     return t2

@@ -43,9 +43,11 @@ is summed inside one program; a separate kernel per block of queries forms dQ,
 on sm_90+ for inputs TMA can read ``_attn_bwd_dq_tma_kernel`` (tensor descriptors,
 one key loop, as the TMA forward), otherwise the pointer kernel.
 
-Batch and head offsets are int64. On a GPU the block shapes are autotuned per
-(head dim, causal, dtype, sequence-length bucket); under the interpreter one
-small configuration runs.
+Batch and head offsets are int64, offsets inside a head int32: the launchers run tensors whose
+rows would pass 2**31 - 1 elements there on head-major copies (:func:`_int32_rows`). A batch
+past the grid's 65535 launches in runs (:func:`_batch_runs`). On a GPU
+the block shapes are autotuned per (head dim, causal, dtype, sequence-length bucket); under
+the interpreter one small configuration runs.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import functools
 import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -65,7 +67,8 @@ from ._backend import use_triton
 from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
 from ._triton_math import tanh as _tanh
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
-from ._validate import as_int64, check_float, check_integer, check_same_device, check_same_dtype, check_tensor
+from ._validate import (FLOAT_DTYPES, as_int64, check_float, check_integer, check_same_device, check_same_dtype,
+                        check_tensor)
 from . import reference
 from .reference.attention import (masked_attention, packed_positions, varlen_rule, varlen_visibility, visibility,
                                   window_bounds)
@@ -1005,6 +1008,50 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride()) if t.dim() == 4 else (0, t.stride(1), t.stride(0), t.stride(2))
 
 
+# The pointer kernels form offsets inside one head as rows * row stride in int32 (batch, head and
+# packed sequence-start offsets are int64; 64-bit row arithmetic would cost every tile registers).
+_MAX_OFFSET = 2**31 - 1
+
+
+def _span(rows: int, row_stride: int, head_dim: int, col_stride: int = 1) -> int:
+    """The largest element offset the kernels form inside one head of ``rows`` rows."""
+    return (max(rows, 1) - 1) * row_stride + (head_dim - 1) * col_stride
+
+
+def _head_span(t: torch.Tensor, rows: int) -> int:
+    _, _, row_stride, col_stride = _strides(t)
+    return _span(rows, row_stride, t.shape[-1], col_stride)
+
+
+def _head_major(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose rows lie head_dim apart: (B, H, N, D) contiguous, or packed (H, total, D) memory."""
+    return t.contiguous() if t.dim() == 4 else t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _int32_rows(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """``t``, or its head-major copy where ``rows`` of its rows would take the kernels' offsets past int32.
+
+    A (batch, seq, heads, head_dim) projection, or a packed batch, has rows heads * head_dim
+    apart; head-major they are head_dim apart. Past even that, a clear error.
+    """
+    if _head_span(t, rows) <= _MAX_OFFSET:
+        return t
+    t = _head_major(t)
+    if _head_span(t, rows) > _MAX_OFFSET:
+        raise ValueError(f"attention: {name} has {rows} rows of head dim {t.shape[-1]} in one head, past the "
+                         f"kernels' int32 offsets inside a head ({_MAX_OFFSET} elements); split the sequence")
+    return t
+
+
+def _output(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty output of ``like``'s shape and dtype: contiguous, or head-major where ``rows`` rows of a
+    contiguous one would pass the int32 offsets (packed); the launchers return it ``.contiguous()``."""
+    if like.dim() == 3 and _span(rows, like.shape[1] * like.shape[2], like.shape[2]) > _MAX_OFFSET:
+        return torch.empty((like.shape[1], like.shape[0], like.shape[2]), dtype=like.dtype,
+                           device=like.device).transpose(0, 1)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def _common_consts(q: torch.Tensor, p: _Problem) -> dict:
     return {
         "HEAD_DIM": q.shape[-1],
@@ -1040,14 +1087,44 @@ def _pointers(p: _Problem, fallback: torch.Tensor) -> tuple:
     return kv_lens, cu_q, cu_k, p.sinks if p.sinks is not None else fallback
 
 
+# CUDA's limit on a grid's y and z dimensions; the kernels put the batch (sequences, when
+# packed) on z, so a longer batch launches in runs of at most this many.
+_MAX_GRID_BATCH = 65535
+
+
+def _batch_runs(p: _Problem, B: int, *batched: torch.Tensor | None):
+    """``(problem, tensors)`` per run of at most :data:`_MAX_GRID_BATCH` sequences.
+
+    Dense: the batch-first tensors and ``kv_lens`` sliced (views). Packed: the tensors whole
+    and ``cu_seqlens`` sliced, whose offsets are absolute.
+    """
+    for b0 in range(0, B, _MAX_GRID_BATCH):
+        b1 = min(B, b0 + _MAX_GRID_BATCH)
+        if p.cu is None:
+            kv_lens = p.kv_lens[b0:b1] if p.kv_lens is not None else None
+            yield replace(p, kv_lens=kv_lens), tuple(t[b0:b1] if t is not None else None for t in batched)
+        else:
+            cu_q, cu_k, max_q, max_k = p.cu
+            yield replace(p, cu=(cu_q[b0:b1 + 1], cu_k[b0:b1 + 1], max_q, max_k)), batched
+
+
 def _forward(q, k, v, p: _Problem):
     """Launch the forward. Returns ``o`` (contiguous, q's layout and dtype) and ``lse`` fp32
     ((B, H, Nq) dense, (H, total_q) packed)."""
     B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q, k, v = _int32_rows(q, Nq, "q"), _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
+    o = _output(q, Nq)
     lse = torch.empty((B, H, Nq) if p.cu is None else (H, q.shape[0]), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or B == 0:
-        return o, lse
+        return o.contiguous(), lse
+    for run, tensors in _batch_runs(p, B, q, k, v, o, lse):
+        _forward_run(*tensors, run)
+    return o.contiguous(), lse
+
+
+def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
+    """Launch the forward kernel over one run of the batch (:func:`_batch_runs`), writing ``o`` and ``lse``."""
+    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
@@ -1061,28 +1138,38 @@ def _forward(q, k, v, p: _Problem):
         if q.is_cuda:
             _ensure_allocator()
         _launch("fwd_tma", Nq, H, B, args, consts, q.device)
-        return o, lse
+        return
     args = (
         q, k, v, o, lse, kv_lens, cu_q, cu_k, sinks,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *lse_strides,
         H, H // Hkv, Nq, Nk, *offsets,
     )
     _launch("fwd", Nq, H, B, args, consts, q.device)
-    return o, lse
 
 
 def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     """Launch the backward. Returns dq, dk, dv in the inputs' dtype, and dsinks (fp32, or None)."""
     B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
-    D = q.shape[-1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    do, q, o = _int32_rows(do, Nq, "grad_out"), _int32_rows(q, Nq, "q"), _int32_rows(o, Nq, "out")
+    k, v = _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
+    dq, dk, dv = _output(q, Nq), _output(k, Nk), _output(v, Nk)
     dsinks = None if p.sinks is None else torch.zeros_like(p.sinks)
     if dq.numel() == 0 or dk.numel() == 0 or B == 0:  # no queries, or no keys (every row empty)
-        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
-    block_d = _block_d(D)
+        return dq.zero_().contiguous(), dk.zero_().contiguous(), dv.zero_().contiguous(), dsinks
     delta = torch.empty_like(lse)
+    for run, tensors in _batch_runs(p, B, do, q, k, v, o, lse, dlse, delta, dq, dk, dv):
+        partials = _backward_run(*tensors, run)
+        if p.sinks is not None:
+            dsinks += partials.sum(0)  # the runs in order: deterministic
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks
+
+
+def _backward_run(do, q, k, v, o, lse, dlse, delta, dq, dk, dv, p: _Problem) -> torch.Tensor:
+    """Launch the backward kernels over one run of the batch, writing ``dq``, ``dk``, ``dv``; returns
+    the dsinks partials (a placeholder without sinks)."""
+    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    D = q.shape[-1]
+    block_d = _block_d(D)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
         o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *lse_strides, Nq,
@@ -1112,9 +1199,7 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
             q, k, v, do, lse, delta, dq, kv_lens, cu_q, cu_k, sinks, dlse_or_any, partials,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *shared,
         ), consts, q.device)
-    if p.sinks is not None:
-        dsinks = partials.sum(0)
-    return dq, dk, dv, dsinks
+    return partials
 
 
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -1550,7 +1635,9 @@ def _check_features(q, window_size, softcap, sinks) -> tuple[int, int, float, to
         if tuple(sinks.shape) != (q.shape[1],):
             raise ValueError(f"sinks must have shape (heads,) = ({q.shape[1]},), one logit per query head, "
                              f"got {tuple(sinks.shape)}")
-        sinks = sinks.float()  # the kernels' softmax runs in fp32; autograd casts the gradient back
+        # The kernels' softmax runs in fp32 (autograd casts the gradient back) and reads head h's sink at
+        # SINKS + h: a strided one (a column of a (heads, layers) parameter) would read other heads'.
+        sinks = sinks.float().contiguous()
     return int(window_size[0]), int(window_size[1]), float(softcap), sinks
 
 
@@ -1740,6 +1827,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
         return "non-tensor inputs"
     if not all(t.dim() == 4 for t in tensors):
         return "inputs that are not 4-D (batch, heads, seq, head_dim)"
+    if not all(t.dtype in FLOAT_DTYPES for t in tensors):
+        return "a dtype other than float32, float16 or bfloat16"
     if value.shape[-1] != query.shape[-1]:
         return "a value head dim different from the query's"
     if not enable_gqa and key.shape[1] != query.shape[1]:
@@ -1749,6 +1838,18 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim above {MAX_HEAD_DIM}"
     return None
+
+
+def _broadcast_batch(query, key, value):
+    """The three expanded to one batch size where the others' is 1, as torch's SDPA broadcasts them.
+
+    Stride 0 along the batch, no copy (the kernels take any strides); autograd sums the
+    broadcast gradients. Batch sizes that do not broadcast are left for the checks to name.
+    """
+    batch = max(t.shape[0] for t in (query, key, value))
+    if all(t.shape[0] in (1, batch) for t in (query, key, value)):
+        return tuple(t.expand(batch, *t.shape[1:]) for t in (query, key, value))
+    return query, key, value
 
 
 def scaled_dot_product_attention(
@@ -1764,10 +1865,11 @@ def scaled_dot_product_attention(
     """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention` on 4-D inputs.
 
     torch's semantics, including its top-left causal alignment when the query
-    and key lengths differ (query i sees keys j <= i). What the kernel does not
-    cover (an explicit ``attn_mask``, dropout, 3-D or 5-D inputs, a value head
-    dim different from the query's, head dims over 256) runs torch's own function,
-    with a warning the first time each reason occurs.
+    and key lengths differ (query i sees keys j <= i), and its broadcast of a batch of
+    1 against the others'. What the kernel does not cover (an explicit ``attn_mask``,
+    dropout, 3-D or 5-D inputs, float64, a value head dim different from the query's,
+    head dims over 256) runs torch's own function, with a warning the first time each
+    reason occurs.
     """
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is not None:
@@ -1779,7 +1881,7 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
-    query, key, value = _autocast(query, key, value)
+    query, key, value = _broadcast_batch(*_autocast(query, key, value))
     scale = _check(query, key, value, None, scale, names=("query", "key", "value"))
     if not use_triton(query.device):
         return reference.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,

@@ -254,7 +254,7 @@ def _cross_entropy_rows(
     loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss
-    target = target if target.dtype == torch.int64 else target.long()
+    target = target.long().contiguous()  # the kernel reads row i's at TARGET + i: a strided column would misread
     if weight is not None:
         weight = weight.detach().float().contiguous()
         weight_sum = weight.sum().reshape(1)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._autograd import first_order_only, triton_only_first_order
 from ._backend import use_triton
-from ._library import define_op, launch, no_tensor, present
+from ._library import define_op, launch, no_tensor
 from ._launch import KernelSpec, TRITON_DTYPE, as_rows, cdiv, next_power_of_2, row_stride, unique_specs
 from ._validate import check_float, check_same_device, check_same_dtype
 from .reference.glu import glu as glu_reference
@@ -242,7 +242,7 @@ def _setup_glu(ctx, inputs, output):
 def _glu_grads(ctx, dy):
     gate, up = ctx.saved_tensors
     dgate, dup = glu_backward_op(dy, gate, up, ctx.activation)
-    return dgate, present(dup) if up is not None else None, None
+    return dgate, dup if up is not None else None, None  # up given: dup is real, if empty (no present())
 
 
 glu_op.register_autograd(_glu_grads, setup_context=_setup_glu)
@@ -270,6 +270,8 @@ def _run(gate: torch.Tensor, up: torch.Tensor | None, activation: str) -> torch.
         check_same_dtype(gate=gate, up=up)
         if gate.shape != up.shape:
             raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+        if gate.dim() == 0:  # scalars, as torch's elementwise ops take them: one row of one feature
+            return _run(gate.reshape(1), up.reshape(1), activation).reshape(())
     if not use_triton(gate.device):
         if up is None:
             return glu_reference(*gate.chunk(2, dim=-1), activation)

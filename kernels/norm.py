@@ -657,8 +657,7 @@ def _check(input, residual, normalized_shape, weight, bias, eps):
 
 
 def _rms_eps(input: torch.Tensor, eps: float | None) -> float:
-    # torch.nn.functional.rms_norm's default: the machine epsilon of the input dtype.
-    return torch.finfo(input.dtype).eps if eps is None else eps
+    return reference.norm.default_rms_eps(input.dtype) if eps is None else eps
 
 
 def _autocast(name: str, input, residual, weight, bias):
@@ -728,7 +727,8 @@ def rms_norm(
     offset: float = 0.0,
     casting_mode: str | None = None,
 ) -> torch.Tensor:
-    """Drop-in for :func:`torch.nn.functional.rms_norm`; ``eps=None`` means ``finfo(input.dtype).eps``.
+    """Drop-in for :func:`torch.nn.functional.rms_norm`; ``eps=None`` is torch's default, the epsilon of the
+    dtype the statistics are computed in (``finfo(float32).eps`` for fp32/fp16/bf16 inputs).
 
     ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``: Gemma stores ``weight`` and
     scales by ``1 + weight`` (``offset=1.0``). ``casting_mode`` (Liger's name) says where

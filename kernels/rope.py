@@ -246,15 +246,18 @@ rope_op.register_autograd(_rope_grads, setup_context=_setup_rope)
 @functools.lru_cache(maxsize=32)
 def _tables(seq_len: int, dim: int, theta: float, inv_freq: tuple[float, ...] | None, attention_scaling: float,
             device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built on the CPU whatever the default device (a torch.device("meta") context included), then moved.
-    if inv_freq is None:
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
-    else:
-        freqs = torch.tensor(inv_freq, dtype=torch.float64, device="cpu")
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), freqs)
-    angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
-    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+    # Built on the CPU whatever the default device (a torch.device("meta") context included), then moved;
+    # outside inference mode, whatever the caller's: cached, they may serve a later training step, and
+    # autograd cannot save inference tensors for a backward.
+    with torch.inference_mode(False):
+        if inv_freq is None:
+            freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+        else:
+            freqs = torch.tensor(inv_freq, dtype=torch.float64, device="cpu")
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), freqs)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
+        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
 def rope_tables(

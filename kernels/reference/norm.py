@@ -77,10 +77,19 @@ def rms_output_dtype(input_dtype, weight, casting_mode):
     return input_dtype
 
 
+def default_rms_eps(input_dtype: torch.dtype) -> float:
+    """torch.nn.functional.rms_norm's ``eps=None``: the epsilon of the dtype its statistics are computed in.
+
+    That is fp32 for fp16/bf16 inputs (aten's opmath type, and torch's decomposition), not the
+    input's own: finfo(bfloat16).eps = 0.0078 would swamp the mean square of small activations.
+    """
+    return torch.finfo(torch.promote_types(input_dtype, torch.float32)).eps
+
+
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, offset=0.0, casting_mode=None):
     casting_mode = casting_mode or "gemma"  # None: torch's, which computes as Gemma does
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = default_rms_eps(input.dtype)
     shape = _shape(normalized_shape)
     w = rms_weight(weight, offset, casting_mode, input.dtype)
     if casting_mode == "gemma":

@@ -166,6 +166,22 @@ def test_non_contiguous_inputs_and_grad():
         assert torch.equal(a, b)  # same math whatever the strides
 
 
+def test_rows_past_int32_offsets_run_on_head_major_copies(monkeypatch):
+    # The pointer kernels form offsets inside one head in int32 (batch and head offsets are int64).
+    # A (batch, seq, heads, head_dim) projection's rows lie heads * head_dim apart, so a long
+    # sequence's last rows would wrap past 2**31 elements and read and write elsewhere. The
+    # launchers run such tensors on head-major copies (rows head_dim apart) and refuse what not
+    # even those fit. A limit lowered to these sizes stands in for 2**31 - 1.
+    B, H, Hkv, Nq, Nk, D = 1, 4, 2, 40, 50, 16
+    q, k, v, do = _inputs(B, H, Hkv, Nq, Nk, D, torch.float32)
+    q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, do))  # (B, N, H, D) memory
+    monkeypatch.setattr(attention_module, "_MAX_OFFSET", Nk * D)  # head-major fits; rows H * D apart do not
+    check_against_reference(q, k, v, do, causal=True)
+    monkeypatch.setattr(attention_module, "_MAX_OFFSET", Nq * D // 2)  # not even head-major
+    with pytest.raises(ValueError, match="q has 40 rows of head dim 16"):
+        kernels.attention(q, k, v)
+
+
 def test_backward_is_deterministic():
     q, k, v, do = _inputs(1, 4, 1, 97, 130, 32, torch.float16)
     first = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
@@ -234,6 +250,32 @@ def test_sdpa_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     with pytest.warns(UserWarning, match="dropout"):
         kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+
+def test_sdpa_runs_torch_for_float64(monkeypatch):
+    # torch's SDPA takes fp64 (gradcheck does); the kernel does not, so the drop-in runs torch's.
+    monkeypatch.setattr(attention_module, "_warned", set())
+    q, k, v, _ = _inputs(1, 2, 2, 5, 7, 8, torch.float64)
+    with pytest.warns(UserWarning, match="dtype"):
+        out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_sdpa_broadcasts_batch_as_torch():
+    # torch's SDPA broadcasts a batch of 1 against the others' (one prompt's keys for many queries);
+    # the drop-in runs the kernel on the stride-0 expansion, and autograd sums the broadcast gradients.
+    q, _, _, _ = _inputs(3, 2, 2, 5, 7, 16, torch.float32)
+    _, k, v, _ = _inputs(1, 2, 2, 5, 7, 16, torch.float32)
+    do = torch.randn(3, 2, 5, 16, device=DEVICE)
+    got = _grads(lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v, do)
+    high = _grads(_torch_sdpa(is_causal=True), *(t.double() for t in (q, k, v, do)))
+    low = _grads(_torch_sdpa(is_causal=True), q, k, v, do)
+    for name, a, hi, lo in zip(("out", "dq", "dk", "dv"), got, high, low):
+        assert a.shape == lo.shape, name
+        assert_close_to_ref(a, hi, lo, factor=factor("attention", gradient=name != "out"), name=name)
+    got = kernels.scaled_dot_product_attention(q[:1], k.expand(3, -1, -1, -1), v)  # q's batch of 1, v's too
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q[:1], k.expand(3, -1, -1, -1), v))
 
 
 def test_nn_attention_module():

@@ -253,6 +253,16 @@ def test_varlen_fp32_every_feature():
                  use_sinks=True)
 
 
+def test_packed_rows_past_int32_offsets_run_on_head_major_copies(monkeypatch):
+    # Packed (total, heads, head_dim) rows lie heads * head_dim apart, and the kernels' offsets inside
+    # one sequence's head are int32: past 2**31 - 1 (here lowered to these sizes) inputs and outputs
+    # go head-major for the launch; the results come back in the usual layout.
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_MAX_OFFSET", 70 * 24)
+    out, lse, dq, dk, dv, _ = check_varlen([33, 0, 70], [33, 5, 70], 4, 2, 24, torch.float32, causal=True,
+                                          use_sinks=True)
+    assert all(t.is_contiguous() for t in (out, dq, dk, dv))
+
+
 def test_softcap_with_scores_near_1e4():
     # Scores of ~1e4 saturate the tanh: the capped softmax and its gradient stay finite and exact.
     check_varlen([40, 61], [40, 61], 2, 1, 16, torch.float32, causal=True, softcap=30.0, use_sinks=True,
@@ -356,6 +366,42 @@ def check_dense(B, H, Hkv, Nq, Nk, D, dtype, *, kv_lens=None, use_sinks=False, s
     low = _run(call(reference.attention), (q, k, v, sinks), (do, dlse))
     _assert_rule(got, high, low, ("out", "lse", "dq", "dk", "dv", "dsinks"))
     return got
+
+
+def test_batches_past_the_grid_limit_launch_in_runs(monkeypatch):
+    # The kernels put the batch (the sequences, when packed) on the grid's z dimension, at most
+    # 65535 on CUDA: a longer batch launches in runs (here of 2, standing in for 65535), and every
+    # run's rows, lse, gradients and dsinks partials land where one launch would put them.
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "_MAX_GRID_BATCH", 2)
+    forwards = attention_kernels_launched(monkeypatch, "fwd")
+    check_dense(5, 2, 1, 20, 30, 16, torch.float32, kv_lens=torch.tensor([30, 3, 0, 17, 30], device=DEVICE),
+                use_sinks=True, causal=True)
+    check_dense(3, 2, 2, 20, 20, 16, torch.float16, causal=True)  # 16-bit: the TMA kernels where they run
+    check_varlen([9, 0, 20, 1, 13], [9, 4, 20, 3, 13], 2, 1, 16, torch.float32, causal=True, use_sinks=True)
+    assert len(forwards) == 3 + 2 + 3  # runs of 2 of the batches of 5, 3 and 5 (the reference launches none)
+
+
+def test_strided_sinks():
+    # sinks as a column of a (heads, layers) parameter (stride 3): each head reads its own sink
+    # and its gradient reaches that column.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 16, generator=g).to(DEVICE) for h in (4, 2, 2))
+    table = torch.randn(4, 3, generator=g).to(DEVICE)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    for name, fn, ref in (
+        ("dense", lambda s: kernels.attention(q, k, v, causal=True, sinks=s),
+         lambda s: reference.attention(q, k, v, causal=True, sinks=s)),
+        ("packed", lambda s: kernels.varlen_attention(*packed, cu, cu, causal=True, sinks=s),
+         lambda s: reference.varlen_attention(*packed, cu, cu, causal=True, sinks=s)),
+    ):
+        grads = []
+        for impl in (fn, ref):
+            leaf = table.clone().requires_grad_()
+            out = impl(leaf[:, 1])
+            out.square().sum().backward()
+            grads.append((out.detach(), leaf.grad))
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5, msg=name)
 
 
 DENSE_CASES = {  # B, H, Hkv, Nq, Nk, D, dtype, options

@@ -813,6 +813,32 @@ def test_every_integer_target_dtype_gives_torchs_loss(dtype, reduction, backend)
                               torch.tensor([1, 2, 3, 4, 120], dtype=dtype), ignore_index=-100)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_strided_targets_give_torchs_loss(reduction, backend):
+    # A 1-D target that is a column of a wider tensor (stride 2): reshape(-1) keeps it strided, and
+    # the kernel must still read each row's own target, not every other one.
+    torch.manual_seed(0)
+    C = 11
+    target = torch.randint(0, C, (6, 2))[:, 1]
+    target[2] = IGNORE
+    assert target.stride() == (2,)
+    x = torch.randn(6, C, requires_grad=True)
+    w = torch.randn(C, 8) / 3
+    h = torch.randn(6, 8, requires_grad=True)
+    with kernels.use_backend(backend):
+        for name, got, want, leaf in (
+            ("cross_entropy", kernels.cross_entropy(x, target, reduction=reduction),
+             torch_cross_entropy(x, target, reduction=reduction), x),
+            ("linear_cross_entropy", kernels.linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=4),
+             torch_cross_entropy(h @ w.t(), target, reduction=reduction), h),
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} loss")
+            g_got, = torch.autograd.grad(got.sum(), leaf)
+            g_want, = torch.autograd.grad(want.sum(), leaf)
+            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6, msg=f"{name} gradient")
+
+
 def test_uint64_targets_are_a_clear_error():
     x = torch.randn(2, 5)
     for fn in (lambda t: kernels.cross_entropy(x, t), lambda t: kernels.linear_cross_entropy(x, torch.randn(3, 5), t)):

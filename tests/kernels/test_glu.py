@@ -110,6 +110,35 @@ def test_large_inputs(op, approximate):
     _compare(op, approximate, (4, 200), torch.float32, scale=20.0)
 
 
+@pytest.mark.parametrize("op,approximate", ACTIVATIONS)
+def test_zero_dim_inputs(op, approximate):
+    # torch's F.silu(gate) * up takes 0-d tensors; so does the kernel (as one row of one feature).
+    gate = torch.tensor(0.7, device=DEVICE, requires_grad=True)
+    up = torch.tensor(-1.3, device=DEVICE, requires_grad=True)
+    kw = {} if approximate is None else {"approximate": approximate}
+    out = getattr(kernels, op)(gate, up, **kw)
+    out.backward()
+    g2, u2 = (t.detach().clone().requires_grad_() for t in (gate, up))
+    expected = _torch(op, approximate)(g2, u2)
+    expected.backward()
+    assert out.shape == ()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close((gate.grad, up.grad), (g2.grad, u2.grad))
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0,)], ids=str)
+def test_zero_width_inputs(shape):
+    # Rows of no features (torch's elementwise ops take them): empty outputs and gradients, no error.
+    gate, up = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(2))
+    out = kernels.swiglu(gate, up)
+    out.sum().backward()
+    assert out.shape == shape and gate.grad.shape == shape and up.grad.shape == shape
+    packed = torch.randn(shape, device=DEVICE, requires_grad=True)
+    out = kernels.geglu_packed(packed)
+    out.sum().backward()
+    assert out.shape == shape and packed.grad.shape == shape
+
+
 def test_packed_backward_writes_one_gradient_without_a_copy_of_the_input():
     gate_up = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     kernels.swiglu_packed(gate_up).sum().backward()

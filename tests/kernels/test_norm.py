@@ -157,9 +157,20 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_rms_norm_default_eps_is_dtype_epsilon():
-    x = torch.full((2, 8), 1e-4, dtype=torch.float16)
-    torch.testing.assert_close(kernels.rms_norm(x, 8).float(), F.rms_norm(x.float(), (8,), eps=torch.finfo(torch.float16).eps), atol=2e-3, rtol=2e-3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rms_norm_default_eps_is_torchs(dtype):
+    # eps=None is torch's default: the epsilon of the dtype the statistics are computed in (fp32 for
+    # fp16/bf16 inputs, as aten and torch's decomposition pick it), not finfo(bf16).eps = 0.0078, which
+    # swamps the mean square of small activations. Both backends, the function and the module.
+    x = torch.full((2, 8), 1e-3, dtype=dtype)
+    expected = F.rms_norm(x, (8,))
+    assert expected.float().min() > 0.9  # 1e-3 / sqrt(1e-6 + 1.2e-7) (with 0.0078: 0.011)
+    for backend in ("auto", "reference"):
+        with kernels.use_backend(backend):
+            torch.testing.assert_close(kernels.rms_norm(x, 8), expected)
+            torch.testing.assert_close(kernels.add_rms_norm(x, torch.zeros_like(x), 8)[0], expected)
+            torch.testing.assert_close(kernels.reference.rms_norm(x, 8), expected)
+            torch.testing.assert_close(kernels.nn.RMSNorm(8, dtype=dtype)(x), torch.nn.RMSNorm(8, dtype=dtype)(x))
 
 
 # ------------------------------------------------------------------ drop-in modules

@@ -201,6 +201,22 @@ def test_rotary_embedding_module():
         kernels.nn.RotaryEmbedding(8, max_positions=4)(q, k)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_tables_first_built_in_inference_mode_still_train(backend):
+    # An evaluation under torch.inference_mode() before training builds (and caches) the tables
+    # first: they must be ordinary tensors, which autograd may save for the backward.
+    q, k = torch.randn(1, 2, 5, 8, device=DEVICE), torch.randn(1, 1, 5, 8, device=DEVICE)
+    theta = {"auto": 777.0, "reference": 778.0}[backend]  # tables no other test (or case) has cached
+    module = kernels.nn.RotaryEmbedding(8, max_positions=23, theta=theta)
+    with kernels.use_backend(backend):
+        with torch.inference_mode():
+            module(q, k)
+        leaf = q.clone().requires_grad_()
+        module(leaf, k)[0].square().sum().backward()
+    assert leaf.grad is not None
+    assert not any(t.is_inference() for t in kernels.rope_tables(23, 8, theta=theta, device=DEVICE))
+
+
 def _bad_calls():
     q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
     cos, sin = kernels.rope_tables(6, 16)

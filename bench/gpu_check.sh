@@ -41,9 +41,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 step gpu-tests      140 python -m pytest tests -m gpu -k "not gluon" -q -x --no-header -p no:cacheprovider
 # The experimental Gluon forward (FASTLM_ATTENTION=gluon, Hopper only; skipped elsewhere): its own
-# step, so that a failure there stops none of the other GPU tests (-x); its first run compiles
-# each autotune candidate (2 per head dim, causal setting and dtype: ~15 compiles).
-step gpu-gluon       30 python -m pytest tests/kernels/test_attention.py -m gpu -k gluon -q --no-header -p no:cacheprovider
+# step, so that a failure (or a hang: it has never run) there stops none of the other GPU tests;
+# it compiles each of its 5 candidates per causal setting (11 kernels) and runs each once.
+step gpu-gluon       40 python -m pytest tests/kernels/test_attention.py -m gpu -k gluon -q --no-header -p no:cacheprovider
 step selfcheck       25 python -m kernels.selfcheck
 step bench-norm      60 python -m bench.norm --hidden 2048,4096,8192
 step bench-xent      80 python -m bench.cross_entropy --gpu --vocabs 32000,128256
@@ -53,8 +53,8 @@ step bench-xent      80 python -m bench.cross_entropy --gpu --vocabs 32000,12825
 # full `python -m bench.attention`: their compiles and 16k scores do not fit the limit.
 # fastlm-gluon: the experimental Gluon forward's row (on Hopper; elsewhere a row that says why not), in
 # the place of SDPA's efficient backend (the slowest of the three, which the issue's figure does not
-# compare against): 15 s of this step's limit went to gpu-gluon.
-step bench-attention 75 python -m bench.attention --seqlens 4096,16384 --causal yes --providers fastlm,fastlm-gluon,sdpa-flash,sdpa-cudnn
+# compare against): 25 s of this step's limit went to gpu-gluon.
+step bench-attention 65 python -m bench.attention --seqlens 4096,16384 --causal yes --providers fastlm,fastlm-gluon,sdpa-flash,sdpa-cudnn
 # Issue 17's figures: packed mixed lengths vs the same batch padded, a 4,096 window over 32k vs full causal.
 step bench-varlen    35 python -m bench.attention --suite varlen
 step bench-window    35 python -m bench.attention --suite window

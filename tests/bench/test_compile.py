@@ -273,19 +273,30 @@ def test_gluon_attention_forward_overlaps_the_softmax_with_async_wgmma(tmp_path)
     # The experimental Gluon forward (kernels._attention_gluon) as designed, for sm_90: Q, K and V in
     # and O out by TMA, no cp.async; per key tile Q K^T from shared memory (D/16 wgmma) and P V with
     # P from registers (BLOCK_N/16); the wait that leaves one wgmma group in flight (the softmax
-    # overlaps P V) beside the full waits; two consumer warpgroups (64 rows each); no spill.
+    # overlaps P V) beside the full waits; no spill. Unspecialized: 8 warps, two warpgroups of 64
+    # rows in one key loop. Warp-specialized: a TMA producer that gives up registers, two consumer
+    # partitions (a key loop each, one O store each) that raise theirs.
     gluon = importlib.import_module("kernels._attention_gluon")
     if not gluon.AVAILABLE:
         pytest.skip(gluon.UNAVAILABLE_REASON)
     rows = _compile_rows(tmp_path, "90", "fwd_gluon D=64 causal torch.bfloat16|fwd_gluon D=128 causal torch.bfloat16")
     assert len(rows) == len(gluon.CONFIGS[64]) + len(gluon.CONFIGS[128])
+    assert {"WARP_SPECIALIZE=True" in r["config"] for r in rows} == {True, False}
     for r in rows:
         head_dim = int(re.search(r"BLOCK_D=(\d+)", r["config"]).group(1))
         block_n = int(re.search(r"BLOCK_N=(\d+)", r["config"]).group(1))
+        specialized = "WARP_SPECIALIZE=True" in r["config"]
         f = r["sass"]
-        assert f["utmaldg"] > 0 and f["utmastg"] == 1 and f["ldgsts"] == 0, r["config"]
+        assert f["utmaldg"] > 0 and f["utmastg"] == (2 if specialized else 1) and f["ldgsts"] == 0, r["config"]
         assert r["spill_bytes"] == 0 and r["tensor_cores"] == "HGMMA" and f["hmma"] == 0, r["config"]
         assert {f"64x{block_n}x16ss", f"64x{head_dim}x16rs"} == set(f["hgmma"]), (r["config"], f["hgmma"])
         assert f["wgmma_waits"] == [0, 1], r["config"]
-        assert f["main_loop_hgmma"] == (head_dim + block_n) // 16, r["config"]
-        assert "w8 " in r["config"] and "BLOCK_M=128," in r["config"]
+        assert "BLOCK_M=128," in r["config"]
+        loops = f["loops"]
+        assert len(loops) == (2 if specialized else 1), (r["config"], loops)
+        assert all(n["hgmma"] == (head_dim + block_n) // 16 for n in loops), (r["config"], loops)
+        if specialized:
+            assert " w4 " in r["config"] and f["warp_specialized"], r["config"]
+            assert min(f["setmaxnreg"]) <= 40 and max(f["setmaxnreg"]) >= 240, f["setmaxnreg"]
+        else:
+            assert " w8 " in r["config"] and not f["warp_specialized"] and not f["setmaxnreg"], r["config"]

@@ -41,7 +41,7 @@ import torch
 import triton
 
 from ._launch import KernelSpec
-from .attention import _key_range  # a @triton.jit of scalars, which Gluon calls as its own
+from .attention import _key_range  # a @triton.jit of scalars, which Gluon calls as its own (see attention's end)
 
 try:
     from triton.experimental import gluon
@@ -55,10 +55,16 @@ try:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # 3.6: thread_barrier; 3.8: barrier
-    AVAILABLE = all(hasattr(gl, name) for name in ("NVMMADistributedLayout", "NVMMASharedLayout", "DotOperandLayout",
-                                                   "SliceLayout", "allocate_shared_memory", "warp_specialize"))
-    UNAVAILABLE_REASON = "" if AVAILABLE else "this Triton's Gluon lacks a layout or builtin the kernel uses"
-except (ImportError, AttributeError) as e:  # a Triton without Gluon's Hopper API: the Triton forward runs
+    # Built and read (bench.compile) with Triton 3.6, 3.8 and 3.9; Gluon's API moved a lot before 3.6
+    # (warp_specialize's signature among others), so older releases take the Triton forward.
+    _RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    _MISSING = [name for name in ("NVMMADistributedLayout", "NVMMASharedLayout", "DotOperandLayout", "SliceLayout",
+                                  "allocate_shared_memory", "warp_specialize", "to_tensor", "num_warps")
+                if not hasattr(gl, name)]
+    AVAILABLE = _RELEASE >= (3, 6) and not _MISSING
+    UNAVAILABLE_REASON = ("" if AVAILABLE else f"Triton {triton.__version__} is older than 3.6" if _RELEASE < (3, 6)
+                          else f"this Triton's Gluon lacks {', '.join(_MISSING)}")
+except (ImportError, AttributeError, ValueError) as e:  # a Triton without Gluon's Hopper API: the Triton forward runs
     AVAILABLE = False
     UNAVAILABLE_REASON = f"this Triton has no usable Gluon Hopper API ({type(e).__name__}: {e})"
 

@@ -1053,8 +1053,6 @@ def _forward(q, k, v, p: _Problem):
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
-    from . import _attention_gluon  # imports this module's _key_range
-
     if (use_gluon_attention(q.device) and p.cu is None and p.kv_lens is None and not p.window and p.softcap == 0
             and p.sinks is None and _attention_gluon.qualifies(q, k, v) and _tma_qualifies(q, k, v, o)):
         # The opt-in experimental Gluon forward (kernels._attention_gluon): the same o and lse.
@@ -1223,8 +1221,6 @@ def compile_specs() -> list[KernelSpec]:
                     label=f"preprocess D={head_dim} {dtype}{' +features' if features else ''}",
                     extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "quick": not features},
                 ))
-    from . import _attention_gluon
-
     return specs + _attention_gluon.compile_specs()
 
 
@@ -1799,3 +1795,8 @@ def scaled_dot_product_attention(
                                                       enable_gqa=enable_gqa)
     # Top-left alignment is causal offset 0: the same kernels as attention(causal=True).
     return attention_op(query, key, value, None, scale, 0 if is_causal else None)[0]
+
+
+# The experimental Gluon forward (used by _forward and compile_specs above) calls this module's
+# _key_range, so it is imported once everything here is defined.
+from . import _attention_gluon  # noqa: E402

@@ -574,15 +574,21 @@ def test_gluon_forward_falls_back_off_a_gpu(monkeypatch, how):
     assert not gluon_module.qualifies(q, k, v)
 
 
-def test_gluon_forward_is_unavailable_without_its_triton_api(tmp_path):
-    # A Triton whose Gluon lacks the Hopper module: kernels still imports, the path reports itself
-    # unavailable (and so never qualifies), and it ships nothing to compile.
+@pytest.mark.parametrize("triton_lacks,setup,reason", [
+    ("hopper-module", "sys.modules['triton.experimental.gluon.language.nvidia.hopper'] = None  # import fails",
+     "no usable Gluon Hopper API"),
+    ("old-release", "import triton; triton.__version__ = '3.5.1'", "Triton 3.5.1 is older than 3.6"),
+])
+def test_gluon_forward_is_unavailable_without_its_triton_api(tmp_path, triton_lacks, setup, reason):
+    # A Triton whose Gluon lacks the Hopper module, or a release before 3.6 (another Gluon API): kernels
+    # still imports, the path reports itself unavailable (and so never qualifies), and it ships
+    # nothing to compile.
     script = tmp_path / "no_gluon.py"
     script.write_text(
         "import sys\n"
-        "sys.modules['triton.experimental.gluon.language.nvidia.hopper'] = None  # import fails\n"
+        f"{setup}\n"
         "import kernels, kernels._attention_gluon as g\n"
-        "assert not g.AVAILABLE and 'Gluon Hopper API' in g.UNAVAILABLE_REASON, g.UNAVAILABLE_REASON\n"
+        f"assert not g.AVAILABLE and {reason!r} in g.UNAVAILABLE_REASON, g.UNAVAILABLE_REASON\n"
         "assert g.compile_specs() == []\n"
         "print('ok')\n"
     )

@@ -119,10 +119,12 @@ if AVAILABLE:
 
     @gluon.jit
     def _issue_pv(p, v_smem, v_bars, tile, acc):
-        """Issue O += P V of key tile ``tile``, async, P from registers: (its token, the V view)."""
+        """Issue O += P V of key tile ``tile``, async, P from registers: (its token, the V view, the P operand:
+        registers the wgmma reads until it is waited for, so the wait takes them as a dependency too)."""
         v = _ring_tile(v_smem, v_bars, tile)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-        return warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout), v, acc, is_async=True), v
+        p = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        return warpgroup_mma(p, v, acc, is_async=True), v, p
 
     @gluon.jit
     def _tile_softmax(s, m_i, l_i, qk_scale, row0, tile, full_end, Nk, causal_offset, CAUSAL: gl.constexpr):
@@ -237,20 +239,20 @@ if AVAILABLE:
             p, alpha, m_i, l_i = _tile_softmax(s, m_i, l_i, qk_scale, start_m, 0, full_end, Nk, causal_offset, CAUSAL)
             for j in range(1, n_tiles):
                 s, k = _issue_scores(q, k_smem, k_bars, j, s_zero)
-                acc, v = _issue_pv(p, v_smem, v_bars, j - 1, acc)
+                acc, v, p_op = _issue_pv(p, v_smem, v_bars, j - 1, acc)
                 # One group left in flight: S_j is ready, P_{j-1} V_{j-1} still runs under the softmax.
                 s = warpgroup_mma_wait(1, deps=[s, q, k])[0]
                 p, alpha, m_i, l_i = _tile_softmax(s, m_i, l_i, qk_scale, start_m, j, full_end, Nk, causal_offset,
                                                    CAUSAL)
-                acc = warpgroup_mma_wait(0, deps=[acc, v])[0]
+                acc = warpgroup_mma_wait(0, deps=[acc, v, p_op])[0]
                 # Slot (j - 1) % STAGES is read by no wgmma any more (in any warpgroup: the barrier): refill it.
                 _cta_barrier()
                 if j - 1 + STAGES < n_tiles:
                     _load_tile(desc_k, k_smem, k_bars, b, hk, j - 1 + STAGES, STAGES, BLOCK_N)
                     _load_tile(desc_v, v_smem, v_bars, b, hk, j - 1 + STAGES, STAGES, BLOCK_N)
                 acc = _rescaled(acc, alpha)
-            acc, v = _issue_pv(p, v_smem, v_bars, n_tiles - 1, acc)
-            acc = warpgroup_mma_wait(0, deps=[acc, v])[0]
+            acc, v, p_op = _issue_pv(p, v_smem, v_bars, n_tiles - 1, acc)
+            acc = warpgroup_mma_wait(0, deps=[acc, v, p_op])[0]
         # Q is read by no wgmma any more: its buffer stages O.
         _finish(acc, m_i, l_i, q_smem, desc_o, LSE, rows, b, h, H, Nq, start_m, o_layout)
 
@@ -312,19 +314,19 @@ if AVAILABLE:
             for j in range(1, n_tiles):
                 mbarrier.wait(mine, j & 1)  # turn j
                 s, k = _issue_scores(q, k_smem, k_bars, j, s_zero)
-                acc, v = _issue_pv(p, v_smem, v_bars, j - 1, acc)
+                acc, v, p_op = _issue_pv(p, v_smem, v_bars, j - 1, acc)
                 mbarrier.arrive(other)
                 s = warpgroup_mma_wait(1, deps=[s, q, k])[0]  # S_j ready, P V in flight
                 mbarrier.arrive(k_free.index(j % STAGES))
                 p, alpha, m_i, l_i = _tile_softmax(s, m_i, l_i, qk_scale, row0, j, full_end, Nk, mask_offset, True)
-                acc = warpgroup_mma_wait(0, deps=[acc, v])[0]
+                acc = warpgroup_mma_wait(0, deps=[acc, v, p_op])[0]
                 mbarrier.arrive(v_free.index((j - 1) % STAGES))
                 acc = _rescaled(acc, alpha)
             # Turn n_tiles: the last tile's P V.
             mbarrier.wait(mine, n_tiles & 1)
-            acc, v = _issue_pv(p, v_smem, v_bars, n_tiles - 1, acc)
+            acc, v, p_op = _issue_pv(p, v_smem, v_bars, n_tiles - 1, acc)
             mbarrier.arrive(other)
-            acc = warpgroup_mma_wait(0, deps=[acc, v])[0]
+            acc = warpgroup_mma_wait(0, deps=[acc, v, p_op])[0]
             mbarrier.arrive(v_free.index((n_tiles - 1) % STAGES))
         _finish(acc, m_i, l_i, q_smem, desc_o, LSE, rows, b, h, H, Nq, row0, o_layout)
 

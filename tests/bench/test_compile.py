@@ -300,3 +300,42 @@ def test_gluon_attention_forward_overlaps_the_softmax_with_async_wgmma(tmp_path)
             assert min(f["setmaxnreg"]) <= 40 and max(f["setmaxnreg"]) >= 240, f["setmaxnreg"]
         else:
             assert " w8 " in r["config"] and not f["warp_specialized"] and not f["setmaxnreg"], r["config"]
+
+
+_PTXAS_REPORT = """
+import os, subprocess, sys, tempfile
+import triton
+import triton.backends.nvidia as nvidia
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from bench import compile as compile_check
+
+ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+for spec in compile_check.collect_specs(sys.argv[1]):
+    k = triton.compile(GluonASTSource(spec.kernel, spec.signature, spec.constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": spec.num_warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(k.asm["ptx"])
+        f.flush()
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    print(spec.describe(), "|", " ".join((out.stdout + out.stderr).split()))
+"""
+
+
+def test_gluon_attention_forward_keeps_its_wgmma_async_in_ptxas():
+    # ptxas serializes wgmma it cannot prove safe to overlap ("(C7511)/(C7515) ... wgmma.mma_async
+    # instructions are serialized", or "(C7519) warpgroup.arrive is injected" to protect registers a
+    # wgmma uses: both print for a hand-written PTX with a register write between two wgmma), which
+    # would undo the overlap of the softmax with P V the kernel is written for.
+    gluon = importlib.import_module("kernels._attention_gluon")
+    if not gluon.AVAILABLE:
+        pytest.skip(gluon.UNAVAILABLE_REASON)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PTXAS_REPORT, "fwd_gluon D=128 causal torch.bfloat16"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(gluon.CONFIGS[128]), lines
+    for line in lines:
+        assert "Used" in line and "0 bytes spill stores" in line, line
+        assert "serialized" not in line and "injected" not in line, line

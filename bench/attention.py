@@ -2,7 +2,7 @@
 
     python -m bench.attention [--dtype bf16] [--heads 16] [--head-dim 128] [--tokens 16384]
                               [--seqlens 4096,8192,16384] [--causal both|yes|no] [--json FILE]
-                              [--providers fastlm,sdpa-flash,sdpa-cudnn]
+                              [--providers fastlm,fastlm-gluon,sdpa-flash,sdpa-cudnn]
     python -m bench.attention --suite varlen [--tokens 32768]     # packed vs padded, lengths 64..4096
     python -m bench.attention --suite window [--window 4096 --window-seq 32768]  # window vs full causal
 
@@ -22,6 +22,11 @@ fp16 it is the math the kernel is tested against, at its cost: B*H*seq^2*4 bytes
 scores (16 GiB at seq 16k), several times over in a forward+backward, so on a smaller
 GPU that case may run out of memory, recorded as the row's error. In fp32 it is a call
 to torch's SDPA, which the SDPA rows already time, so it is left out.
+
+On a Hopper GPU whose Triton has the Gluon API, ``fastlm-gluon`` is ``fastlm`` with the
+experimental Gluon forward opted in (``FASTLM_ATTENTION=gluon``, :mod:`kernels._attention_gluon`):
+its forward beside our Triton forward, SDPA's flash and cuDNN; its backward is the same
+Triton backward. Elsewhere its row records why it did not run.
 
 Two more providers materialise the scores: ``sdpa-math`` (SDPA's MATH backend, which
 upcasts bf16/fp16 inputs to fp32 throughout) and ``torch.compile`` of :func:`eager_attention`
@@ -88,7 +93,16 @@ def materialised_bytes(batch: int, heads: int, seq: int) -> int:
     return MATERIALISED_BYTES_PER_SCORE * batch * heads * seq * seq
 
 
-def _providers(causal: bool, dtype: torch.dtype):
+def gluon_forward_runs(dtype: torch.dtype, head_dim: int = 128) -> bool:
+    """Whether the experimental Gluon forward (``FASTLM_ATTENTION=gluon``) runs here: a Hopper GPU and a Triton
+    with its Gluon API. Its row, ``fastlm-gluon``, is our Triton backward after that forward."""
+    from kernels import _attention_gluon
+
+    probe = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=dtype)
+    return _attention_gluon.qualifies(probe, probe, probe)
+
+
+def _providers(causal: bool, dtype: torch.dtype, head_dim: int = 128):
     """name -> (wants (batch, seq, heads, head_dim) inputs, call). Only those importable here."""
     import kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -100,6 +114,15 @@ def _providers(causal: bool, dtype: torch.dtype):
         return call
 
     providers = {"fastlm": (False, lambda q, k, v: kernels.attention(q, k, v, causal=causal))}
+    gluon_runs = gluon_forward_runs(dtype, head_dim)
+
+    def gluon(q, k, v):
+        if not gluon_runs:  # a row that says why, not our Triton forward under the Gluon name
+            raise RuntimeError("the Gluon forward does not run here (needs sm_90, bf16/fp16, head dim 64/128 and "
+                               "a Triton with Gluon's Hopper API)")
+        with kernels.use_attention_forward("gluon"):
+            return kernels.attention(q, k, v, causal=causal)
+    providers["fastlm-gluon"] = (False, gluon)
     if dtype != torch.float32:
         providers["reference"] = (False, lambda q, k, v: kernels.reference.attention(q, k, v, causal=causal))
     providers |= {
@@ -186,10 +209,11 @@ def bench_case(providers, batch, heads, seq, head_dim, dtype, causal) -> list[di
         rows.append(row)
         del q, k, v, do, out
         torch.cuda.empty_cache()
-    if "fastlm" in outputs and "sdpa-flash" in outputs:  # a sanity check on the numbers being timed
-        err = (outputs["fastlm"].float() - outputs["sdpa-flash"].float()).abs().max().item()
-        for row in rows:
-            row["fastlm_vs_sdpa_flash_max_err"] = err
+    for ours in ("fastlm", "fastlm-gluon"):  # a sanity check on the numbers being timed
+        if ours in outputs and "sdpa-flash" in outputs:
+            err = (outputs[ours].float() - outputs["sdpa-flash"].float()).abs().max().item()
+            for row in rows:
+                row[f"{ours}_vs_sdpa_flash_max_err"] = err
     return rows
 
 
@@ -364,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.heads} heads x dim {args.head_dim}, {args.tokens} tokens per batch")
     rows = []
     for causal in causals:
-        providers = _providers(causal, dtype)
+        providers = _providers(causal, dtype, args.head_dim)
         if args.providers:
             wanted = args.providers.split(",")
             unknown = sorted(set(wanted) - set(providers))

@@ -45,6 +45,11 @@ from triton.compiler import ASTSource
 
 import kernels
 
+try:  # Gluon kernels (kernels._attention_gluon) compile from their own AST source
+    from triton.experimental.gluon._runtime import GluonASTSource
+except ImportError:  # pragma: no cover - a Triton without Gluon ships no Gluon specs
+    GluonASTSource = None
+
 _SPECS: list = []  # filled before the worker pool forks
 
 
@@ -169,9 +174,10 @@ def _compile_one(job: tuple[int, int]) -> dict:
     arg_index = spec.kernel.arg_names.index
     attrs = {(arg_index(a),): [["tt.divisibility", 16]] for a in spec.extra.get("divisible_by_16", ())}
     start = time.perf_counter()
+    source = GluonASTSource if getattr(spec.kernel, "is_gluon", lambda: False)() else ASTSource
     try:
         compiled = triton.compile(
-            ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs),
+            source(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs),
             target=GPUTarget("cuda", cc, 32),
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )

@@ -3,7 +3,9 @@
 Which implementation runs is decided in one place, :mod:`kernels._backend`:
 CUDA tensors run the compiled Triton kernels, CPU tensors the reference (or the
 kernels through Triton's interpreter when ``TRITON_INTERPRET=1``), and
-``FASTLM_BACKEND=triton|reference`` or :func:`use_backend` forces one.
+``FASTLM_BACKEND=triton|reference`` or :func:`use_backend` forces one;
+``FASTLM_ATTENTION=gluon`` or :func:`use_attention_forward` opts into attention's
+experimental Gluon forward on Hopper.
 Every op is registered with ``torch.library`` as ``torch.ops.fastlm.*`` (design:
 :mod:`kernels._library`); :func:`unchecked` skips the checks that read tensor
 values (a host sync each), and :func:`checks_enabled` says whether they run. :func:`patch` puts the kernels into an existing model (torch norms, transformers
@@ -11,7 +13,7 @@ GPT-2/Llama/Mistral/Qwen2/Gemma/Gemma 2 attention and loss).
 """
 
 from . import nn, reference
-from ._backend import use_backend
+from ._backend import use_attention_forward, use_backend
 from ._library import checks_enabled, unchecked
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .attention import attention, scaled_dot_product_attention, varlen_attention
@@ -37,6 +39,7 @@ __all__ = [
     "swiglu_packed",
     "geglu_packed",
     "use_backend",
+    "use_attention_forward",
     "unchecked",
     "checks_enabled",
     "patch",

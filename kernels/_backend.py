@@ -11,6 +11,13 @@ Rules, in order:
    :mod:`kernels` was imported, in which case CPU tensors run the Triton kernels
    through Triton's interpreter.
 
+One op has a second, experimental GPU kernel: attention's forward in Gluon
+(:mod:`kernels._attention_gluon`, Hopper only, built by the compiler but never run
+on a GPU yet). It is off unless asked for: ``FASTLM_ATTENTION=gluon`` (or
+:func:`use_attention_forward("gluon")`) runs it where the Triton kernels would
+run, on CUDA tensors, never under the interpreter; ``kernels.attention`` then
+takes it only for the inputs it supports and the Triton forward for the rest.
+
 ``TRITON_INTERPRET`` is read once, at import: ``@triton.jit`` reads it when a
 kernel is decorated, so interpreted and compiled kernels cannot be mixed in one
 process and changing the variable later would only make the two disagree.
@@ -24,37 +31,47 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference")  # each tuple: the default first
+ATTENTION_FORWARDS = ("triton", "gluon")
 
 INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_override: str | None = None
+# The with-block choices, by the environment variable they take precedence over.
+_overrides: dict[str, str | None] = {"FASTLM_BACKEND": None, "FASTLM_ATTENTION": None}
 
 
-def requested_backend() -> str:
-    """The backend asked for: :func:`use_backend`'s override, else ``FASTLM_BACKEND``, else ``auto``."""
-    name = _override if _override is not None else os.environ.get("FASTLM_BACKEND", "auto")
-    name = name.strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"FASTLM_BACKEND must be one of {BACKENDS}, got {name!r}")
+def _requested(variable: str, choices: tuple[str, ...]) -> str:
+    """The choice in force: a with-block's override, else the environment variable, else the first choice."""
+    name = _overrides[variable] if _overrides[variable] is not None else os.environ.get(variable, "")
+    name = name.strip().lower() or choices[0]
+    if name not in choices:
+        raise ValueError(f"{variable} must be one of {choices}, got {name!r}")
     return name
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def _overriding(variable: str, name: str, choices: tuple[str, ...], what: str) -> Iterator[None]:
+    if name not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {name!r}")
+    previous, _overrides[variable] = _overrides[variable], name
+    try:
+        yield
+    finally:
+        _overrides[variable] = previous
+
+
+def requested_backend() -> str:
+    """The backend asked for: :func:`use_backend`'s override, else ``FASTLM_BACKEND``, else ``auto``."""
+    return _requested("FASTLM_BACKEND", BACKENDS)
+
+
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Force a backend (``auto``, ``triton`` or ``reference``) inside a ``with`` block.
 
     Takes precedence over ``FASTLM_BACKEND``. Used by the trainer's switch that runs
     a whole model on the references, and by tests.
     """
-    global _override
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _override = _override, name
-    try:
-        yield
-    finally:
-        _override = previous
+    return _overriding("FASTLM_BACKEND", name, BACKENDS, "backend")
 
 
 def use_triton(device: torch.device) -> bool:
@@ -71,3 +88,24 @@ def use_triton(device: torch.device) -> bool:
             f"importing kernels to run the kernels on CPU; got tensors on {device}"
         )
     return on_gpu or (device.type == "cpu" and INTERPRETER)
+
+
+def requested_attention_forward() -> str:
+    """The attention forward asked for: :func:`use_attention_forward`'s override, else ``FASTLM_ATTENTION``,
+    else ``triton``."""
+    return _requested("FASTLM_ATTENTION", ATTENTION_FORWARDS)
+
+
+def use_attention_forward(name: str) -> contextlib.AbstractContextManager[None]:
+    """Choose attention's forward kernel (``triton`` or the experimental ``gluon``) inside a ``with`` block.
+
+    Takes precedence over ``FASTLM_ATTENTION``.
+    """
+    return _overriding("FASTLM_ATTENTION", name, ATTENTION_FORWARDS, "attention forward")
+
+
+def use_gluon_attention(device: torch.device) -> bool:
+    """True when attention's forward on ``device`` should try the Gluon kernel: asked for, and a real GPU
+    launch (the Triton backend on CUDA tensors; Gluon has no interpreter)."""
+    return (requested_attention_forward() == "gluon" and device.type == "cuda" and not INTERPRETER
+            and use_triton(device))

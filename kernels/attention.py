@@ -34,7 +34,9 @@ blocks fully visible to every row run without a mask, and only the diagonal
 blocks (and the last, partial one) apply it. On sm_90+, inputs TMA can read
 (``_tma_qualifies``) run ``_attn_fwd_tma_kernel``: tensor descriptors, one key
 loop, and warp-specialized autotune candidates; the rest, and sm_80, the pointer
-kernel.
+kernel. Opted in (``FASTLM_ATTENTION=gluon``, :mod:`kernels._backend`), the plain
+dense calls on Hopper run the experimental Gluon forward instead
+(:mod:`kernels._attention_gluon`), which writes the same ``o`` and ``lse``.
 
 Backward, deterministic (no atomics): a preprocess kernel forms ``delta``; one
 kernel per block of keys accumulates dK and dV over all query blocks and, for
@@ -63,7 +65,7 @@ import triton
 import triton.language as tl
 
 from ._autograd import first_order_only, triton_only_first_order
-from ._backend import use_triton
+from ._backend import requested_attention_forward, use_gluon_attention, use_triton
 from ._library import autocast_dtype, autocast_inputs, check_values, define_op, launch, no_tensor, present
 from ._triton_math import tanh as _tanh
 from ._launch import TRITON_DTYPE, KernelSpec, cdiv, next_power_of_2
@@ -1128,6 +1130,12 @@ def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
+    if (use_gluon_attention(q.device) and p.cu is None and p.kv_lens is None and not p.window and p.softcap == 0
+            and p.sinks is None and _attention_gluon.qualifies(q, k, v) and _tma_qualifies(q, k, v, o)):
+        # The opt-in experimental Gluon forward (kernels._attention_gluon): the same o and lse.
+        _attention_gluon.forward(q, k, v, o, lse, p.causal, p.causal_offset, p.qk_scale, _seq_bucket(Nq),
+                                 _seq_bucket(Nk))
+        return o, lse
     if p.cu is None and _tma_qualifies(q, k, v, o):
         block_d = consts["BLOCK_D"]  # the row counts are placeholders until the tile is chosen
         args = (
@@ -1298,7 +1306,7 @@ def compile_specs() -> list[KernelSpec]:
                     label=f"preprocess D={head_dim} {dtype}{' +features' if features else ''}",
                     extra={"divisible_by_16": _divisible_by_16(sig, head_dim), "quick": not features},
                 ))
-    return specs
+    return specs + _attention_gluon.compile_specs()
 
 
 # ----------------------------------------------------------------------------- ops
@@ -1752,6 +1760,7 @@ def attention(
     q, k, v = _autocast(q, k, v)
     scale = _check(q, k, v, kv_lens, scale)
     left, right, softcap, sinks32 = _check_features(q, window_size, softcap, sinks)
+    requested_attention_forward()  # a bad FASTLM_ATTENTION is an error on every backend
     if not use_triton(q.device):
         return reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, window_size=(left, right),
                                    softcap=softcap, sinks=sinks, return_lse=return_lse)
@@ -1888,3 +1897,8 @@ def scaled_dot_product_attention(
                                                       enable_gqa=enable_gqa)
     # Top-left alignment is causal offset 0: the same kernels as attention(causal=True).
     return attention_op(query, key, value, None, scale, 0 if is_causal else None)[0]
+
+
+# The experimental Gluon forward (used by _forward and compile_specs above) calls this module's
+# _key_range, so it is imported once everything here is defined.
+from . import _attention_gluon  # noqa: E402

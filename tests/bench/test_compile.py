@@ -267,3 +267,75 @@ def test_attention_forward_features_without_a_window_do_not_spill_at_head_dim_25
     # (64, 64, 8w, 2s) feature candidate spilled 8 bytes there on sm_90.
     rows = _compile_rows(tmp_path, "90", "fwd D=256 causal torch.bfloat16 +features no-window[")
     assert rows and all(r["spill_bytes"] == 0 for r in rows)
+
+
+def test_gluon_attention_forward_overlaps_the_softmax_with_async_wgmma(tmp_path):
+    # The experimental Gluon forward (kernels._attention_gluon) as designed, for sm_90: Q, K and V in
+    # and O out by TMA, no cp.async; per key tile Q K^T from shared memory (D/16 wgmma) and P V with
+    # P from registers (BLOCK_N/16); the wait that leaves one wgmma group in flight (the softmax
+    # overlaps P V) beside the full waits; no spill. Unspecialized: 8 warps, two warpgroups of 64
+    # rows in one key loop. Warp-specialized: a TMA producer that gives up registers, two consumer
+    # partitions (a key loop each, one O store each) that raise theirs.
+    gluon = importlib.import_module("kernels._attention_gluon")
+    if not gluon.AVAILABLE:
+        pytest.skip(gluon.UNAVAILABLE_REASON)
+    rows = _compile_rows(tmp_path, "90", "fwd_gluon D=64 causal torch.bfloat16|fwd_gluon D=128 causal torch.bfloat16")
+    assert len(rows) == len(gluon.CONFIGS[64]) + len(gluon.CONFIGS[128])
+    assert {"WARP_SPECIALIZE=True" in r["config"] for r in rows} == {True, False}
+    for r in rows:
+        head_dim = int(re.search(r"BLOCK_D=(\d+)", r["config"]).group(1))
+        block_n = int(re.search(r"BLOCK_N=(\d+)", r["config"]).group(1))
+        specialized = "WARP_SPECIALIZE=True" in r["config"]
+        f = r["sass"]
+        assert f["utmaldg"] > 0 and f["utmastg"] == (2 if specialized else 1) and f["ldgsts"] == 0, r["config"]
+        assert r["spill_bytes"] == 0 and r["tensor_cores"] == "HGMMA" and f["hmma"] == 0, r["config"]
+        assert {f"64x{block_n}x16ss", f"64x{head_dim}x16rs"} == set(f["hgmma"]), (r["config"], f["hgmma"])
+        assert f["wgmma_waits"] == [0, 1], r["config"]
+        assert "BLOCK_M=128," in r["config"]
+        loops = f["loops"]
+        assert len(loops) == (2 if specialized else 1), (r["config"], loops)
+        assert all(n["hgmma"] == (head_dim + block_n) // 16 for n in loops), (r["config"], loops)
+        if specialized:
+            assert " w4 " in r["config"] and f["warp_specialized"], r["config"]
+            assert min(f["setmaxnreg"]) <= 40 and max(f["setmaxnreg"]) >= 240, f["setmaxnreg"]
+        else:
+            assert " w8 " in r["config"] and not f["warp_specialized"] and not f["setmaxnreg"], r["config"]
+
+
+_PTXAS_REPORT = """
+import os, subprocess, sys, tempfile
+import triton
+import triton.backends.nvidia as nvidia
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from bench import compile as compile_check
+
+ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+for spec in compile_check.collect_specs(sys.argv[1]):
+    k = triton.compile(GluonASTSource(spec.kernel, spec.signature, spec.constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": spec.num_warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(k.asm["ptx"])
+        f.flush()
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    print(spec.describe(), "|", " ".join((out.stdout + out.stderr).split()))
+"""
+
+
+def test_gluon_attention_forward_keeps_its_wgmma_async_in_ptxas():
+    # ptxas serializes wgmma it cannot prove safe to overlap ("(C7511)/(C7515) ... wgmma.mma_async
+    # instructions are serialized", or "(C7519) warpgroup.arrive is injected" to protect registers a
+    # wgmma uses: both print for a hand-written PTX with a register write between two wgmma), which
+    # would undo the overlap of the softmax with P V the kernel is written for.
+    gluon = importlib.import_module("kernels._attention_gluon")
+    if not gluon.AVAILABLE:
+        pytest.skip(gluon.UNAVAILABLE_REASON)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PTXAS_REPORT, "fwd_gluon D=128 causal torch.bfloat16"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(gluon.CONFIGS[128]), lines
+    for line in lines:
+        assert "Used" in line and "0 bytes spill stores" in line, line
+        assert "serialized" not in line and "injected" not in line, line

@@ -9,6 +9,9 @@ one kv-head count instead of the full product, and targeted tests cover the rest
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -19,7 +22,7 @@ from kernels import reference
 from kernels.attention import TileConfig
 from kernels.numerics import assert_close_to_ref, factor
 
-from helpers import DEVICE, HAS_GPU, attention_kernels_launched
+from helpers import DEVICE, HAS_GPU, ROOT, attention_kernels_launched
 
 # The module (kernels.attention is the function of the same name).
 attention_module = importlib.import_module("kernels.attention")
@@ -561,3 +564,144 @@ def test_dq_strides_tma_cannot_read_take_the_pointer_dq_and_agree(monkeypatch):
     assert kinds == ["dq_tma", "dq", "dq"]
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), base, got, no_tma):
         assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+# ----------------------------------------------------------------------------- Gluon forward (opt-in)
+
+gluon_module = importlib.import_module("kernels._attention_gluon")
+
+
+def _gluon_forward_calls(monkeypatch) -> list[tuple]:
+    """Record each launch of the Gluon forward as (head dim, causal)."""
+    calls = []
+    forward = gluon_module.forward
+
+    def recording(q, k, v, o, lse, causal, *args):
+        calls.append((q.shape[-1], causal))
+        return forward(q, k, v, o, lse, causal, *args)
+
+    monkeypatch.setattr(gluon_module, "forward", recording)
+    return calls
+
+
+def test_bad_attention_forward_is_an_error(monkeypatch):
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    monkeypatch.setenv("FASTLM_ATTENTION", "flash")
+    for backend in ("auto", "reference"):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match=r"FASTLM_ATTENTION must be one of "
+                                                                           r"\('triton', 'gluon'\), got 'flash'"):
+            kernels.attention(q, k, v)
+    with pytest.raises(ValueError, match=r"attention forward must be one of \('triton', 'gluon'\), got 'fa3'"):
+        with kernels.use_attention_forward("fa3"):
+            pass
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the fallback off a GPU")
+@pytest.mark.parametrize("how", ["env", "context"])
+def test_gluon_forward_falls_back_off_a_gpu(monkeypatch, how):
+    # Opted in on CPU (the interpreter, or the reference): the Triton kernels run, bit for bit, and the
+    # Gluon forward is never asked; the qualification itself refuses CPU tensors.
+    calls = _gluon_forward_calls(monkeypatch)
+    q, k, v, do = _inputs(1, 4, 2, 45, 70, 64, torch.float16)
+    base = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    if how == "env":
+        monkeypatch.setenv("FASTLM_ATTENTION", " Gluon ")  # as FASTLM_BACKEND: case and spaces do not matter
+        got = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    else:
+        with kernels.use_attention_forward("gluon"):
+            got = _grads(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    assert not calls
+    for a, b in zip(got, base):
+        assert torch.equal(a, b)
+    assert not gluon_module.qualifies(q, k, v)
+
+
+@pytest.mark.parametrize("triton_lacks,setup,reason", [
+    ("hopper-module", "sys.modules['triton.experimental.gluon.language.nvidia.hopper'] = None  # import fails",
+     "no usable Gluon Hopper API"),
+    ("old-release", "import triton; triton.__version__ = '3.5.1'", "Triton 3.5.1 is older than 3.6"),
+])
+def test_gluon_forward_is_unavailable_without_its_triton_api(tmp_path, triton_lacks, setup, reason):
+    # A Triton whose Gluon lacks the Hopper module, or a release before 3.6 (another Gluon API): kernels
+    # still imports, the path reports itself unavailable (and so never qualifies), and it ships
+    # nothing to compile.
+    script = tmp_path / "no_gluon.py"
+    script.write_text(
+        "import sys\n"
+        f"{setup}\n"
+        "import kernels, kernels._attention_gluon as g\n"
+        f"assert not g.AVAILABLE and {reason!r} in g.UNAVAILABLE_REASON, g.UNAVAILABLE_REASON\n"
+        "assert g.compile_specs() == []\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+# (Nq, Nk, D, Hkv): ragged lengths around a 128-key tile (partial tiles through TMA's zero fill),
+# Nq != Nk both ways (causal: a diagonal offset, rows that see no key), GQA, both head dims.
+GLUON_SHAPES = [(127, 127, 64, 2), (128, 128, 128, 8), (129, 129, 128, 1), (129, 385, 64, 4), (385, 129, 128, 2),
+                (1023, 1024, 128, 2), (50, 700, 64, 1)]
+
+
+@pytest.fixture
+def gluon_config(monkeypatch, request):
+    """Pin the Gluon forward's autotuner to candidate ``request.param`` of each head dim (the last one where a
+    head dim has fewer): every candidate is checked, not only the one the autotuner would pick."""
+    if not gluon_module.qualifies(*_inputs(1, 1, 1, 1, 1, 64, torch.bfloat16)[:3]):
+        pytest.skip(f"the Gluon forward does not run here: {gluon_module.UNAVAILABLE_REASON or 'not sm_90'}")
+    pinned = {d: [configs[min(request.param, len(configs) - 1)]] for d, configs in gluon_module.CONFIGS.items()}
+    monkeypatch.setattr(gluon_module, "CONFIGS", pinned)
+    gluon_module._autotuned.cache_clear()
+    yield pinned
+    gluon_module._autotuned.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("gluon_config", [0, 1, 2], indirect=True, ids=["config0", "config1", "config2"])
+def test_gpu_gluon_forward_matches_reference(monkeypatch, gluon_config, causal):
+    # Forward and backward through the public function with the opt-in on: the Triton backward
+    # consumes the Gluon forward's o and lse. The lse itself against the Triton forward's. bf16 here,
+    # fp16 below (each dtype, head dim, causal setting and candidate compiles once).
+    calls = _gluon_forward_calls(monkeypatch)
+    for Nq, Nk, D, Hkv in GLUON_SHAPES:
+        q, k, v, do = _inputs(2, 8, Hkv, Nq, Nk, D, torch.bfloat16)
+        calls.clear()
+        with kernels.use_attention_forward("gluon"):
+            check_against_reference(q, k, v, do, causal=causal)
+            out, lse = kernels.attention(q, k, v, causal=causal, return_lse=True)
+        assert calls and set(calls) == {(D, causal)}, (Nq, Nk, D)
+        _, lse_triton = kernels.attention(q, k, v, causal=causal, return_lse=True)
+        torch.testing.assert_close(lse, lse_triton, rtol=1e-4, atol=1e-4)
+        if causal and Nq > Nk:  # rows that see no key
+            assert (out[:, :, :Nq - Nk] == 0).all() and (lse[:, :, :Nq - Nk] == float("-inf")).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gluon_config", [2], indirect=True, ids=["config2"])
+def test_gpu_gluon_forward_fp16(monkeypatch, gluon_config):
+    calls = _gluon_forward_calls(monkeypatch)
+    with kernels.use_attention_forward("gluon"):
+        check_against_reference(*_inputs(2, 8, 2, 385, 129, 128, torch.float16), causal=True)
+    assert calls == [(128, True)]
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_forward_falls_back_where_it_does_not_apply(monkeypatch):
+    # Opted in, inputs it does not take run the Triton forward, silently and correctly.
+    calls = _gluon_forward_calls(monkeypatch)
+    q, k, v, do = _inputs(2, 4, 2, 200, 300, 64, torch.bfloat16)
+    odd = _inputs(2, 4, 2, 200, 300, 96, torch.bfloat16)
+    with kernels.use_attention_forward("gluon"):
+        check_against_reference(q, k, v, do, causal=True, kv_lens=torch.tensor([300, 77], device=DEVICE))
+        check_against_reference(*odd, causal=True)  # head dim 96
+        check_against_reference(*(t.float() for t in (q, k, v, do)), causal=True)  # fp32
+        check_against_reference(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, do)  # no TMA: strides
+        out = kernels.attention(q, k, v, causal=True, window_size=(64, 0))
+        assert_close_to_ref(out, reference.attention(q.float(), k.float(), v.float(), causal=True, window_size=(64, 0)),
+                            reference.attention(q, k, v, causal=True, window_size=(64, 0)),
+                            factor=factor("attention", gradient=False))
+    assert not calls

@@ -1135,7 +1135,7 @@ def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
         # The opt-in experimental Gluon forward (kernels._attention_gluon): the same o and lse.
         _attention_gluon.forward(q, k, v, o, lse, p.causal, p.causal_offset, p.qk_scale, _seq_bucket(Nq),
                                  _seq_bucket(Nk))
-        return o, lse
+        return
     if p.cu is None and _tma_qualifies(q, k, v, o):
         block_d = consts["BLOCK_D"]  # the row counts are placeholders until the tile is chosen
         args = (

@@ -47,6 +47,9 @@ from .files import atomic_write, fault_point, remove_dir
 from .jsonfile import content_sha256, read_json_object, require
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What a save or deletion killed midway leaves in checkpoints/: save_checkpoint's ".tmp-step_N-PID" and
+# ".old-step_N-PID", remove_dir's ".step_N.del-PID". Only these hidden names are fastlm's to clean up.
+_LEFTOVER = re.compile(r"^\.(?:(?:tmp|old)-step_\d+-\d+|step_\d+\.del-\d+)$")
 _TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
@@ -200,9 +203,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
     for old in older[:max(0, len(older) - (keep_last - 1))]:
         remove_dir(old)
-    for leftover in final.parent.iterdir():  # from a crashed save or deletion: hidden, or without state.json
-        if leftover.name.startswith(".") or (_STEP_DIR.match(leftover.name)
-                                             and not (leftover / "state.json").is_file()):
+    for leftover in final.parent.iterdir():  # from a crashed save or deletion: its hidden names, or no state.json
+        if _LEFTOVER.match(leftover.name) or (_STEP_DIR.match(leftover.name)
+                                              and not (leftover / "state.json").is_file()):
             shutil.rmtree(leftover, ignore_errors=True)
     return final
 

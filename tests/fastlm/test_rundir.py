@@ -280,6 +280,26 @@ def test_partial_checkpoints_are_not_listed_and_are_cleaned_up(tmp_path, monkeyp
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000004"]
 
 
+def test_saves_clean_up_only_their_own_leftovers(tmp_path):
+    """A save removes what a killed save or deletion of fastlm's left (``.tmp-step_*-PID``, ``.old-step_*-PID``,
+    ``.step_*.del-PID``), never a user's own hidden files in ``checkpoints/`` (a ``.gitignore``, notes, a
+    ``.git`` folder)."""
+    model, optimizer = tiny_model()
+    save_checkpoint(tmp_path, 1, model, optimizer, {}, keep_last=5)
+    folder = tmp_path / "checkpoints"
+    (folder / ".gitignore").write_text("*.safetensors\n")
+    (folder / ".notes").mkdir()
+    (folder / ".notes" / "run.md").write_text("lr sweep, second try")
+    (folder / ".tmp-step_00000007-unrelated").mkdir()  # not fastlm's pattern: ends in no process id
+    for leftover in (".tmp-step_00000002-4242", ".old-step_00000001-4242", ".step_00000001.del-4242"):
+        (folder / leftover).mkdir()
+        (folder / leftover / "model.safetensors").write_bytes(b"partial")
+    save_checkpoint(tmp_path, 2, model, optimizer, {}, keep_last=5)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".gitignore", ".notes", ".tmp-step_00000007-unrelated", "step_00000001", "step_00000002"]
+    assert (folder / ".notes" / "run.md").read_text() == "lr sweep, second try"
+
+
 # ----------------------------------------------------------------------------- full disks, torn files
 
 

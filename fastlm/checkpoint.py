@@ -200,7 +200,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 
     # Retention looks only at this step and older ones: never at a newer checkpoint a resumed run
     # abandoned, which would otherwise count as "last" and push out the one just written.
-    older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
+    # A checkpoint folder that is a link (to another disk, say) is the user's: never deleted through.
+    older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step and not p.is_symlink()]
     for old in older[:max(0, len(older) - (keep_last - 1))]:
         remove_dir(old)
     for leftover in final.parent.iterdir():  # from a crashed save or deletion: its hidden names, or no state.json

@@ -300,6 +300,21 @@ def test_saves_clean_up_only_their_own_leftovers(tmp_path):
     assert (folder / ".notes" / "run.md").read_text() == "lr sweep, second try"
 
 
+def test_retention_never_deletes_through_a_linked_checkpoint(tmp_path):
+    """A checkpoint folder that is a link (to another disk, say) is the user's: retention leaves the link and
+    what it points at, and the save goes on (it used to rename the link, then fail on rmtree after saving)."""
+    model, optimizer = tiny_model()
+    save_checkpoint(tmp_path, 1, model, optimizer, {}, keep_last=1)
+    folder = tmp_path / "checkpoints"
+    elsewhere = tmp_path / "other_disk" / "step_00000001"
+    elsewhere.parent.mkdir()
+    shutil.move(folder / "step_00000001", elsewhere)
+    (folder / "step_00000001").symlink_to(elsewhere, target_is_directory=True)
+    save_checkpoint(tmp_path, 2, model, optimizer, {}, keep_last=1)
+    assert (folder / "step_00000001").is_symlink() and (elsewhere / "state.json").is_file()
+    assert (folder / "step_00000002" / "state.json").is_file()
+
+
 # ----------------------------------------------------------------------------- full disks, torn files
 
 

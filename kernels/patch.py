@@ -462,9 +462,9 @@ def _length_bound(maximum: int | torch.Tensor | None) -> int | None:
 
     The flattening collator gives a Python int, used as is; transformers' own
     ``prepare_fa_kwargs_from_position_ids`` a 0-d tensor, read on the host eagerly, but not
-    while ``torch.compile`` traces (reading it would break the graph): there None, and the
-    launch grid covers the total length (correct; the programs past a sequence's end exit
-    at once).
+    while ``torch.compile`` traces (reading it would break the graph, or put a ``.item()``, a
+    host sync, into it): there None, and the launch grid covers the total length (correct;
+    the programs past a sequence's end exit at once).
     """
     if not isinstance(maximum, torch.Tensor):
         return maximum

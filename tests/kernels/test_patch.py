@@ -617,8 +617,9 @@ def test_a_patched_llama_traces_in_one_graph_with_the_fused_ops():
 
 def test_packed_sequences_trace_in_one_graph_through_varlen_attention():
     # The flattening collator's keyword arguments under torch.compile: its maxima are ints; transformers'
-    # prepare_fa_kwargs_from_position_ids gives 0-d tensors, which reading would break the graph (9 breaks:
-    # one per layer's int()) while the grid can cover the total length instead.
+    # prepare_fa_kwargs_from_position_ids gives 0-d tensors, whose int() was a graph break where they are
+    # constants of the traced code (9 on this model) and a .item() in the graph (a host sync on a GPU)
+    # where they are its inputs, while the launch grid can cover the packed length instead.
     torch.manual_seed(0)
     model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(),
                                                                         attn_implementation="sdpa")).train()
@@ -626,15 +627,23 @@ def test_packed_sequences_trace_in_one_graph_through_varlen_attention():
     positions = torch.cat([torch.arange(n) for n in (7, 5, 8)])[None]
     cu_seq_lens = torch.tensor([0, 7, 12, 20], dtype=torch.int32)
     kwargs = dict(position_ids=positions, use_cache=False, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens)
+    graphs = []
+
+    def keep_graph(graph, example_inputs):  # Dynamo alone, as backend="eager", keeping the graph's code
+        graphs.append(graph.code)
+        return graph.forward
+
     with kernels.use_backend("triton"):
-        breaks, code = _graph_breaks(model, packed, **kwargs, max_length_q=torch.tensor(8), max_length_k=torch.tensor(8))
-        assert breaks == 0
-        assert "fastlm.varlen_attention" in code and "fastlm.attention" not in code, code
         expected = model(packed, labels=packed, **kwargs, max_length_q=8, max_length_k=8).loss
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
-        for maximum in (torch.tensor(8), 8):
-            loss = compiled(packed, labels=packed, **kwargs, max_length_q=maximum, max_length_k=maximum).loss
-            torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        compiled = torch.compile(model, fullgraph=True, backend=keep_graph)
+        maxima = dict(max_length_q=torch.tensor(8), max_length_k=torch.tensor(8))  # as prepare_fa_kwargs_... gives
+        loss = compiled(packed, labels=packed, **kwargs, **maxima).loss
+    assert len(graphs) == 1
+    assert "fastlm.varlen_attention" in graphs[0] and "fastlm.attention" not in graphs[0], graphs[0]
+    assert ".item()" not in graphs[0], graphs[0]
+    with kernels.use_backend("triton"):
+        assert _graph_breaks(model, packed, **kwargs, **maxima)[0] == 0  # the maxima as constants of the code
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_forward_signature_is_read_once_per_class(monkeypatch):

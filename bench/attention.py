@@ -56,7 +56,6 @@ import torch
 
 from bench import common
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
 # FLOPs of each mode as a multiple of the forward's: the project's convention
 # (shared/docs/testing-kernels.md: x2.5 for forward+backward), which the issue's
@@ -349,7 +348,7 @@ def print_rows(rows: list[dict], ceiling: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=16384, help="batch x sequence")
@@ -368,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.attention: no GPU: nothing measured (the figures need a CUDA device)")
         return 0
-    dtype = DTYPES[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     if args.suite != "providers":
         if args.suite == "varlen":
             rows = bench_varlen(args.heads, args.head_dim, args.tokens, dtype)

@@ -17,11 +17,12 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the benches' --dtype choices
 
 
 def device_name(device: str) -> str:
@@ -110,6 +111,15 @@ def report_bandwidth(op: str, rows: list[dict], device: str, copy_gbps: float, *
     out = write_report(op, rows, device, meta=meta, x=x, y="GB/s", series="provider")
     print(markdown_table(rows, [c for c in rows[0] if c not in ("ms_p20", "ms_p80")], meta))
     print(f"written to {out}/{op}.*")
+
+
+def sweep_bandwidth(op: str, bench: Callable[..., list[dict]], cases: Iterable[tuple], device: str, *, x: str) -> int:
+    """A memory-bound op's sweep, the end of its ``main``: the device's copy bandwidth, then
+    ``bench(*case, copy_gbps)``'s rows for each case, reported by :func:`report_bandwidth`; the exit status."""
+    copy_gbps = copy_bandwidth_gbps(device)
+    rows = [row for case in cases for row in bench(*case, copy_gbps)]
+    report_bandwidth(op, rows, device, copy_gbps, x=x)
+    return 0
 
 
 def markdown_table(rows: list[dict], columns: list[str], meta: dict) -> str:

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import kernels
 from bench import common
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("swiglu", "geglu", "swiglu_packed")
 
 
@@ -89,23 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="rows (default 16384 on GPU, 2048 on CPU)")
     parser.add_argument("--hidden", default=None, help="comma-separated MLP widths (default 11008,14336 on GPU)")
     parser.add_argument("--ops", default=",".join(OPS))
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=list(common.DTYPES), help="default bf16 on GPU, fp32 on CPU")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = args.tokens or (16384 if device == "cuda" else 2048)
     hidden = [int(h) for h in (args.hidden or ("11008,14336" if device == "cuda" else "1024")).split(",")]
-    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    dtype = common.DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     ops = args.ops.split(",")
     for op in ops:
         if op not in OPS:
             parser.error(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
-    copy_gbps = common.copy_bandwidth_gbps(device)
-    rows = []
-    for op in ops:
-        for n in hidden:
-            rows += bench_op(op, tokens, n, dtype, device, copy_gbps)
-    common.report_bandwidth("glu", rows, device, copy_gbps, x="hidden")
-    return 0
+    return common.sweep_bandwidth("glu", bench_op, [(op, tokens, n, dtype, device) for op in ops for n in hidden],
+                                  device, x="hidden")
 
 
 if __name__ == "__main__":

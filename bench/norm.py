@@ -23,8 +23,6 @@ import torch.nn.functional as F
 import kernels
 from bench import common
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def _providers(op: str, device: str, dtype: torch.dtype) -> dict:
     if op == "layer_norm":
@@ -106,20 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.norm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=None, help="rows (default 16384 on GPU, 2048 on CPU)")
     parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=list(common.DTYPES), help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--ops", default="layer_norm,rms_norm,add_rms_norm")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = args.rows or (16384 if device == "cuda" else 2048)
     hidden = [int(h) for h in (args.hidden or ("1024,2048,4096,8192,16384" if device == "cuda" else "1024,4096")).split(",")]
-    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    copy_gbps = common.copy_bandwidth_gbps(device)
-    rows = []
-    for op in args.ops.split(","):
-        for n in hidden:
-            rows += bench_op(op, m, n, dtype, device, copy_gbps)
-    common.report_bandwidth("norm", rows, device, copy_gbps, x="hidden")
-    return 0
+    dtype = common.DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    return common.sweep_bandwidth("norm", bench_op, [(op, m, n, dtype, device) for op in args.ops.split(",")
+                                                     for n in hidden], device, x="hidden")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import torch
 import kernels
 from bench import common
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def eager_rope(q, k, cos, sin):
     """HF's ``apply_rotary_pos_emb`` (cos/sin (batch, seq, head_dim) in q's dtype)."""
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlens", default=None, help="comma-separated (default 1024,4096 on GPU, 512 on CPU)")
     parser.add_argument("--heads", default=None, help="q heads,kv heads (default 32,8 on GPU, 8,2 on CPU)")
     parser.add_argument("--head-dim", type=int, default=None, help="default 128 on GPU, 64 on CPU")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=list(common.DTYPES), help="default bf16 on GPU, fp32 on CPU")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
@@ -89,13 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     seqlens = [int(s) for s in (args.seqlens or ("1024,4096" if gpu else "512")).split(",")]
     heads, kv_heads = (int(h) for h in (args.heads or ("32,8" if gpu else "8,2")).split(","))
     head_dim = args.head_dim or (128 if gpu else 64)
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    copy_gbps = common.copy_bandwidth_gbps(device)
-    rows = []
-    for seq in seqlens:
-        rows += bench_case(batch, seq, heads, kv_heads, head_dim, dtype, device, copy_gbps)
-    common.report_bandwidth("rope", rows, device, copy_gbps, x="seq")
-    return 0
+    dtype = common.DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    return common.sweep_bandwidth("rope", bench_case,
+                                  [(batch, seq, heads, kv_heads, head_dim, dtype, device) for seq in seqlens],
+                                  device, x="seq")
 
 
 if __name__ == "__main__":

@@ -147,9 +147,12 @@ def model_forward(model: torch.nn.Module, compiled: bool) -> Iterator[Callable[.
     fail. The compiled model runs a copy of that code object instead (same bytecode, its own cache), emptied
     at exit: a run counts only its own compilations, and a model the user compiled elsewhere, even of the
     same class, is neither counted nor recompiled. One graph per model (fullgraph): a graph break is an
-    error here, not a silent slowdown. Under DDP/FSDP, whose compiled forward Dynamo splits at gradient
-    buckets (tested eager only), the model is compiled as it is, without fullgraph: past the limit Dynamo
-    runs it eager instead of failing."""
+    error here, not a silent slowdown. Under DDP/FSDP the model is compiled as it is, without fullgraph
+    (past the limit Dynamo runs it eager instead of failing), for their wrappers break the graph, none of
+    our code: DDP's forward three times (its ``Logger``, and ``_inside_ddp_forward``, which Dynamo skips on
+    purpose), after which the model's forward is one graph (Dynamo splits it at gradient buckets); FSDP2's
+    hooks around each sharded block are ``torch._dynamo.disable``-d (``skip_fsdp_hooks``), so the loop over
+    the blocks runs eagerly and each block's forward compiles on its own (2 layers: 5 graphs)."""
     if not compiled:
         yield model
         return

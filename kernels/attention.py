@@ -325,6 +325,19 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _tma_program(KV_LENS, group, Nq, Nk, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The start of the dense TMA kernels (forward and dQ): this program's query head, batch, kv head,
+    first query row, the tile's query rows and key columns, and the batch's kv_len."""
+    pid_m, h, b, hk = _forward_program(group, CAUSAL)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
+    return h, b, hk, start_m, offs_m, offs_n, kv_len
+
+
+@triton.jit
 def _attn_fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, KV_LENS, SINKS, Q, O,
     stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om,
@@ -344,11 +357,8 @@ def _attn_fwd_tma_kernel(
     rebalanced registers). ``Q``, ``O`` and their strides serve the descriptors that
     kernel makes itself (needs :func:`_ensure_allocator`).
     """
-    pid_m, h, b, hk = _forward_program(group, CAUSAL)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
+    h, b, hk, start_m, offs_m, offs_n, kv_len = _tma_program(KV_LENS, group, Nq, Nk, CAUSAL, HAS_KV_LENS,
+                                                             BLOCK_M, BLOCK_N)
 
     # Triton's warp-specialization pass takes no branch inside its loop (3.8 leaves such a
     # loop unspecialized): there every tile runs the mask as arithmetic. It neither takes
@@ -677,11 +687,8 @@ def _attn_bwd_dq_tma_kernel(
     counts as "branched"; two loops, as the pointer kernel's, cost 10 to 51 more
     registers as TMA loops.) dsinks as the pointer kernel.
     """
-    pid_m, h, b, hk = _forward_program(group, CAUSAL)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
+    h, b, hk, start_m, offs_m, offs_n, kv_len = _tma_program(KV_LENS, group, Nq, Nk, CAUSAL, HAS_KV_LENS,
+                                                             BLOCK_M, BLOCK_N)
 
     q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     do = desc_do.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)

@@ -6,8 +6,8 @@ Layout of this module: the kernels, their launchers, the ``fastlm::`` ops
 for the full statement with class weights ``w``, label smoothing ``eps`` and z-loss ``z``)::
 
     lse  = logsumexp(x)
-    loss = (1 - eps) * w[y] * (lse - x[y]) + eps / C * sum_c w[c] * (lse - x[c]) + z * lse^2
-    dx   = p * ((1 - eps) * w[y] + eps / C * sum(w) + 2 z lse) - eps / C * w - (1 - eps) * w[y] * onehot(y)
+    loss = (1 - eps) * w[y] * (lse - x[y]) + eps / C * sum_c w[c] * (lse - x[c]) + w[y] * z * lse^2
+    dx   = p * ((1 - eps) * w[y] + eps / C * sum(w) + 2 z w[y] lse) - eps / C * w - (1 - eps) * w[y] * onehot(y)
 
 With a softcap ``s``, ``x`` is ``s * tanh(logits / s)`` (computed as loaded, from
 one exponential) and ``dx`` is multiplied by ``1 - (x / s)^2``. The kernel can
@@ -144,12 +144,12 @@ def _ce_fwd_kernel(
         if HAS_SMOOTHING:
             loss += label_smoothing / C * (w_sum * lse - sum_wx)
             coef_p += label_smoothing / C * w_sum
-        if HAS_Z_LOSS:
-            loss += z_loss * lse * lse
-            coef_p += 2.0 * z_loss * lse
+        if HAS_Z_LOSS:  # weighted by the class weight as the rest of the token's loss
+            loss += z_loss * w_y * lse * lse
+            coef_p += 2.0 * z_loss * w_y * lse
         tl.store(LOSS + row, loss)
         if STORE_Z:  # the z-loss term of this row's loss, for logging
-            tl.store(Z_ROWS + row, z_loss * lse * lse)
+            tl.store(Z_ROWS + row, z_loss * w_y * lse * lse)
 
         if COMPUTE_GRAD:
             scale = tl.load(GRAD_SCALE + row * stride_scale)
@@ -638,8 +638,11 @@ def cross_entropy(
     Beyond torch:
 
     - ``z_loss``: adds ``z_loss * logsumexp(logits)^2`` to each non-ignored token's
-      loss, not multiplied by a class weight, before the reduction (so ``'mean'``
-      divides it by the same denominator as the rest).
+      loss before the reduction, times the token's class weight ``weight[target]``
+      like the rest of its loss: ``'mean'`` is the weighted mean of the per-token
+      losses, z-loss included (PaLM's mean z-loss when unweighted), unchanged when
+      every weight is scaled alike. (Liger-Kernel leaves the z-loss unweighted and
+      divides it by the token count instead.)
     - ``softcap``: Gemma 2's final-logit softcapping, the loss (z-loss included) of
       ``softcap * tanh(logits / softcap)``, with its exact gradient; ``None`` or 0
       is off.

@@ -34,7 +34,8 @@
   softcap ``softcap``. Packed sequences run :func:`kernels.varlen_attention`: the
   ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments of transformers'
   ``DataCollatorWithFlattening`` (taken as given, as transformers' flash-attention
-  path takes them), or the mask transformers builds from position_ids that restart
+  path takes them; also under ``torch.compile``, where maxima given as tensors are not
+  read and the grid covers the packed length), or the mask transformers builds from position_ids that restart
   at 0 (without a cache, ``use_cache=False``; recognised from the mask, one host sync
   per layer). Any other mask, dropout in training, or an option the kernel lacks runs
   transformers' SDPA path (its eager path for a model with a softcap, which SDPA
@@ -63,6 +64,7 @@ import inspect
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -455,11 +457,24 @@ def _cu_seqlens_from_mask(mask: torch.Tensor, n: int, left: int) -> torch.Tensor
     return torch.cat([begins, begins.new_tensor([starts.numel()])]).to(torch.int32)
 
 
+def _length_bound(maximum: int | torch.Tensor | None) -> int | None:
+    """A ``max_length_q/k`` keyword argument as :func:`kernels.varlen_attention` takes it.
+
+    The flattening collator gives a Python int, used as is; transformers' own
+    ``prepare_fa_kwargs_from_position_ids`` a 0-d tensor, read on the host eagerly, but not
+    while ``torch.compile`` traces (reading it would break the graph, or put a ``.item()``, a
+    host sync, into it): there None, and the launch grid covers the total length (correct;
+    the programs past a sequence's end exit at once).
+    """
+    if not isinstance(maximum, torch.Tensor):
+        return maximum
+    return None if torch.compiler.is_compiling() else int(maximum)
+
+
 def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, *, scale, left, softcap):
     """(B, H, N, D) tensors packed as (B * N, H, D) through :func:`kernels.varlen_attention`; (B, N, H, D) out."""
     b, n = query.shape[0], query.shape[2]
-    # transformers' own prepare_fa_kwargs_from_position_ids gives the maxima as 0-d tensors.
-    max_q, max_k = (int(m) if isinstance(m, torch.Tensor) else m for m in (max_q, max_k))
+    max_q, max_k = _length_bound(max_q), _length_bound(max_k)
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
     out = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True, scale=scale,
                            window_size=(left, 0), softcap=softcap)
@@ -589,26 +604,45 @@ def _causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.T
     return loss
 
 
-def _fused_loss_forward(self, *args, **kwargs):
-    """A patched causal LM's forward: with ``labels`` in training mode, the loss through
-    :func:`_causal_lm_loss` and ``logits=None``; otherwise its class's own forward."""
+_forward_signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward_signature(forward) -> tuple[inspect.Signature, str, type]:
+    """``(signature, name of its **kwargs, output class)`` of a causal LM class's ``forward``.
+
+    Read once per function: ``inspect.signature`` costs tens of microseconds, on every training
+    step. While ``torch.compile`` traces, it is read afresh: Dynamo evaluates it at trace time
+    only (with its own cache), where a lookup here would be guarded and traced.
+    """
+    if not torch.compiler.is_compiling() and forward in _forward_signatures:
+        return _forward_signatures[forward]
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.utils import ModelOutput
 
+    signature = inspect.signature(forward)
+    var_keyword = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD),
+                       "kwargs")
+    output_cls = signature.return_annotation
+    if not (isinstance(output_cls, type) and issubclass(output_cls, ModelOutput)):
+        output_cls = CausalLMOutputWithPast
+    if not torch.compiler.is_compiling():
+        _forward_signatures[forward] = signature, var_keyword, output_cls
+    return signature, var_keyword, output_cls
+
+
+def _fused_loss_forward(self, *args, **kwargs):
+    """A patched causal LM's forward: with ``labels`` in training mode, the loss through
+    :func:`_causal_lm_loss` and ``logits=None``; otherwise its class's own forward."""
     own_forward = type(self).forward
-    signature = inspect.signature(own_forward)
+    signature, var_keyword, output_cls = _forward_signature(own_forward)
     bound = signature.bind(self, *args, **kwargs)
     arguments = dict(bound.arguments)
     arguments.pop("self")
-    extra = arguments.pop(next((n for n, p in signature.parameters.items()
-                                if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs"), {})
+    extra = arguments.pop(var_keyword, {})
     labels = arguments.pop("labels", None)
     logits_to_keep = arguments.pop("logits_to_keep", 0)
     if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return own_forward(self, *args, **kwargs)
-    output_cls = signature.return_annotation
-    if not (isinstance(output_cls, type) and issubclass(output_cls, ModelOutput)):
-        output_cls = CausalLMOutputWithPast
     return_dict = extra.pop("return_dict", None)
     loss_options = {k: extra[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in extra}
     outputs = self.base_model(**arguments, **extra)  # as transformers does: the same kwargs to both

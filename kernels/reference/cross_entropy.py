@@ -6,10 +6,12 @@ z-loss coefficient ``z`` (with ``softcap`` s, Gemma 2's final-logit softcapping,
 ``x`` stands for the capped logits ``s * tanh(logits / s)`` throughout)::
 
     lse  = logsumexp(x)
-    loss = (1 - eps) * w[y] * (lse - x[y])  +  eps / C * sum_c w[c] * (lse - x[c])  +  z * lse^2
+    loss = (1 - eps) * w[y] * (lse - x[y])  +  eps / C * sum_c w[c] * (lse - x[c])  +  w[y] * z * lse^2
 
 The first two terms are :func:`torch.nn.functional.cross_entropy`'s, term for term.
-The z-loss term (PaLM's auxiliary loss) is not multiplied by a class weight.
+The z-loss term (PaLM's auxiliary loss) is weighted by the target's class weight as
+torch weighs the token's cross-entropy: the weights then say how much each token counts,
+and ``'mean'`` is the weighted mean of whole per-token losses, whatever the weights' scale.
 Ignored tokens contribute 0. ``'sum'`` adds the per-token losses; ``'mean'``
 divides that sum by ``sum(w[y])`` over the non-ignored tokens (torch's
 denominator, whatever its sign: the count of non-ignored tokens when unweighted),
@@ -20,7 +22,7 @@ when every target is ignored, ``'mean'`` is 0 with zero gradients instead of NaN
 The gradient, which :func:`cross_entropy_rows` computes explicitly (as the
 Triton kernel does), with ``p = softmax(x)``::
 
-    dloss/dx[c] = p[c] * ((1 - eps) * w[y] + eps / C * sum(w) + 2 * z * lse)
+    dloss/dx[c] = p[c] * ((1 - eps) * w[y] + eps / C * sum(w) + 2 * z * w[y] * lse)
                   - eps / C * w[c]  -  (1 - eps) * w[y] * [c == y]
 
 times ``1 - (x[c] / s)^2`` (the derivative of the cap) with a softcap.
@@ -73,7 +75,9 @@ def cross_entropy(
     w = weight.detach().to(dtype) if weight is not None else None
     loss = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     if z_loss or return_z_loss:
-        z_rows = torch.where(t != ignore_index, z_loss * torch.logsumexp(x, dim=1).square(), 0.0)
+        valid = t != ignore_index
+        w_t = w[torch.where(valid, t, 0)] if w is not None else 1.0
+        z_rows = torch.where(valid, z_loss * w_t * torch.logsumexp(x, dim=1).square(), 0.0)
     if z_loss:
         loss = loss + z_rows
     scale = mean_scale(t, w, ignore_index, dtype) if reduction == "mean" else None
@@ -133,7 +137,7 @@ def cross_entropy_rows(
     With ``grad_out`` (``(n, C)``, may be ``logits`` itself, which is then
     overwritten), writes ``dloss_i/dlogits_i * grad_scale_i`` into it;
     ``grad_scale`` is fp32 with 1 element (every row) or ``n`` (one per row).
-    ``z_rows`` (fp32, ``(n,)``) receives each row's z-loss term ``z * lse^2`` (0 when ignored).
+    ``z_rows`` (fp32, ``(n,)``) receives each row's z-loss term ``w[y] * z * lse^2`` (0 when ignored).
     The Triton launcher :func:`kernels.cross_entropy._cross_entropy_rows` has this
     signature and contract.
     """
@@ -160,15 +164,15 @@ def cross_entropy_rows(
         w_sum = w.sum() if w is not None else C
         loss = loss + label_smoothing / C * (w_sum * lse - weighted_x)
     if z_loss:
-        loss = loss + z_loss * lse.square()
+        loss = loss + z_loss * w_t * lse.square()
     loss = torch.where(valid, loss, 0.0)
     if z_rows is not None:
-        z_rows.copy_(torch.where(valid, z_loss * lse.square(), 0.0))
+        z_rows.copy_(torch.where(valid, z_loss * w_t * lse.square(), 0.0))
     if grad_out is None:
         return loss
 
     scale = torch.where(valid, grad_scale.float().expand(n), 0.0)
-    coef_p = (1.0 - label_smoothing) * w_t + 2.0 * z_loss * lse
+    coef_p = (1.0 - label_smoothing) * w_t + 2.0 * z_loss * w_t * lse
     if label_smoothing:
         coef_p = coef_p + label_smoothing / C * w_sum
     g = e.mul_((coef_p * scale / s)[:, None])  # p * coef_p

@@ -178,3 +178,51 @@ def test_resume_with_dropout_is_exact_in_two_processes(tmp_path, corpus):
     assert losses(resumed) == losses(straight)
     assert set(load_file(str(straight / "checkpoints" / "step_00000006" / "rng.safetensors"))) == \
         {"rank_0.torch_cpu", "rank_1.torch_cpu"}
+
+
+def test_compiled_ddp_and_fsdp_break_the_graph_only_in_their_wrappers(tmp_path):
+    """Under torchrun the trainer compiles without fullgraph: DDP's and FSDP2's wrappers break the graph
+    (DDP's forward; FSDP2's hooks around each sharded block). None of fastlm's code may add a break, which
+    would run our model eagerly past it without a word: no break Dynamo reports is in this repository."""
+    script = tmp_path / "compiled_breaks.py"
+    script.write_text(textwrap.dedent("""
+        import logging
+        import os
+        import re
+
+        import torch
+        import torch.distributed as dist
+
+        from fastlm import distributed, train
+        from fastlm.config import ModelConfig
+        from fastlm.model import GPT
+
+        places = []
+
+        class Breaks(logging.Handler):
+            def emit(self, record):
+                found = re.search(r"Graph break .*?in user code at (\\S+):\\d+", record.getMessage())
+                if found:
+                    places.append(os.path.realpath(found.group(1)))
+
+        torch._logging.set_logs(graph_breaks=True)
+        logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks").addHandler(Breaks())
+        real_compile = torch.compile
+        torch.compile = lambda model, **options: real_compile(model, **{**options, "backend": "aot_eager"})
+        dist.init_process_group("gloo")
+        for parallel in ("ddp", "fsdp"):
+            torch.manual_seed(0)
+            model = distributed.parallelize(GPT(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2,
+                                                            n_embd=32)), parallel, torch.device("cpu"), False)
+            idx = torch.randint(0, 320, (2, 32))
+            with train.model_forward(model, True) as forward:
+                forward(idx, idx).backward()
+            torch._dynamo.reset()
+        repo = os.path.dirname(os.path.dirname(os.path.realpath(train.__file__)))  # fastlm/ and kernels/
+        assert places and not [p for p in places if p.startswith(repo + os.sep)], places
+        print(f"rank {dist.get_rank()}: {len(places)} graph breaks, none in fastlm's code")
+        dist.destroy_process_group()
+    """))
+    result = torchrun([str(script)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("graph breaks, none in fastlm's code") == 2

@@ -32,8 +32,8 @@ LOWP = [torch.float16, torch.bfloat16]
 
 def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                         softcap=None):
-    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy (of softcapped logits) plus z-loss,
-    'mean' 0 when all are ignored."""
+    """The spec, in torch ops at ``x``'s own precision: F.cross_entropy (of softcapped logits) plus z-loss
+    (times the target's class weight), 'mean' 0 when all are ignored."""
     C = x.shape[-1]
     x2, t2 = x.reshape(-1, C), t.reshape(-1)
     if softcap:
@@ -42,7 +42,8 @@ def torch_cross_entropy(x, t, weight=None, *, ignore_index=IGNORE, reduction="me
     loss = F.cross_entropy(x2, t2, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     valid = t2 != ignore_index
     if z_loss:
-        loss = loss + torch.where(valid, z_loss * torch.logsumexp(x2, dim=1).square(), 0.0)
+        w_t = w[torch.where(valid, t2, 0)] if w is not None else 1.0
+        loss = loss + torch.where(valid, z_loss * w_t * torch.logsumexp(x2, dim=1).square(), 0.0)
     if reduction == "none":
         return loss.view(t.shape)
     if reduction == "sum":
@@ -215,13 +216,43 @@ def torch_z_loss(x, t, weight=None, *, reduction="mean", z_loss=0.0, softcap=Non
     if softcap:
         x2 = softcap * torch.tanh(x2 / softcap)
     valid = t2 != IGNORE
-    rows = torch.where(valid, z_loss * torch.logsumexp(x2, dim=1).square(), 0.0)
+    w = weight.double() if weight is not None else torch.ones(x2.shape[1], dtype=torch.float64)
+    rows = torch.where(valid, z_loss * w[torch.where(valid, t2, 0)] * torch.logsumexp(x2, dim=1).square(), 0.0)
     if reduction == "none":
         return rows.view(t.shape)
     if reduction == "sum" or not valid.any():
         return rows.sum()
-    w = weight.double() if weight is not None else torch.ones(x2.shape[1], dtype=torch.float64)
     return rows.sum() / w[t2[valid]].sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_class_weights_weigh_the_z_loss_like_the_rest_of_the_token_loss(backend):
+    # A class weight weighs a token's whole loss, z-loss included: 'mean' stays the weighted mean of the
+    # per-token losses ('none' summed over sum(w[y])), which scaling every weight leaves unchanged (as torch's
+    # weighted mean), and a class of weight 0 adds nothing, as an ignored target. Unweighted, the z-loss term
+    # divided by sum(w[y]) shrank as the weights grew.
+    torch.manual_seed(0)
+    C, z = 50, 0.05
+    logits, t = torch.randn(12, C) * 3, make_targets((12,), C)
+    w = torch.rand(C) + 0.1
+    valid = t != IGNORE
+    lse = torch.logsumexp(logits, dim=1)
+    w_t = torch.where(valid, w[torch.where(valid, t, 0)], 0.0)
+    with kernels.use_backend(backend):
+        rows, z_rows = kernels.cross_entropy(logits, t, w, reduction="none", z_loss=z, return_z_loss=True)
+        torch.testing.assert_close(z_rows, w_t * z * lse.square(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rows, F.cross_entropy(logits, t, w, ignore_index=IGNORE, reduction="none")
+                                   + z_rows, rtol=1e-5, atol=1e-6)
+        for fn, args in ((kernels.cross_entropy, (logits, t)), (lambda *a, weight, **kw: kernels.linear_cross_entropy(
+                *a, class_weight=weight, chunk_size=5, **kw), (logits, torch.eye(C), t))):
+            mean = fn(*args, weight=w, z_loss=z)
+            torch.testing.assert_close(mean, rows.sum() / w_t.sum(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fn(*args, weight=4 * w, z_loss=z), mean, rtol=1e-5, atol=1e-6)
+            zero, ignored, first = w.clone(), t.clone(), t[valid][0]
+            zero[first] = 0.0  # a class of weight 0: as if its targets were ignored
+            ignored[t == first] = IGNORE
+            torch.testing.assert_close(fn(*args[:-1], t, weight=zero, z_loss=z, reduction="sum"),
+                                       fn(*args[:-1], ignored, weight=zero, z_loss=z, reduction="sum"))
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

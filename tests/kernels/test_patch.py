@@ -615,6 +615,56 @@ def test_a_patched_llama_traces_in_one_graph_with_the_fused_ops():
             assert ("fastlm.attention" in code) == fused_attention
 
 
+def test_packed_sequences_trace_in_one_graph_through_varlen_attention():
+    # The flattening collator's keyword arguments under torch.compile: its maxima are ints; transformers'
+    # prepare_fa_kwargs_from_position_ids gives 0-d tensors, whose int() was a graph break where they are
+    # constants of the traced code (9 on this model) and a .item() in the graph (a host sync on a GPU)
+    # where they are its inputs, while the launch grid can cover the packed length instead.
+    torch.manual_seed(0)
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(),
+                                                                        attn_implementation="sdpa")).train()
+    packed = torch.randint(1, VOCAB, (1, 20), generator=torch.Generator().manual_seed(20))
+    positions = torch.cat([torch.arange(n) for n in (7, 5, 8)])[None]
+    cu_seq_lens = torch.tensor([0, 7, 12, 20], dtype=torch.int32)
+    kwargs = dict(position_ids=positions, use_cache=False, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens)
+    graphs = []
+
+    def keep_graph(graph, example_inputs):  # Dynamo alone, as backend="eager", keeping the graph's code
+        graphs.append(graph.code)
+        return graph.forward
+
+    with kernels.use_backend("triton"):
+        expected = model(packed, labels=packed, **kwargs, max_length_q=8, max_length_k=8).loss
+        compiled = torch.compile(model, fullgraph=True, backend=keep_graph)
+        maxima = dict(max_length_q=torch.tensor(8), max_length_k=torch.tensor(8))  # as prepare_fa_kwargs_... gives
+        loss = compiled(packed, labels=packed, **kwargs, **maxima).loss
+    assert len(graphs) == 1
+    assert "fastlm.varlen_attention" in graphs[0] and "fastlm.attention" not in graphs[0], graphs[0]
+    assert ".item()" not in graphs[0], graphs[0]
+    with kernels.use_backend("triton"):
+        assert _graph_breaks(model, packed, **kwargs, **maxima)[0] == 0  # the maxima as constants of the code
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_forward_signature_is_read_once_per_class(monkeypatch):
+    # inspect.signature costs tens of microseconds: not on every training step of a patched model.
+    torch.manual_seed(0)
+    model = kernels.patch(transformers.AutoModelForCausalLM.from_config(llama_config(),
+                                                                        attn_implementation="sdpa")).train()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(21))
+    patch_module._forward_signatures.clear()
+    reads = []
+    signature = patch_module.inspect.signature
+    monkeypatch.setattr(patch_module.inspect, "signature", lambda f, **kw: reads.append(f) or signature(f, **kw))
+    with kernels.use_backend("reference"):  # the kernels are not the point: the quickest
+        losses = [model(ids, labels=ids, use_cache=False).loss for _ in range(3)]
+        assert reads.count(type(model).forward) == 1
+        assert losses[0].equal(losses[1]) and losses[0].equal(losses[2])
+        model.eval()  # the model's own forward, through the same signature
+        assert model(ids, labels=ids, use_cache=False).logits is not None
+    assert reads.count(type(model).forward) == 1
+
+
 @pytest.mark.parametrize("family, backend, use_cache", [("llama", "eager", True), ("llama", "aot_eager", True),
                                                         ("llama", "aot_eager", False), ("gemma2", "aot_eager", True)],
                          ids=["llama-eager", "llama-aot_eager", "llama-aot_eager-no_cache", "gemma2-aot_eager"])

@@ -19,9 +19,11 @@ torch): one code path. A row with no visible key gets output 0, gradient 0 and
 ``lse = -inf``.
 
 Packed sequences (``varlen_attention``, VARLEN) run the same kernels: each program
-reads its sequence's start and length from ``cu_seqlens`` (:func:`_sequence`), the
-batch stride is 0 and the offsets are shifted by ``len_k - len_q`` per sequence; the
-grid covers the longest sequence and the programs past a shorter one return.
+reads its sequence's start and length from ``cu_seqlens``, clamped into the packed
+rows (:func:`_sequence`, :func:`_packed_span`: unchecked values never address outside
+them), the batch stride is 0 and the offsets are shifted by ``len_k - len_q`` per
+sequence; the grid covers the longest sequence and the programs past a shorter one
+return.
 SOFTCAP replaces the scores by ``tanh(S / softcap)`` with ``softcap`` folded into the
 exp2 scale (dS picks up ``1 - tanh^2``); HAS_SINKS adds ``exp(sink)`` to each row's
 denominator after the key loop, and the dQ kernel forms dsinks. Each feature is a
@@ -120,19 +122,32 @@ def _store_tile(base, x, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM: t
 
 
 @triton.jit
-def _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN: tl.constexpr, HAS_KV_LENS: tl.constexpr):
+def _packed_span(CU, b, total, longest):
+    """Sequence b's ``(start, length)`` from ``cu_seqlens``, clamped into the packed tensor's rows.
+
+    Unchecked ``cu_seqlens`` (``kernels.unchecked()``, ``torch.compile``) may be negative, unsorted
+    or past the total: the start is clamped into [0, total], the end into [start, total] and the
+    length to ``longest`` (max_seqlen, the grid's extent and the int32 offset bound), so a
+    malformed one gives an undefined result but every row read or written lies in [0, total).
+    """
+    start = tl.minimum(tl.maximum(tl.load(CU + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), total)
+    return start, tl.minimum(end - start, longest)
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, total_q, total_k, VARLEN: tl.constexpr, HAS_KV_LENS: tl.constexpr):
     """Batch b's ``(q_start, len_q, k_start, len_k, kv_len, shift)``.
 
     Dense: rows 0..Nq of batch b's own tensors, keys 0..Nk, of which ``kv_len`` are
-    visible, shift 0 (the host's offsets already hold Nk - Nq). Packed: the rows
-    ``cu_seqlens[b]..cu_seqlens[b + 1]``, every key visible, and the diagonal shifted
-    by ``len_k - len_q`` (bottom-right per sequence).
+    visible, shift 0 (the host's offsets already hold Nk - Nq); ``total_q``/``total_k``
+    are unused. Packed: the rows ``cu_seqlens[b]..cu_seqlens[b + 1]`` of the
+    ``total_q``/``total_k`` packed ones (:func:`_packed_span`), every key visible, and
+    the diagonal shifted by ``len_k - len_q`` (bottom-right per sequence).
     """
     if VARLEN:  # one return: Triton types every return of a function alike
-        first_q = tl.load(CU_Q + b)
-        first_k = tl.load(CU_K + b)
-        len_q = tl.load(CU_Q + b + 1) - first_q
-        len_k = tl.load(CU_K + b + 1) - first_k
+        first_q, len_q = _packed_span(CU_Q, b, total_q, Nq)
+        first_k, len_k = _packed_span(CU_K, b, total_k, Nk)
         q_start = first_q.to(tl.int64)
         k_start = first_k.to(tl.int64)
         kv_len = len_k
@@ -267,7 +282,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, total_q, total_k,
     H, group, Nq, Nk, causal_offset, window_offset, qk_scale, softcap_in,
     tune_nq, tune_nk,  # sequence-length buckets: only the autotuner's cache key reads them
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
@@ -275,7 +290,8 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, h, b, hk = _forward_program(group, CAUSAL)
-    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
+    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, total_q, total_k, VARLEN,
+                                                        HAS_KV_LENS)
     start_m = pid_m * BLOCK_M
     if VARLEN:
         if start_m >= Nq:  # the grid covers the longest sequence
@@ -333,7 +349,7 @@ def _tma_program(KV_LENS, group, Nq, Nk, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.c
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, False, HAS_KV_LENS)
+    _, _, _, _, kv_len, _ = _sequence(KV_LENS, KV_LENS, KV_LENS, b, Nq, Nk, Nq, Nk, False, HAS_KV_LENS)
     return h, b, hk, start_m, offs_m, offs_n, kv_len
 
 
@@ -418,7 +434,7 @@ def _attn_bwd_preprocess_kernel(
     O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, total_q, total_k,
     Nq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -427,7 +443,7 @@ def _attn_bwd_preprocess_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, Nq, _, _, _, _ = _sequence(CU_Q, CU_Q, CU_Q, b, Nq, Nq, VARLEN, False)
+    q_start, Nq, _, _, _, _ = _sequence(CU_Q, CU_Q, CU_Q, b, Nq, Nq, total_q, total_q, VARLEN, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start * stride_om, offs_m, Nq,
@@ -496,7 +512,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, total_q, total_k,
     H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
@@ -506,7 +522,8 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
+    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, total_q, total_k, VARLEN,
+                                                        HAS_KV_LENS)
     if VARLEN:
         causal_offset += shift
         window_offset += shift
@@ -612,7 +629,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, total_q, total_k,
     H, group, Nq, Nk, causal_offset, window_offset, sm_scale, qk_scale, softcap_in,
     tune_nq, tune_nk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
@@ -622,7 +639,8 @@ def _attn_bwd_dq_kernel(
     """dQ per block of queries; with sinks also this block's share of dsink = -sum_rows p_sink * (dO . O - dlse),
     written to its own slot (DSINKS is (batch, query blocks, heads), summed in a fixed order: deterministic)."""
     pid_m, h, b, hk = _forward_program(group, CAUSAL)
-    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, VARLEN, HAS_KV_LENS)
+    q_start, Nq, k_start, Nk, kv_len, shift = _sequence(CU_Q, CU_K, KV_LENS, b, Nq, Nk, total_q, total_k, VARLEN,
+                                                        HAS_KV_LENS)
     start_m = pid_m * BLOCK_M
     if VARLEN:
         if start_m >= Nq:
@@ -1077,16 +1095,19 @@ def _common_consts(q: torch.Tensor, p: _Problem) -> dict:
 
 
 def _shape(q, k, p: _Problem):
-    """(batch, heads, kv heads, rows per batch, keys per batch, lse strides (batch, head)) of a call.
+    """(batch, heads, kv heads, rows per batch, keys per batch, row args) of a call, the row args the pointer
+    kernels' ``(stride_lb, stride_lh, total_q, total_k)``: the lse strides (batch, head) and the totals.
 
-    Packed: the rows and keys are the longest sequences (they size the grid), the lse (heads, total_q).
+    Packed: the rows and keys are the longest sequences (they size the grid), the lse (heads, total_q),
+    and the totals the packed rows and keys, inside which the kernels clamp every sequence
+    (:func:`_packed_span`: unchecked ``cu_seqlens`` never take them out of bounds). Dense: totals 0, unused.
     """
     H, Hkv = q.shape[1], k.shape[1]
     if p.cu is None:
         B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
-        return B, H, Hkv, Nq, Nk, (H * Nq, Nq)
+        return B, H, Hkv, Nq, Nk, (H * Nq, Nq, 0, 0)
     cu_q, _, max_q, max_k = p.cu
-    return cu_q.shape[0] - 1, H, Hkv, max_q, max_k, (0, q.shape[0])
+    return cu_q.shape[0] - 1, H, Hkv, max_q, max_k, (0, q.shape[0], q.shape[0], k.shape[0])
 
 
 def _pointers(p: _Problem, fallback: torch.Tensor) -> tuple:
@@ -1120,7 +1141,7 @@ def _batch_runs(p: _Problem, B: int, *batched: torch.Tensor | None):
 def _forward(q, k, v, p: _Problem):
     """Launch the forward. Returns ``o`` (contiguous, q's layout and dtype) and ``lse`` fp32
     ((B, H, Nq) dense, (H, total_q) packed)."""
-    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    B, H, Hkv, Nq, Nk, row_args = _shape(q, k, p)
     q, k, v = _int32_rows(q, Nq, "q"), _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
     o = _output(q, Nq)
     lse = torch.empty((B, H, Nq) if p.cu is None else (H, q.shape[0]), dtype=torch.float32, device=q.device)
@@ -1133,7 +1154,7 @@ def _forward(q, k, v, p: _Problem):
 
 def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
     """Launch the forward kernel over one run of the batch (:func:`_batch_runs`), writing ``o`` and ``lse``."""
-    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    B, H, Hkv, Nq, Nk, row_args = _shape(q, k, p)
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
@@ -1156,7 +1177,7 @@ def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
         return
     args = (
         q, k, v, o, lse, kv_lens, cu_q, cu_k, sinks,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *lse_strides,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *row_args,
         H, H // Hkv, Nq, Nk, *offsets,
     )
     _launch("fwd", Nq, H, B, args, consts, q.device)
@@ -1164,7 +1185,7 @@ def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
 
 def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
     """Launch the backward. Returns dq, dk, dv in the inputs' dtype, and dsinks (fp32, or None)."""
-    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    B, H, Hkv, Nq, Nk, row_args = _shape(q, k, p)
     do, q, o = _int32_rows(do, Nq, "grad_out"), _int32_rows(q, Nq, "q"), _int32_rows(o, Nq, "out")
     k, v = _int32_rows(k, Nk, "k"), _int32_rows(v, Nk, "v")
     dq, dk, dv = _output(q, Nq), _output(k, Nk), _output(v, Nk)
@@ -1182,19 +1203,19 @@ def _backward(do, q, k, v, o, lse, dlse, p: _Problem):
 def _backward_run(do, q, k, v, o, lse, dlse, delta, dq, dk, dv, p: _Problem) -> torch.Tensor:
     """Launch the backward kernels over one run of the batch, writing ``dq``, ``dk``, ``dv``; returns
     the dsinks partials (a placeholder without sinks)."""
-    B, H, Hkv, Nq, Nk, lse_strides = _shape(q, k, p)
+    B, H, Hkv, Nq, Nk, row_args = _shape(q, k, p)
     D = q.shape[-1]
     block_d = _block_d(D)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     launch(_attn_bwd_preprocess_kernel)[(cdiv(Nq, _PREPROCESS_BLOCK_M), H, B)](
-        o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *lse_strides, Nq,
+        o, do, dlse if dlse is not None else delta, delta, cu_q, *_strides(o), *_strides(do), *row_args, Nq,
         HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, VARLEN=p.cu is not None,
         BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4 if block_d <= 128 else 8,
     )
     consts = _common_consts(q, p) | {"HAS_DLSE": dlse is not None}
     sizes = (H, H // Hkv, Nq, Nk, p.causal_offset, p.window_offset, p.scale, p.qk_scale, p.softcap_in,
              _seq_bucket(Nq), _seq_bucket(Nk))  # the TMA kernel's lse is (B, H, Nq): no strides
-    shared = (*lse_strides, *sizes)
+    shared = (*row_args, *sizes)
     _launch("dkdv", Nk, Hkv, B, (
         q, k, v, do, lse, delta, dk, dv, kv_lens, cu_q, cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *shared,
@@ -1806,7 +1827,9 @@ def varlen_attention(
     value checks of ``cu_seqlens`` (starts at 0, sorted, ends at the total, maxima)
     cost one host sync, skipped inside :func:`kernels.unchecked` and under
     ``torch.compile``; there pass the maxima (without them the grid covers the
-    totals: correct, but slower).
+    totals: correct, but slower). Unchecked, malformed values give an undefined
+    result but no out-of-bounds access: the kernels clamp each sequence into the
+    packed rows and its length to the maxima (:func:`_packed_span`).
     """
     q, k, v = _autocast(q, k, v)
     scale = _check(q, k, v, None, scale, dims=3)

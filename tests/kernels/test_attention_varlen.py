@@ -513,3 +513,70 @@ def test_gpu_launch_takes_the_feature_configs(monkeypatch, feature):
               "WINDOW": False, "SOFTCAP": False, "HAS_SINKS": False, "_dtype": torch.bfloat16}
     attention_module._launch("dq", 256, 2, 1, (), consts | {feature: True}, torch.device("cuda"))
     assert picked == [("dq", 128, torch.bfloat16, "sm90", True)]
+
+
+# ----------------------------------------------------------------------------- unchecked cu_seqlens stay in bounds
+
+
+def _guarded(rows, heads, D, fill, guard=32):
+    """(buffer, view): ``rows`` rows of zeros in the middle of a buffer whose ``guard`` rows on
+    either side hold ``fill``; a kernel that reads the guard reads ``fill``."""
+    buffer = torch.full((guard + rows + guard, heads, D), fill, dtype=torch.float32, device=DEVICE)
+    view = buffer[guard:guard + rows]
+    view.zero_()
+    return buffer, view
+
+
+def _guards(buffer, guard=32):
+    return buffer[:guard], buffer[buffer.shape[0] - guard:]
+
+
+MALFORMED_CU = {  # cu_seqlens_q, cu_seqlens_k (totals 6 and 7), max_seqlen_q, max_seqlen_k, options
+    # Past the total, negative, unsorted, the last entry short of the total; the grid sized by the totals.
+    "past-negative-unsorted-causal": ([0, 9, -3, 4, 2], [0, 3, 10, -5, 5], None, None, dict(causal=True)),
+    # max_seqlen shorter than the malformed spans (so also than the grid the values claim), sinks, a window.
+    "short-max-window-sinks": ([-4, 5, 2, 11, 6], [3, -2, 12, 7, 1], 3, 4, dict(window_size=(2, 1), sinks=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_CU))
+def test_unchecked_malformed_cu_seqlens_stay_in_bounds(monkeypatch, case):
+    # Inside kernels.unchecked() no value of cu_seqlens is checked (no sync): a malformed one gives an
+    # undefined result but every row and key the kernels read or write stays inside q/k/v and the
+    # outputs (each sequence's bounds clamped to [0, total] and its length to max_seqlen). q, k, v and
+    # grad_out are views into buffers whose guard rows hold NaN (a read there turns a result NaN); o,
+    # dq, dk, dv are made inside buffers whose guard rows hold a sentinel (a write there changes it),
+    # zeros in between (rows that no clamped sequence covers stay finite). Before the clamp the
+    # interpreter wrote past the lse and aborted, or a guard changed.
+    cu_q, cu_k, max_q, max_k, opts = MALFORMED_CU[case]
+    H, Hkv, D, total_q, total_k = 2, 1, 16, 6, 7
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for rows, heads in ((total_q, H), (total_k, Hkv), (total_k, Hkv), (total_q, H)):
+        buffer, view = _guarded(rows, heads, D, float("nan"))
+        view.copy_(torch.randn(rows, heads, D, generator=g).to(DEVICE))
+        inputs.append((buffer, view))
+    (_, q), (_, k), (_, v), (_, do) = inputs
+    outputs = []
+
+    def guarded_output(like, rows):
+        buffer, view = _guarded(like.shape[0], like.shape[1], like.shape[2], 1234.5)
+        outputs.append(buffer)
+        return view.to(like.dtype)
+
+    monkeypatch.setattr(attention_module, "_output", guarded_output)
+    sinks = torch.randn(H, generator=g).to(DEVICE).requires_grad_() if opts.pop("sinks", False) else None
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    cu = [torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cu_q, cu_k)]
+    with kernels.unchecked():
+        out = kernels.varlen_attention(q, k, v, *cu, max_seqlen_q=max_q, max_seqlen_k=max_k, sinks=sinks, **opts)
+        grads = torch.autograd.grad(out, [t for t in (q, k, v, sinks) if t is not None], do)
+    assert len(outputs) == 4  # o, then dq, dk, dv
+    for buffer in outputs:
+        for guard in _guards(buffer):
+            assert (guard == 1234.5).all(), "a kernel wrote past its output's rows"
+    for buffer, _ in inputs:
+        for guard in _guards(buffer):
+            assert guard.isnan().all(), "a kernel wrote into an input"
+    for name, t in zip(("out", "dq", "dk", "dv", "dsinks"), (out, *grads)):
+        assert not t.isnan().any(), f"{name}: a kernel read past its input's rows"

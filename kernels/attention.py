@@ -825,8 +825,9 @@ _GPU_CONFIGS_FP32 = {
 _FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
 _FEATURE_CONFIGS_16BIT = {
     "sm90": {
-        # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops).
-        "fwd": {256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)]},
+        # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops), and
+        # on Triton 3.6 so does (128, 32, 8w, 2s) (16 bytes, 8 causal).
+        "fwd": {256: [TileConfig(64, 32, 8, 2)]},
         # dK/dV: (64, 64, 8w, 3s) spills 56 bytes at head dim 64 on Triton 3.6 (144 causal); at head
         # dim 128 (32, 128, 8w, 2s) spills on 3.6 (8 bytes, causal) and 3.9 (16), and (64, 64, 8w, 1s)
         # on 3.9 (its own entry in _RELEASE_CONFIGS_16BIT); at 256 (32, 64) spills 16 bytes.
@@ -836,6 +837,10 @@ _FEATURE_CONFIGS_16BIT = {
         "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
     },
     "sm80": {
+        # (128, 64, 8w, 3s) spills 8 bytes on Triton 3.6 at head dims 16 (causal) and 32, so does
+        # (128, 64, 8w, 2s) at 32: 32 keys there.
+        "fwd": {32: [TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 2)],
+                64: [TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)]},
         "dq": {64: [TileConfig(128, 32, 8, 3)], 128: [TileConfig(64, 32, 8, 2), TileConfig(64, 32, 4, 2)]},
     },
 }

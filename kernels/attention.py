@@ -745,7 +745,8 @@ _GPU_CONFIGS_16BIT = {
             64: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
                   TileConfig(64, 64, 4, 3)],
-            256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
+            # (64, 64, 8w, 2s) spills 16 bytes causal on Triton 3.9, (64, 32, 4w, 2s) 56.
+            256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
         },
         # The TMA forward (inputs that qualify, see _tma_qualifies). Warp-specialized configs:
         # BLOCK_M=128 with 4 warps, which Triton 3.8's pass builds as a TMA producer warpgroup (40
@@ -827,14 +828,18 @@ _FEATURE_CONFIGS_16BIT = {
     "sm90": {
         # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops), and
         # on Triton 3.6 so does (128, 32, 8w, 2s) (16 bytes, 8 causal).
-        "fwd": {256: [TileConfig(64, 32, 8, 2)]},
+        # At head dims 80 to 128 (128, 128, 8w, 2s) spills on Triton 3.9 (8 bytes causal, 24 with no window).
+        "fwd": {128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3)],
+                256: [TileConfig(64, 32, 8, 2)]},
         # dK/dV: (64, 64, 8w, 3s) spills 56 bytes at head dim 64 on Triton 3.6 (144 causal); at head
         # dim 128 (32, 128, 8w, 2s) spills on 3.6 (8 bytes, causal) and 3.9 (16), and (64, 64, 8w, 1s)
         # on 3.9 (its own entry in _RELEASE_CONFIGS_16BIT); at 256 (32, 64) spills 16 bytes.
         "dkdv": {64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 3)],
                  128: [TileConfig(64, 64, 8, 1)], 256: [TileConfig(16, 64, 8, 2)]},
         "dq": {256: [TileConfig(128, 32, 8, 2)]},  # (64, 32, 8w, 2s) spills 72 bytes causal, no window, on 3.9
-        "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
+        # (64, 64, 8w, 2s) spills 264 bytes at head dim 256 on Triton 3.9 (272 causal).
+        "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)],
+                   256: [TileConfig(128, 32, 8, 2)]},
     },
     "sm80": {
         # (128, 64, 8w, 3s) spills 8 bytes on Triton 3.6 at head dims 16 (causal) and 32, so does

@@ -775,7 +775,8 @@ _GPU_CONFIGS_16BIT = {
             64: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
             128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
                   TileConfig(64, 64, 4, 3)],
-            256: [TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
+            # (64, 64, 8w, 2s) spills 16 bytes causal on Triton 3.9, (64, 32, 4w, 2s) 56.
+            256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
         },
         # The TMA forward (inputs that qualify, see _tma_qualifies). Warp-specialized configs:
         # BLOCK_M=128 with 4 warps, which Triton 3.8's pass builds as a TMA producer warpgroup (40
@@ -792,19 +793,22 @@ _GPU_CONFIGS_16BIT = {
         },
         # dK/dV keeps k, v and two fp32 accumulators of BLOCK_N keys live: few queries per step.
         # At head dim 128 no BLOCK_M=16 (64x16 wgmma, bound by shared memory) and nothing
-        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal. Head dim 256 needs 64 keys
-        # for wgmma (32 compile to mma.sync) and 8 warps (the accumulators take 128 registers
-        # a thread), whose two warpgroups split the BLOCK_M queries of the score tile: 32 queries
-        # give 64x16 wgmma, 16 give 64x8; 64 spill, and so do 4 warps, 1 stage, or a nested head
-        # loop (the kernel flattens it there).
+        # that spills: (64, 128, 8w) and (64, 64, 4w) do, causal, and (64, 64, 8w) with 2
+        # stages on Triton 3.6 (8 bytes, 56 causal) and 3.9 (32): with 1 stage it builds on
+        # all three. Head dim 256 needs 64 keys for wgmma (32 compile to mma.sync) and 8 warps
+        # (the accumulators take 128 registers a thread), whose two warpgroups split the BLOCK_M
+        # queries of the score tile: 32 queries give 64x16 wgmma, 16 give 64x8; 64 spill, and so
+        # do 4 warps, 1 stage, or a nested head loop (the kernel flattens it there). Triton 3.9
+        # spills every such tile: _RELEASE_CONFIGS_16BIT.
         "dkdv": {
             64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(32, 64, 4, 3)],
-            128: [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
+            128: [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 1)],
             256: [TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)],
         },
+        # At head dim 128 the small tile is (64, 32, 4w): (64, 64, 4w, 2s) spills 48 bytes causal on Triton 3.9.
         "dq": {
             64: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
-            128: [TileConfig(128, 32, 8, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2)],
+            128: [TileConfig(128, 32, 8, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 32, 4, 2)],
             256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
         },
         # The TMA dQ (inputs that qualify): BLOCK_M=128 (two warpgroups of 64 rows) at every head
@@ -826,7 +830,7 @@ _GPU_CONFIGS_16BIT = {
             256: [TileConfig(64, 64, 8, 2)],
         },
         "dkdv": {
-            64: [TileConfig(32, 128, 8, 3)],
+            64: [TileConfig(16, 128, 8, 3)],  # (32, 128, 8w, 3s) spills 8 bytes causal on Triton 3.6
             128: [TileConfig(32, 64, 8, 2)],  # (16, 128, 8w) spills on mma.sync since dK/dV runs one loop
             256: [TileConfig(16, 32, 8, 2), TileConfig(32, 32, 8, 2)],
         },
@@ -852,16 +856,47 @@ _GPU_CONFIGS_FP32 = {
 _FEATURES = ("VARLEN", "WINDOW", "SOFTCAP", "HAS_SINKS")
 _FEATURE_CONFIGS_16BIT = {
     "sm90": {
-        # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops).
-        "fwd": {256: [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)]},
-        "dkdv": {128: [TileConfig(32, 128, 8, 2)], 256: [TileConfig(16, 64, 8, 2)]},  # (32, 64) spills 16 bytes
-        "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)]},
+        # (64, 64, 8w, 2s) spills 8 bytes at head dim 256 causal with no window (two key loops), and
+        # on Triton 3.6 so does (128, 32, 8w, 2s) (16 bytes, 8 causal).
+        # At head dims 80 to 128 (128, 128, 8w, 2s) spills on Triton 3.9 (8 bytes causal, 24 with no window).
+        "fwd": {128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3)],
+                256: [TileConfig(64, 32, 8, 2)]},
+        # dK/dV: (64, 64, 8w, 3s) spills 56 bytes at head dim 64 on Triton 3.6 (144 causal); at head
+        # dim 128 (32, 128, 8w, 2s) spills on 3.6 (8 bytes, causal) and 3.9 (16), and (64, 64, 8w, 1s)
+        # on 3.9 (its own entry in _RELEASE_CONFIGS_16BIT); at 256 (32, 64) spills 16 bytes.
+        "dkdv": {64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 3)],
+                 128: [TileConfig(64, 64, 8, 1)], 256: [TileConfig(16, 64, 8, 2)]},
+        "dq": {256: [TileConfig(128, 32, 8, 2)]},  # (64, 32, 8w, 2s) spills 72 bytes causal, no window, on 3.9
+        # (64, 64, 8w, 2s) spills 264 bytes at head dim 256 on Triton 3.9 (272 causal).
+        "dq_tma": {128: [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)],
+                   256: [TileConfig(128, 32, 8, 2)]},
     },
     "sm80": {
-        "dkdv": {64: [TileConfig(16, 128, 8, 3)]},
+        # (128, 64, 8w, 3s) spills 8 bytes on Triton 3.6 at head dims 16 (causal) and 32, so does
+        # (128, 64, 8w, 2s) at 32: 32 keys there.
+        "fwd": {32: [TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 2)],
+                64: [TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)]},
         "dq": {64: [TileConfig(128, 32, 8, 3)], 128: [TileConfig(64, 32, 8, 2), TileConfig(64, 32, 4, 2)]},
     },
 }
+# Where one Triton release's compiler spills a candidate above that builds spill-free on the
+# others (and no tile builds spill-free on all of them): that release's own candidates, keyed by
+# Triton's (major, minor), then (family, kernel, padded head dim, features). Measured with each
+# release's compiler for sm_90 (`python -m bench.compile --only "dkdv D=256 full torch.bfloat16"`
+# and the like under it): compiler reports, not measurements.
+_RELEASE_CONFIGS_16BIT = {
+    (3, 9): {
+        # Every wgmma tile of head dim 256 dK/dV spills on 3.9 (16 tried, 48 to 1,472 bytes: BLOCK_M
+        # 16, 32 or 64 with 64 keys, 4, 8 or 16 warps, 1 to 3 stages, the head loop flattened or
+        # nested); its mma.sync tiles, Ampere's, do not (162 to 175 registers).
+        ("sm90", "dkdv", 256, False): [TileConfig(16, 32, 8, 2), TileConfig(32, 32, 8, 2)],
+        ("sm90", "dkdv", 256, True): [TileConfig(16, 32, 8, 2), TileConfig(32, 32, 8, 2)],
+        # Every feature on, head dim 128: (64, 64, 8w, 1s) spills 128 bytes (152 causal) on 3.9,
+        # (32, 128, 8w, 1s) does not there but spills 8 bytes on 3.8, (32, 128, 8w, 2s) 16 on 3.9.
+        ("sm90", "dkdv", 128, True): [TileConfig(32, 128, 8, 1)],
+    },
+}
+TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])  # picks _RELEASE_CONFIGS_16BIT's row
 _PREPROCESS_BLOCK_M = 64
 _MIN_BLOCK_M = 16  # the smallest dq BLOCK_M of any configuration: sizes the dsinks partials
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_tma_kernel, "dkdv": _attn_bwd_dkdv_kernel,
@@ -885,13 +920,17 @@ def gpu_configs(kind: str, block_d: int, dtype: torch.dtype, family: str = "sm90
 
     Empty where the kernel never runs: the TMA kernels on sm80 and in fp32. ``features``: a
     packed batch, window, softcap or sinks is on, which costs registers: where a plain
-    candidate would spill then, :data:`_FEATURE_CONFIGS_16BIT` names the ones that do not.
+    candidate would spill then, :data:`_FEATURE_CONFIGS_16BIT` names the ones that do not. Where the
+    installed Triton release (:data:`TRITON_RELEASE`) spills a tile the others build spill-free,
+    :data:`_RELEASE_CONFIGS_16BIT` replaces it.
     """
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS_16BIT[family]
     key = block_d if block_d in table.get(kind, {}) else max(64, block_d)  # head dims up to 64 share, but for 32
     configs = table.get(kind, {}).get(key, [])
     if features and dtype != torch.float32:
         configs = _FEATURE_CONFIGS_16BIT[family].get(kind, {}).get(key, configs)
+    if dtype != torch.float32:
+        configs = _RELEASE_CONFIGS_16BIT.get(TRITON_RELEASE, {}).get((family, kind, key, features), configs)
     return [c for c in configs if HAS_WARP_SPECIALIZE or not c.warp_specialize]
 
 

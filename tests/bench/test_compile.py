@@ -110,6 +110,11 @@ def test_hopper_attention_dkdv_at_head_dim_256_runs_wgmma(tmp_path):
     # every-feature candidates alike must now issue HGMMA, spill-free (_compile_rows checks).
     rows = _compile_rows(tmp_path, "90", "dkdv D=256 full torch.bfloat16|dkdv D=256 causal torch.bfloat16")
     assert all(any(w in r["config"] for r in rows) for w in (" full ", " causal ", "+features"))
+    attention = importlib.import_module("kernels.attention")
+    if ("sm90", "dkdv", 256, False) in attention._RELEASE_CONFIGS_16BIT.get(attention.TRITON_RELEASE, {}):
+        # Triton 3.9 spills every wgmma tile there: its own table keeps mma.sync, spill-free.
+        assert all(r["tensor_cores"] == "HMMA" for r in rows), [r["config"] for r in rows]
+        return
     for r in rows:
         assert r["tensor_cores"] == "HGMMA" and r["sass"]["hmma"] == 0, r["config"]
     # 32 queries per step (64x16 wgmma for the score tiles) is among the plain candidates.

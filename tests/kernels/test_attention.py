@@ -379,6 +379,34 @@ def test_compile_specs_cover_every_config():
                             c.num_warps, c.num_stages) in seen
 
 
+def test_gpu_configs_take_the_installed_triton_releases_tiles(monkeypatch):
+    # Triton 3.9 spills every wgmma tile of head dim 256 dK/dV and the every-feature head dim 128
+    # tile the others build: gpu_configs gives that release its own candidates, the others the table's.
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(attention_module, "TRITON_RELEASE", (3, 9))
+    for features in (False, True):
+        tiles = attention_module.gpu_configs("dkdv", 256, bf16, "sm90", features)
+        assert tiles == attention_module._RELEASE_CONFIGS_16BIT[(3, 9)][("sm90", "dkdv", 256, features)]
+        assert tiles and all(c.block_n == 32 for c in tiles)  # mma.sync: 32 keys
+    assert attention_module.gpu_configs("dkdv", 128, bf16, "sm90", features=True) == [TileConfig(32, 128, 8, 1)]
+    release_39 = {(kind, d, f): attention_module.gpu_configs(kind, d, bf16, "sm90", f)
+                  for kind in attention_module._KERNELS for d in (64, 128) for f in (False, True)}
+    assert attention_module.gpu_configs("dkdv", 256, torch.float32, "sm90") == [TileConfig(16, 32, 8, 1)]
+    for release in ((3, 6), (3, 8)):
+        monkeypatch.setattr(attention_module, "TRITON_RELEASE", release)
+        for features in (False, True):  # wgmma: 64 keys
+            assert all(c.block_n == 64 for c in attention_module.gpu_configs("dkdv", 256, bf16, "sm90", features))
+        assert attention_module.gpu_configs("dkdv", 128, bf16, "sm90", features=True) == [TileConfig(64, 64, 8, 1)]
+        # Elsewhere every release takes the same table.
+        assert {key: tiles for key, tiles in release_39.items() if key != ("dkdv", 128, True)} == {
+            (kind, d, f): attention_module.gpu_configs(kind, d, bf16, "sm90", f)
+            for kind, d, f in release_39 if (kind, d, f) != ("dkdv", 128, True)}
+    # No release's own tiles bring back 64x16 wgmma at head dim 128 (BLOCK_M=16 on Hopper dK/dV).
+    for own in attention_module._RELEASE_CONFIGS_16BIT.values():
+        assert all(c.block_m >= 32 for (family, kind, d, _), tiles in own.items() for c in tiles
+                   if (family, kind, d) == ("sm90", "dkdv", 128))
+
+
 # ----------------------------------------------------------------------------- double backward
 
 

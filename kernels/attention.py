@@ -861,10 +861,11 @@ _FEATURE_CONFIGS_16BIT = {
         # At head dims 80 to 128 (128, 128, 8w, 2s) spills on Triton 3.9 (8 bytes causal, 24 with no window).
         "fwd": {128: [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3)],
                 256: [TileConfig(64, 32, 8, 2)]},
-        # dK/dV: (64, 64, 8w, 3s) spills 56 bytes at head dim 64 on Triton 3.6 (144 causal); at head
+        # dK/dV: (64, 64, 8w) spills at head dim 64 on Triton 3.6 (3 stages: 56 bytes, 144 causal; 2 stages:
+        # 8 bytes causal once packed sequences are clamped into their totals); at head
         # dim 128 (32, 128, 8w, 2s) spills on 3.6 (8 bytes, causal) and 3.9 (16), and (64, 64, 8w, 1s)
         # on 3.9 (its own entry in _RELEASE_CONFIGS_16BIT); at 256 (32, 64) spills 16 bytes.
-        "dkdv": {64: [TileConfig(32, 128, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 64, 4, 3)],
+        "dkdv": {64: [TileConfig(32, 128, 8, 3), TileConfig(32, 64, 4, 3)],
                  128: [TileConfig(64, 64, 8, 1)], 256: [TileConfig(16, 64, 8, 2)]},
         "dq": {256: [TileConfig(128, 32, 8, 2)]},  # (64, 32, 8w, 2s) spills 72 bytes causal, no window, on 3.9
         # (64, 64, 8w, 2s) spills 264 bytes at head dim 256 on Triton 3.9 (272 causal).

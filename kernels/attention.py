@@ -877,6 +877,9 @@ _FEATURE_CONFIGS_16BIT = {
         # (128, 64, 8w, 2s) at 32: 32 keys there.
         "fwd": {32: [TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 2)],
                 64: [TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)]},
+        # dK/dV at head dims up to 64: the plain (16, 128, 8w, 3s) spills 16 bytes at 16, causal, on Triton 3.6
+        # since packed sequences are clamped into their totals; 8-warp (16, 64) and (16, 128) spill there too.
+        "dkdv": {64: [TileConfig(16, 64, 4, 3)]},
         "dq": {64: [TileConfig(128, 32, 8, 3)], 128: [TileConfig(64, 32, 8, 2), TileConfig(64, 32, 4, 2)]},
     },
 }

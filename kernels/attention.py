@@ -1201,8 +1201,9 @@ def _forward_run(q, k, v, o, lse, p: _Problem) -> None:
     consts = _common_consts(q, p)
     kv_lens, cu_q, cu_k, sinks = _pointers(p, lse)
     offsets = (p.causal_offset, p.window_offset, p.qk_scale, p.softcap_in, _seq_bucket(Nq), _seq_bucket(Nk))
-    if (use_gluon_attention(q.device) and p.cu is None and p.kv_lens is None and not p.window and p.softcap == 0
-            and p.sinks is None and _attention_gluon.qualifies(q, k, v) and _tma_qualifies(q, k, v, o)):
+    plain = not any(consts[name] for name in ("HAS_KV_LENS", *_FEATURES))  # what the Gluon kernel implements
+    if (use_gluon_attention(q.device) and plain and _attention_gluon.qualifies(q, k, v)
+            and _tma_qualifies(q, k, v, o)):
         # The opt-in experimental Gluon forward (kernels._attention_gluon): the same o and lse.
         _attention_gluon.forward(q, k, v, o, lse, p.causal, p.causal_offset, p.qk_scale, _seq_bucket(Nq),
                                  _seq_bucket(Nk))
